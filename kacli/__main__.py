@@ -1,0 +1,3 @@
+from kacli.cli import main
+
+main()
