@@ -1,0 +1,308 @@
+"""The training loop shared by ``train-teacher`` and ``amalgamate``.
+
+One :class:`Trainer` runs epochs of ``loss_fn`` over a dataset with AdamW (a separate learning
+rate for the backbone), a step schedule, gradient clipping, AMP on CUDA, DDP under torchrun,
+a rich progress bar (loss, rate, ETA), ``metrics.jsonl`` (one line per epoch with every loss term
+and the validation metrics), ``last.pt`` every epoch, ``best.pt`` on the best validation AP, and
+``--resume`` from ``last.pt`` of the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from kacli.engine.distributed import DistInfo, all_reduce_mean, barrier
+from kacli.errors import KacliError
+from kacli.fsutil import atomic_file
+from kacli.models.checkpoint import load_checkpoint, save_checkpoint
+from kacli.progress import make_progress
+
+LossFn = Callable[[nn.Module, Any, torch.device], dict[str, torch.Tensor]]
+EvalFn = Callable[[nn.Module], dict[str, Any]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def to_device(obj, device: torch.device):
+    """Move tensors nested in lists, tuples and dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def param_groups(model: nn.Module, lr: float, lr_backbone: float, extra: list[nn.Module] = ()) -> list[dict]:
+    """AdamW groups: backbone parameters at ``lr_backbone`` (frozen ones excluded), the rest at ``lr``;
+    parameters of loss modules (``extra``, e.g. SAG's W_a) are optimised at ``lr`` too."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (backbone if ".backbone." in f".{name}" else rest).append(p)
+    groups = [{"params": rest, "lr": lr}]
+    if backbone and lr_backbone > 0:
+        groups.append({"params": backbone, "lr": lr_backbone})
+    elif backbone:
+        for p in backbone:
+            p.requires_grad_(False)
+    extra_params = [p for m in extra for p in m.parameters() if p.requires_grad]
+    if extra_params:
+        groups.append({"params": extra_params, "lr": lr})
+    return groups
+
+
+@dataclass
+class TrainSetup:
+    """Everything a run needs besides the model and the loss.
+
+    ``checkpoint_base`` holds the checkpoint fields that do not change during the run (kind, arch,
+    label_map, task, config, inputs, meta); ``signature`` identifies the run for ``--resume``
+    (e.g. task, manifest sha256, architecture): resuming from a ``last.pt`` whose signature differs
+    is refused.
+    """
+
+    out_dir: Path
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_backbone: float
+    weight_decay: float
+    lr_drop: int | None
+    clip_max_norm: float
+    seed: int
+    workers: int
+    eval_every: int
+    amp: bool
+    checkpoint_base: dict
+    signature: dict
+    metric: str = "AP"
+    extra_modules: list[nn.Module] = field(default_factory=list)
+    log_name: str = "train"
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train_set,
+        collate_fn,
+        setup: TrainSetup,
+        dist_info: DistInfo,
+        evaluate: EvalFn | None = None,
+    ):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.train_set = train_set
+        self.collate_fn = collate_fn
+        self.s = setup
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.evaluate = evaluate
+        self.out = Path(setup.out_dir)
+
+    # ---------------------------------------------------------------- state
+    def _train_state(self, epoch: int, best: float | None, train_seconds: float) -> dict:
+        return {
+            "epoch": epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "run_id": self.run_id,
+            "best": best,
+            "train_seconds": train_seconds,
+            "signature": self.s.signature,
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_v": random.getstate()[0]},
+        }
+
+    def _save(self, name: str, epoch: int, best: float | None, train_seconds: float, metrics: dict) -> None:
+        if not self.dist.is_main:
+            return
+        base = dict(self.s.checkpoint_base)
+        meta = dict(base.get("meta") or {})
+        meta.update({"epoch": epoch, "metrics": metrics, "train_seconds": train_seconds})
+        base["meta"] = meta
+        base["model"] = {k: v.detach().cpu() for k, v in self._bare_model().state_dict().items()}
+        base["extra_modules"] = [
+            {k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.s.extra_modules
+        ]
+        base["train_state"] = self._train_state(epoch, best, train_seconds)
+        save_checkpoint(self.out / name, base)
+
+    def _bare_model(self) -> nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def _resume(self) -> tuple[int, float | None, float]:
+        path = self.out / "last.pt"
+        if not path.is_file():
+            raise KacliError("nothing to resume: no last.pt in the run folder", self.out)
+        ckpt = load_checkpoint(path)
+        state = ckpt.get("train_state")
+        if not state:
+            raise KacliError("checkpoint holds no training state to resume from", path)
+        theirs = state.get("signature", {})
+        diff = sorted(k for k in set(theirs) | set(self.s.signature) if theirs.get(k) != self.s.signature.get(k))
+        if diff:
+            k = diff[0]
+            raise KacliError(
+                f"checkpoint belongs to another run ({k}: {theirs.get(k)!r} there, {self.s.signature.get(k)!r} here)",
+                path,
+            )
+        self._bare_model().load_state_dict(ckpt["model"])
+        for m, sd in zip(self.s.extra_modules, ckpt.get("extra_modules", [])):
+            m.load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.run_id = state["run_id"]
+        rng = state.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "python" in rng:
+            random.setstate((rng["python_v"], tuple(rng["python"]), None))
+        # metrics.jsonl: keep the lines of the epochs the checkpoint has seen
+        log = self.out / "metrics.jsonl"
+        if log.exists() and self.dist.is_main:
+            lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= state["epoch"]]
+            with atomic_file(log) as f:
+                f.write("".join(ln + "\n" for ln in kept))
+        return int(state["epoch"]), state.get("best"), float(state.get("train_seconds", 0.0))
+
+    # ---------------------------------------------------------------- loop
+    def _loader(self, epoch: int) -> DataLoader:
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(epoch)
+        if self.dist.distributed:
+            sampler = DistributedSampler(self.train_set, shuffle=True, seed=self.s.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            g = torch.Generator().manual_seed(self.s.seed * 1000 + epoch)
+            sampler = RandomSampler(self.train_set, generator=g)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.s.batch_size,
+            sampler=sampler,
+            num_workers=self.s.workers,
+            collate_fn=self.collate_fn,
+            drop_last=len(self.train_set) >= self.s.batch_size * self.dist.world_size,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def fit(self, resume: bool = False) -> dict:
+        s = self.s
+        seed_everything(s.seed + self.dist.rank)
+        self.model.to(self.device)
+        for m in s.extra_modules:
+            m.to(self.device)
+        groups = param_groups(self._bare_model(), s.lr, s.lr_backbone, s.extra_modules)
+        self.optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+        step = s.lr_drop if s.lr_drop and s.lr_drop > 0 else max(s.epochs, 1) * 1000
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=step)
+        use_amp = s.amp and self.device.type == "cuda"
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+        self.run_id = uuid.uuid4().hex
+        start_epoch, best, train_seconds = 0, None, 0.0
+        if resume:
+            start_epoch, best, train_seconds = self._resume()
+        if self.dist.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        self.out.mkdir(parents=True, exist_ok=True)
+        last_metrics: dict = {}
+        with make_progress(unit="step") as progress:
+            for epoch in range(start_epoch, s.epochs):
+                loader = self._loader(epoch)
+                task = progress.add_task(f"{s.log_name} epoch {epoch + 1}/{s.epochs}", total=len(loader), info="")
+                self.model.train()
+                sums: dict[str, float] = defaultdict(float)
+                n = 0
+                t0 = time.perf_counter()
+                for batch in loader:
+                    with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+                        losses = self.loss_fn(self.model, batch, self.device)
+                    total = losses["total"]
+                    if not torch.isfinite(total):
+                        raise KacliError(
+                            f"training diverged at epoch {epoch + 1}: loss is {total.item()} "
+                            "(lower the learning rate or check the data)", self.out
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.scaler is not None:
+                        self.scaler.scale(total).backward()
+                        self.scaler.unscale_(self.optimizer)
+                    else:
+                        total.backward()
+                    if s.clip_max_norm > 0:
+                        nn.utils.clip_grad_norm_(
+                            [p for g in self.optimizer.param_groups for p in g["params"]], s.clip_max_norm
+                        )
+                    if self.scaler is not None:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    for k, v in losses.items():
+                        sums[k] += float(v.detach())
+                    n += 1
+                    progress.update(task, advance=1, info=f"loss {sums['total'] / n:.4f}")
+                self.scheduler.step()
+                train_seconds += time.perf_counter() - t0
+                record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "steps": n}
+                record.update(all_reduce_mean({k: v / max(n, 1) for k, v in sums.items()}, self.device))
+                record["train_seconds"] = round(train_seconds, 3)
+                metrics: dict = {}
+                if self.evaluate is not None and ((epoch + 1) % max(s.eval_every, 1) == 0 or epoch + 1 == s.epochs):
+                    if self.dist.is_main:
+                        metrics = self.evaluate(self._bare_model())
+                    barrier()
+                    record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None})
+                    if "per_task" in metrics:
+                        record["per_task"] = metrics["per_task"]
+                progress.update(
+                    task,
+                    info=f"loss {record.get('total', math.nan):.4f}"
+                    + (f"  {s.metric} {metrics[s.metric]:.3f}" if metrics.get(s.metric) is not None else ""),
+                )
+                score = metrics.get(s.metric)
+                is_best = score is not None and (best is None or score > best)
+                if is_best:
+                    best = score
+                last_metrics = record
+                if self.dist.is_main:
+                    with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                self._save("last.pt", epoch + 1, best, train_seconds, record)
+                if is_best or (self.evaluate is None) or (best is None and epoch + 1 == s.epochs):
+                    self._save("best.pt", epoch + 1, best, train_seconds, record)
+                barrier()
+        return {"best": best, "last": last_metrics, "train_seconds": train_seconds}

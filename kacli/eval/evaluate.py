@@ -1,0 +1,111 @@
+"""Run models over a split and score them with pycocotools: one model, or several as an ensemble.
+
+Detections are mapped from each model's class indices to the dataset's category ids through
+the model's label map, so teachers with different label spaces pool into one list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kacli.data.dataset import CocoDetection, collate
+from kacli.data.transforms import AugConfig
+from kacli.errors import KacliError
+from kacli.eval.coco_eval import coco_metrics, pool_detections
+from kacli.models.postprocess import postprocess
+from kacli.progress import make_progress
+
+
+@torch.inference_mode()
+def predict_detections(
+    model: nn.Module,
+    dataset: CocoDetection,
+    label_ids: list[int],
+    device: torch.device,
+    batch_size: int = 8,
+    workers: int = 0,
+    max_per_image: int = 100,
+    description: str = "predict",
+    progress=None,
+) -> list[dict]:
+    """COCO detections ``{"image_id","category_id","bbox" (xywh px),"score"}`` of ``model`` on
+    every image of ``dataset`` (evaluation views; boxes in the original image's pixels)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+    dets: list[dict] = []
+    own = progress is None
+    prog = make_progress(unit="img", transient=True) if own else progress
+    if own:
+        prog.start()
+    try:
+        task = prog.add_task(description, total=len(dataset), info="")
+        for images, mask, targets in loader:
+            out = model(images.to(device), mask.to(device))
+            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+            for t, res in zip(targets, postprocess(out, sizes)):
+                scores, labels, boxes = res["scores"].cpu(), res["labels"].cpu(), res["boxes"].cpu()
+                order = scores.argsort(descending=True)[:max_per_image]
+                for i in order.tolist():
+                    x0, y0, x1, y1 = boxes[i].tolist()
+                    dets.append(
+                        {
+                            "image_id": int(t["image_id"]),
+                            "category_id": int(label_ids[int(labels[i])]),
+                            "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "score": float(scores[i]),
+                        }
+                    )
+            prog.update(task, advance=len(targets))
+        prog.remove_task(task)
+    finally:
+        if own:
+            prog.stop()
+    model.train(was_training)
+    return dets
+
+
+def check_label_map(label_map: dict, gt: dict, source: str | Path) -> None:
+    """A model can be scored on a dataset only if all its categories are the dataset's."""
+    have = {c["id"]: c["name"] for c in gt["categories"]}
+    for cid, name in zip(label_map["ids"], label_map["names"]):
+        if cid not in have:
+            raise KacliError(f"model's category {cid} ({name}) is not in the dataset's categories", source)
+
+
+def evaluate_detections(
+    gt: dict, dets: list[dict], category_ids: list[int], tasks: dict[str, list[int]]
+) -> dict[str, Any]:
+    """pycocotools metrics over ``category_ids``, with per-task AP for the tasks whose categories
+    the model covers."""
+    covered = set(category_ids)
+    tasks = {name: ids for name, ids in tasks.items() if set(ids) <= covered}
+    return coco_metrics(gt, dets, tasks=tasks, category_ids=sorted(category_ids))
+
+
+def make_eval_dataset(json_path: Path, image_root: Path, label_ids: list[int], size: int, max_size: int) -> CocoDetection:
+    aug = AugConfig(eval_size=size, max_size=max_size)
+    return CocoDetection(json_path, image_root, label_ids, train=False, aug=aug)
+
+
+def evaluate_model(
+    model: nn.Module,
+    label_map: dict,
+    dataset: CocoDetection,
+    gt: dict,
+    tasks: dict[str, list[int]],
+    device: torch.device,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Validation metrics of one model (used by the training engine every few epochs)."""
+    dets = predict_detections(model, dataset, label_map["ids"], device, batch_size=batch_size, description="validate")
+    return evaluate_detections(gt, dets, label_map["ids"], tasks)
+
+
+def ensemble_detections(per_model: list[list[dict]], max_per_image: int = 100) -> list[dict]:
+    return pool_detections(per_model, max_per_image=max_per_image)

@@ -1,0 +1,131 @@
+"""The kacli checkpoint format: tensors and JSON-able metadata only.
+
+A checkpoint is one dict (see docs/ARCHITECTURE.md):
+
+    format       "kacli-checkpoint/1"
+    kind         "detr" (a teacher or the raw baseline) | "student"
+    arch         the model's architecture (ModelConfig as a dict; the student adds its own fields)
+    label_map    {"ids": [category ids], "names": [category names]}; class k of the model is ids[k]
+    task         the task name a teacher was trained for, or None
+    model        the state_dict
+    config       the full run configuration (dict)
+    inputs       {"tasks.yaml": sha256, ...} provenance of what the run read
+    train_state  {"epoch", "optimizer", "scheduler", "scaler", "run_id", "best", "rng"}, only in run checkpoints
+    meta         free-form JSON-able extras (method, cache provenance, ...)
+
+Everything loads with ``torch.load(weights_only=True)``: a checkpoint is untrusted input.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kacli.errors import KacliError
+from kacli.fsutil import atomic_path, sha256_file
+
+FORMAT = "kacli-checkpoint/1"
+KINDS = ("detr", "student")
+
+
+def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
+    """Write ``ckpt`` atomically (temporary name, then rename)."""
+    missing = [k for k in ("kind", "arch", "label_map", "model") if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint lacks {missing}")
+    data = {"format": FORMAT, "task": None, "config": {}, "inputs": {}, "meta": {}}
+    data.update(ckpt)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+    return Path(path)
+
+
+def resolve_checkpoint_path(path: str | Path, prefer: str = "best.pt") -> Path:
+    """A checkpoint file, or a run directory (its ``best.pt``, else ``last.pt``)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in (prefer, "best.pt", "last.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise KacliError("run folder holds no best.pt or last.pt", p)
+    if not p.exists():
+        raise KacliError("checkpoint not found", p)
+    return p
+
+
+def torch_load_untrusted(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for files that are not
+    checkpoints or that need code to load."""
+    p = Path(path)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise KacliError("checkpoint not found", p) from None
+    except IsADirectoryError:
+        raise KacliError("is a folder, expected a checkpoint file", p) from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise KacliError(
+                "refusing to load: the file needs code to unpickle (only tensors and plain data are accepted)", p
+            ) from None
+        raise KacliError(f"not a checkpoint file ({first[:120]})", p) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KacliError(f"not a readable checkpoint file ({first[:120]})", p) from None
+
+
+def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
+    """Load and check a kacli checkpoint (file or run directory)."""
+    p = resolve_checkpoint_path(path)
+    data = torch_load_untrusted(p)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        hint = ""
+        if isinstance(data, dict) and ("model" in data or any(str(k).startswith("backbone.") for k in data)):
+            hint = " (a facebookresearch/detr or HF checkpoint? convert it with `kacli import-checkpoint`)"
+        raise KacliError(f"not a kacli checkpoint{hint}", p)
+    for key in ("kind", "arch", "label_map", "model"):
+        if key not in data:
+            raise KacliError(f"checkpoint lacks '{key}'", p)
+    if data["kind"] not in KINDS:
+        raise KacliError(f"unknown checkpoint kind {data['kind']!r}", p)
+    if kind is not None and data["kind"] != kind:
+        raise KacliError(f"expected a {kind} checkpoint, found a {data['kind']} one", p)
+    lm = data["label_map"]
+    if not isinstance(lm, dict) or len(lm.get("ids", [])) != len(lm.get("names", [])) or not lm.get("ids"):
+        raise KacliError("checkpoint has a malformed label map", p)
+    data["path"] = str(p)
+    return data
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    return sha256_file(resolve_checkpoint_path(path))
+
+
+def build_model(ckpt: dict[str, Any], *, load_weights: bool = True) -> torch.nn.Module:
+    """Instantiate the model a checkpoint describes (and load its weights)."""
+    from kacli.models.config import ModelConfig
+
+    num_classes = len(ckpt["label_map"]["ids"])
+    if ckpt["kind"] == "detr":
+        from kacli.models.detr import DETR
+
+        model = DETR(ModelConfig.from_dict(ckpt["arch"]), num_classes)
+    else:
+        from kacli.models.student import Student
+
+        model = Student.from_arch(ckpt["arch"], num_classes)
+    if load_weights:
+        result = model.load_state_dict(ckpt["model"], strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise KacliError(
+                f"weights do not fit the architecture (missing {len(result.missing_keys)}: "
+                f"{', '.join(result.missing_keys[:3])}; unexpected {len(result.unexpected_keys)}: "
+                f"{', '.join(result.unexpected_keys[:3])})",
+                ckpt.get("path"),
+            )
+    return model
