@@ -1,0 +1,43 @@
+"""``kacli report``: the results table and learning curves for any runs and evaluations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from kacli.commands._common import cli_errors, console
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "report",
+        epilog=(
+            "Example: kacli report runs/teacher-t1/eval.json runs/teacher-t2/eval.json "
+            "ensemble.json runs/raw runs/student --out report"
+        ),
+    )(report)
+
+
+@cli_errors
+def report(
+    inputs: List[Path] = typer.Argument(
+        ...,
+        metavar="RUN_DIR_OR_EVAL_JSON",
+        help="Run directories (metrics.jsonl, eval.json) and/or eval JSON files (kacli eval --json).",
+        show_default=False,
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Folder for report.json, report.md and curves.png (created if missing).", show_default=False
+    ),
+):
+    """Print the paper's Table I for the given runs (AP, AP50, AP75, per-task AP, #param., FLOPs,
+    training time) and write it with the validation-AP curves (Fig. 4) to --out."""
+    from kacli.report import load_inputs, rows_table, write_report
+
+    rows, curves = load_inputs(inputs)
+    console.print(rows_table(rows))
+    if out is not None:
+        files = write_report(rows, curves, out)
+        console.print("wrote " + ", ".join(str(p) for p in files.values()), highlight=False)
