@@ -1,0 +1,298 @@
+"""Sequence-level supervision: the SA loss (Eq. 2) and the SAG baseline (Eq. 5).
+
+Both compare student and teacher token sequences layer by layer (the projected input sequence,
+then every encoder layer). Tokens at padding (mask ``True``) never enter a statistic or a sum.
+
+Normalisation (Sec. IV-A2, "normalized by the mini-batch statistics"): every channel is
+standardised with the mean and standard deviation of the *target* sequence over the valid tokens
+of the mini-batch, and the same affine map is applied to the student. Using one map for both means
+the loss is exactly 0 when the student equals the target, and the target has a fixed scale
+(zero mean, unit variance per channel) whatever the teacher's magnitude. Each teacher part k is
+standardised with its own statistics (teachers are different networks).
+
+Reduction: the squared differences are summed over channels and over tokens, then divided by the
+number of valid token positions V of the batch (``Σ_b`` valid tokens of one part), so the loss
+does not grow with the image size; ``reduction="sum"`` keeps Eq. 2's plain Frobenius form. The
+1/N of Eq. 2 is always applied, whether the student is extended (N·n tokens) or compressed
+(n tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+EPS = 1e-5
+REDUCTIONS = ("token", "sum")
+
+
+def _valid(mask: Tensor | None, shape: torch.Size, device) -> Tensor:
+    """``(…)`` bool, True at valid tokens, for tokens of leading shape ``shape``."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match tokens {tuple(shape)}")
+    return ~mask.to(device=device, dtype=torch.bool)
+
+
+def channel_stats(x: Tensor, mask: Tensor | None = None, eps: float = EPS) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation over the valid tokens.
+
+    Args:
+        x: ``(B, n, d)`` or ``(M, d)`` tokens.
+        mask: ``(B, n)`` / ``(M,)`` bool, True at padding, or None.
+        eps: added to the (biased) variance before the square root, as in batch normalisation.
+
+    Returns:
+        ``mean (d,)``, ``std (d,)`` in float32 (or wider), differentiable w.r.t. ``x``.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    valid = _valid(mask, x.shape[:-1], x.device)
+    flat = x.to(dtype).reshape(-1, x.shape[-1])
+    w = valid.reshape(-1, 1).to(dtype)
+    count = w.sum().clamp(min=1.0)
+    mean = (flat * w).sum(0) / count
+    var = (((flat - mean) * w) ** 2).sum(0) / count
+    return mean, torch.sqrt(var + eps)
+
+
+def standardize(
+    x: Tensor,
+    mask: Tensor | None = None,
+    stats: tuple[Tensor, Tensor] | None = None,
+    eps: float = EPS,
+) -> Tensor:
+    """Per-channel standardisation with mini-batch statistics over valid tokens.
+
+    Args:
+        x: ``(B, n, d)`` or ``(M, d)``.
+        mask: ``(B, n)`` / ``(M,)`` bool, True at padding, or None. Padding tokens are mapped too
+            but never contribute to the statistics.
+        stats: ``(mean (d,), std (d,))`` to use instead of ``x``'s own (e.g. the target's).
+        eps: see :func:`channel_stats`.
+
+    Returns:
+        Tensor of ``x``'s shape, float32 (or wider).
+    """
+    mean, std = channel_stats(x, mask, eps) if stats is None else stats
+    return (x.to(mean.dtype) - mean) / std
+
+
+def _part_stats(t: Tensor, valid: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-part, per-channel statistics of ``t (B, N, n, d)`` over valid ``(B, n)`` tokens.
+
+    Returns ``mean, std`` of shape ``(1, N, 1, d)``.
+    """
+    w = valid[:, None, :, None].to(t.dtype)
+    count = w.sum(dim=(0, 2), keepdim=True).clamp(min=1.0)
+    mean = (t * w).sum(dim=(0, 2), keepdim=True) / count
+    var = (((t - mean) * w) ** 2).sum(dim=(0, 2), keepdim=True) / count
+    return mean, torch.sqrt(var + eps)
+
+
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    """``x (B|1, N, n|1, d)`` → ``(B, n, d)`` with ``out[b, i] = x[b, index[b, i], i]``."""
+    b, n = index.shape
+    x = x.expand(b, -1, n, -1)
+    idx = index.to(device=x.device, dtype=torch.long)[:, None, :, None].expand(-1, 1, -1, x.shape[3])
+    return x.gather(1, idx).squeeze(1)
+
+
+def _layer_names(prefix: str, count: int, names: Sequence[str] | None) -> list[str]:
+    if names is None:
+        return [f"{prefix}_proj"] + [f"{prefix}_enc{i}" for i in range(1, count)]
+    names = list(names)
+    if len(names) != count:
+        raise ValueError(f"{len(names)} names for {count} supervised layers")
+    return names
+
+
+def _sq_error(s: Tensor, t: Tensor, valid: Tensor) -> Tensor:
+    """Σ over valid tokens and channels of (s − t)²; ``valid`` broadcasts over the token axes."""
+    sq = ((s - t) ** 2).sum(dim=-1)
+    return sq.masked_fill(~valid, 0.0).sum()
+
+
+def sa_loss(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    mask: Tensor | None,
+    num_parts: int,
+    normalize: bool = True,
+    names: Sequence[str] | None = None,
+    index: Tensor | None = None,
+    reduction: str = "token",
+    eps: float = EPS,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sequence-level amalgamation loss, Eq. 2: ``Σ_l (1/N) Σ_k ‖norm(Y_s^{k,l}) − norm(Y_t^{k,l})‖²``.
+
+    Each list entry is one supervised layer (the projection output, then each encoder layer).
+    Three layouts per layer:
+
+    - extended: student and teacher ``(B, N, n, d)``; part k is standardised with teacher k's
+      statistics.
+    - compressed, full teacher: student ``(B, n, d)``, teacher ``(B, N, n, d)`` and ``index (B, n)``
+      (from ``kacli.models.compress.select_parts``): teacher k's statistics come from its whole
+      sequence; the teacher is gathered with ``index`` and each kept token (student and teacher)
+      is standardised with the statistics of the part it was taken from. Equals the extended loss
+      restricted to the kept tokens.
+    - compressed, gathered teacher: both ``(B, n, d)``; one set of statistics from the gathered
+      teacher sequence.
+
+    Args:
+        student, teacher: equal-length lists of tensors as above (teacher carries no gradient).
+        mask: ``(B, n)`` bool, True at padding (shared by all parts), or None.
+        num_parts: N, the number of teachers (Eq. 2's 1/N).
+        normalize: standardise (see the module docstring); False compares raw values.
+        names: one logging name per layer; default ``sa_proj, sa_enc1, sa_enc2, …``.
+        index: ``(B, n)`` part indices for the "compressed, full teacher" layout.
+        reduction: ``token`` divides each layer's squared Frobenius norm by V, the number of valid
+            token positions of the batch; ``sum`` is Eq. 2 verbatim.
+        eps: standardisation epsilon.
+
+    Returns:
+        ``(total, {name: layer value})``; all float32 scalars carrying gradients.
+    """
+    if len(student) != len(teacher):
+        raise ValueError(f"{len(student)} student layers but {len(teacher)} teacher layers")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be positive, got {num_parts}")
+    layer_names = _layer_names("sa", len(student), names)
+    if not layer_names:
+        raise ValueError("sa_loss needs at least one layer")
+    values: dict[str, Tensor] = {}
+    for name, s, t in zip(layer_names, student, teacher):
+        s, t = s.float(), t.detach().float()
+        b, n = s.shape[0], s.shape[-2]
+        valid = _valid(mask, torch.Size((b, n)), s.device)
+        if s.dim() == 4:
+            if t.shape != s.shape or s.shape[1] != num_parts:
+                raise ValueError(f"{name}: extended student {tuple(s.shape)} and teacher {tuple(t.shape)} "
+                                 f"must both be (B, N={num_parts}, n, d)")
+            pad = ~valid[:, None, :, None]
+            s, t = s.masked_fill(pad, 0.0), t.masked_fill(pad, 0.0)
+            if normalize:
+                mean, std = _part_stats(t, valid, eps)
+                s, t = (s - mean) / std, (t - mean) / std
+            frob = _sq_error(s, t, valid[:, None, :])
+        elif s.dim() == 3 and t.dim() == 4:
+            if index is None:
+                raise ValueError(f"{name}: a compressed student against full teacher parts needs index")
+            if t.shape[1] != num_parts or t.shape[0] != b or t.shape[2:] != s.shape[1:]:
+                raise ValueError(f"{name}: student {tuple(s.shape)} does not fit teacher {tuple(t.shape)}")
+            t = t.masked_fill(~valid[:, None, :, None], 0.0)
+            s = s.masked_fill(~valid[..., None], 0.0)
+            if normalize:
+                mean, std = _part_stats(t, valid, eps)
+                t = _gather((t - mean) / std, index)
+                s = (s - _gather(mean, index)) / _gather(std, index)
+            else:
+                t = _gather(t, index)
+            frob = _sq_error(s, t, valid)
+        elif s.dim() == 3 and t.dim() == 3:
+            if t.shape != s.shape:
+                raise ValueError(f"{name}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ")
+            pad = ~valid[..., None]
+            s, t = s.masked_fill(pad, 0.0), t.masked_fill(pad, 0.0)
+            if normalize:
+                stats = channel_stats(t, ~valid, eps)
+                s, t = standardize(s, stats=stats), standardize(t, stats=stats)
+            frob = _sq_error(s, t, valid)
+        else:
+            raise ValueError(f"{name}: unsupported shapes student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+        value = frob / num_parts
+        if reduction == "token":
+            value = value / valid.sum().clamp(min=1).to(value.dtype)
+        values[name] = value
+    total = torch.stack(list(values.values())).sum()
+    return total, values
+
+
+class SAGProjection(nn.Module):
+    """The common-space projections W_a^{k,l} of the SAG baseline (Eq. 5), one per teacher and layer.
+
+    ``weight`` is ``(L, N, d, d)``, initialised to the identity (teachers and student share d, so
+    the identity is the natural starting point; the paper learns W_a "from scratch"). These are
+    trainable parameters: put the module's parameters in the optimiser.
+    """
+
+    def __init__(self, num_teachers: int, d: int, num_layers: int):
+        super().__init__()
+        if num_teachers < 1 or d < 1 or num_layers < 1:
+            raise ValueError("SAGProjection needs positive num_teachers, d and num_layers")
+        self.num_teachers, self.d, self.num_layers = num_teachers, d, num_layers
+        eye = torch.eye(d).expand(num_layers, num_teachers, d, d).clone()
+        self.weight = nn.Parameter(eye)
+
+    def forward(self, teacher: Tensor, layer: int) -> Tensor:
+        """Aggregated target ``Y_a = (1/N) Σ_k Y_t^k W_a^{k,layer}``.
+
+        Args:
+            teacher: ``(B, N, n, d)``.
+            layer: which supervised layer's projections to use.
+
+        Returns:
+            ``(B, n, d)``.
+        """
+        if teacher.dim() != 4 or teacher.shape[1] != self.num_teachers or teacher.shape[3] != self.d:
+            raise ValueError(f"SAG expects (B, N={self.num_teachers}, n, d={self.d}), got {tuple(teacher.shape)}")
+        w = self.weight[layer]
+        return torch.einsum("bknd,kde->bne", teacher.to(w.dtype), w) / self.num_teachers
+
+
+def sag_loss(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    mask: Tensor | None,
+    proj: SAGProjection,
+    normalize: bool = True,
+    names: Sequence[str] | None = None,
+    reduction: str = "token",
+    eps: float = EPS,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SAG baseline, Eq. 5: ``Σ_l ‖norm(Y_s^l) − norm((1/N) Σ_k Y_t^{k,l} W_a^{k,l})‖²``.
+
+    The student's single sequence is supervised by the projected mean of the teachers. Both sides
+    are standardised with the aggregated target's statistics (which depend on W_a, so W_a is
+    trained through them too); there is no extra 1/N beyond the one inside Y_a.
+
+    Args:
+        student: per layer ``(B, n, d)``.
+        teacher: per layer ``(B, N, n, d)``.
+        mask: ``(B, n)`` bool, True at padding, or None.
+        proj: the :class:`SAGProjection` (one set of W_a per layer).
+        normalize, reduction, eps: as in :func:`sa_loss`.
+        names: one logging name per layer; default ``sag_proj, sag_enc1, …``.
+
+    Returns:
+        ``(total, {name: layer value})``; gradients reach the student and ``proj.weight``.
+    """
+    if len(student) != len(teacher) or len(student) != proj.num_layers:
+        raise ValueError(f"{len(student)} student layers, {len(teacher)} teacher layers, "
+                         f"{proj.num_layers} SAG projections")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    layer_names = _layer_names("sag", len(student), names)
+    values: dict[str, Tensor] = {}
+    for layer, (name, s, t) in enumerate(zip(layer_names, student, teacher)):
+        s = s.float()
+        if s.dim() != 3 or t.dim() != 4 or t.shape[0] != s.shape[0] or t.shape[2:] != s.shape[1:]:
+            raise ValueError(f"{name}: student {tuple(s.shape)} must be (B, n, d), "
+                             f"teacher {tuple(t.shape)} (B, N, n, d)")
+        valid = _valid(mask, s.shape[:2], s.device)
+        t = t.detach().float().masked_fill(~valid[:, None, :, None], 0.0)
+        s = s.masked_fill(~valid[..., None], 0.0)
+        target = proj(t, layer).float()
+        if normalize:
+            stats = channel_stats(target, ~valid, eps)
+            s, target = standardize(s, stats=stats), standardize(target, stats=stats)
+        value = _sq_error(s, target, valid)
+        if reduction == "token":
+            value = value / valid.sum().clamp(min=1).to(value.dtype)
+        values[name] = value
+    total = torch.stack(list(values.values())).sum()
+    return total, values

@@ -1,0 +1,312 @@
+"""Task-level amalgamation (Sec. III-C, Eq. 9–11): the student mimics the pooled teacher predictions.
+
+1. Each teacher's class distribution over its own ``C_t`` classes (+ no-object) is padded to the
+   student's label space of ``C`` classes (+ no-object): zeros for the other tasks' classes, the
+   teacher's no-object mass on the student's no-object slot ``C`` (:func:`pad_teacher_probs`).
+   Teachers may have different numbers of classes and queries.
+2. All teachers' predictions of an image are pooled; confidence = max non-background probability;
+   targets under the threshold are dropped and the top K kept (:func:`pool_teachers`).
+3. The student's queries are Hungarian-matched to the targets with the cost (Eq. 10)
+   ``α_kl·KL(p_t‖p̂) + α_l1·L1 + α_giou·(1 − GIoU) − α_conf·conf``; ``min(Q, M)`` pairs per image.
+4. Loss (Eq. 11) over matched pairs: ``conf·(β_kl·KL + β_l1·L1 + β_giou·(1 − GIoU))``, divided by
+   the number of matched pairs of the batch. Unmatched student queries get no TA loss: learning
+   "no object" is left to the ground-truth set criterion.
+
+Defaults follow UP-DETR's weights (class 1, L1 5, GIoU 2) for both α and β. Boxes are normalised
+``cxcywh``; L1 is summed over the four coordinates, as in DETR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
+
+
+def _class_index(class_index: Tensor | Sequence[int], num_teacher_classes: int, num_classes: int) -> Tensor:
+    idx = torch.as_tensor(class_index, dtype=torch.long).reshape(-1)
+    if idx.numel() != num_teacher_classes:
+        raise ValueError(f"class_index has {idx.numel()} entries for a teacher with {num_teacher_classes} classes")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= num_classes):
+        raise ValueError(f"class_index values must lie in [0, {num_classes})")
+    if idx.unique().numel() != idx.numel():
+        raise ValueError("class_index maps two teacher classes to one student class")
+    return idx
+
+
+def pad_teacher_probs(
+    logits: Tensor,
+    class_index: Tensor | Sequence[int],
+    num_classes: int,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Teacher class distribution padded to the student's label space.
+
+    Args:
+        logits: ``(B, Q, C_t + 1)`` teacher logits, last entry = no object.
+        class_index: ``(C_t,)`` int64, the student class index of each teacher class.
+        num_classes: C, the student's class count.
+        temperature: softmax temperature T (> 0).
+
+    Returns:
+        ``probs (B, Q, C + 1)`` float32: ``softmax(logits / T)`` with teacher class c at
+        ``class_index[c]``, the no-object probability at C, zeros elsewhere.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    c_t = logits.shape[-1] - 1
+    idx = _class_index(class_index, c_t, num_classes).to(logits.device)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    out = probs.new_zeros(*probs.shape[:-1], num_classes + 1)
+    out[..., idx] = probs[..., :c_t]
+    out[..., num_classes] = probs[..., c_t]
+    return out
+
+
+def temper(probs: Tensor, temperature: float) -> Tensor:
+    """``softmax(log(probs) / T)``: a distribution at temperature T from one at T = 1.
+
+    Zeros stay zero, so ``temper(pad_teacher_probs(l, i, C), T) == pad_teacher_probs(l, i, C, T)``.
+    """
+    if temperature == 1.0:
+        return probs
+    p = probs.clamp(min=0) ** (1.0 / temperature)
+    return p / p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+
+
+def confidence(probs: Tensor) -> Tensor:
+    """``L_conf``: the largest non-background probability, ``(…, C + 1) → (…)``."""
+    return probs[..., :-1].max(dim=-1).values
+
+
+def pool_teachers(
+    teachers: Sequence[tuple[Tensor, Tensor]],
+    threshold: float = 0.0,
+    topk: int | None = None,
+) -> list[dict[str, Tensor]]:
+    """Pool all teachers' padded predictions per image, drop the unconfident ones, keep the top K.
+
+    Args:
+        teachers: per teacher ``(probs (B, Q_t, C + 1), boxes (B, Q_t, 4))``; Q_t may differ.
+        threshold: targets with confidence ``< threshold`` are dropped.
+        topk: keep at most this many targets per image (highest confidence); None keeps all.
+
+    Returns:
+        One dict per image, targets sorted by decreasing confidence (stable: ties keep the
+        pooled order, teacher by teacher, query by query): ``probs (M, C + 1)``,
+        ``boxes (M, 4)``, ``conf (M,)``, ``teacher (M,)`` and ``query (M,)`` int64 (where each
+        target came from).
+    """
+    if not teachers:
+        raise ValueError("pool_teachers needs at least one teacher")
+    if topk is not None and topk < 0:
+        raise ValueError(f"topk must be non-negative or None, got {topk}")
+    probs = torch.cat([p for p, _ in teachers], dim=1)  # (B, ΣQ_t, C + 1)
+    boxes = torch.cat([b for _, b in teachers], dim=1).float()
+    device = probs.device
+    teacher_id = torch.cat([torch.full((p.shape[1],), k, dtype=torch.long, device=device)
+                            for k, (p, _) in enumerate(teachers)])
+    query_id = torch.cat([torch.arange(p.shape[1], device=device) for p, _ in teachers])
+    conf = confidence(probs)
+    pooled = []
+    for b in range(probs.shape[0]):
+        keep = torch.nonzero(conf[b] >= threshold).squeeze(1)
+        order = torch.sort(conf[b, keep], descending=True, stable=True).indices
+        keep = keep[order]
+        if topk is not None:
+            keep = keep[:topk]
+        pooled.append({"probs": probs[b, keep], "boxes": boxes[b, keep], "conf": conf[b, keep],
+                       "teacher": teacher_id[keep], "query": query_id[keep]})
+    return pooled
+
+
+def _kl_matrix(target: Tensor, log_pred: Tensor) -> Tensor:
+    """``KL(target_j ‖ pred_i)`` for every pair: target ``(M, K)``, log_pred ``(Q, K)`` → ``(Q, M)``."""
+    neg_entropy = torch.xlogy(target, target).sum(dim=-1)  # (M,), 0·log 0 = 0
+    return neg_entropy[None, :] - log_pred @ target.T
+
+
+def _kl_pairs(target: Tensor, log_pred: Tensor) -> Tensor:
+    """``KL(target_k ‖ pred_k)`` row by row: ``(K, C + 1)`` each → ``(K,)``."""
+    return (torch.xlogy(target, target) - target * log_pred).sum(dim=-1)
+
+
+class TaskAmalgamationLoss(nn.Module):
+    """Hungarian distillation from the pooled teacher predictions (Eq. 9–11).
+
+    Args:
+        num_classes: C, the student's class count (no-object is index C).
+        alpha: matching-cost weights ``(α_kl, α_l1, α_giou)`` (Eq. 10's α1 and α2·L_box).
+        alpha_conf: α3, the weight of the confidence bonus in the matching cost.
+        beta_kl, beta_l1, beta_giou: loss weights (Eq. 11's β1 and β2·L_box).
+        threshold: teacher targets with confidence below it are dropped before matching.
+        topk: at most this many targets per image (by confidence); None keeps all.
+        temperature: T for the class distributions in the KL terms (teacher and student both
+            softened; the KL is multiplied by T², as usual in distillation). Confidence, used for
+            filtering and as the pair weight, always comes from the T = 1 teacher distribution.
+
+    ``forward`` returns ``loss_ta_kl``, ``loss_ta_l1``, ``loss_ta_giou`` (each ``Σ conf·term /
+    num_pairs``, unweighted), the same with ``_<i>`` for ``aux_outputs[i]`` and ``total`` (the
+    β-weighted sum over all outputs). ``num_pairs`` is the number of matched pairs in the batch,
+    averaged over ranks when torch.distributed is initialised (so every rank divides by the same
+    number, as DETR does with its box count), and clamped to at least 1.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        alpha: tuple[float, float, float] = (1.0, 5.0, 2.0),
+        alpha_conf: float = 1.0,
+        beta_kl: float = 1.0,
+        beta_l1: float = 5.0,
+        beta_giou: float = 2.0,
+        threshold: float = 0.1,
+        topk: int | None = None,
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if len(alpha) != 3:
+            raise ValueError("alpha must be (α_kl, α_l1, α_giou)")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if topk is not None and topk < 0:
+            raise ValueError(f"topk must be non-negative or None, got {topk}")
+        self.num_classes = num_classes
+        self.alpha = tuple(float(a) for a in alpha)
+        self.alpha_conf = float(alpha_conf)
+        self.beta = {"kl": float(beta_kl), "l1": float(beta_l1), "giou": float(beta_giou)}
+        self.threshold = float(threshold)
+        self.topk = topk
+        self.temperature = float(temperature)
+
+    def prepare_targets(
+        self,
+        teacher_logits: Sequence[Tensor],
+        teacher_boxes: Sequence[Tensor],
+        class_index: Sequence[Tensor | Sequence[int]],
+    ) -> list[dict[str, Tensor]]:
+        """Pad, pool and filter the teachers' predictions (see :func:`pool_teachers`).
+
+        Args:
+            teacher_logits: per teacher ``(B, Q_t, C_t + 1)``.
+            teacher_boxes: per teacher ``(B, Q_t, 4)`` normalised cxcywh.
+            class_index: per teacher ``(C_t,)`` student class indices.
+
+        Returns:
+            Per image the pooled targets; ``probs`` at T = 1 and ``soft`` at the loss temperature.
+        """
+        if not (len(teacher_logits) == len(teacher_boxes) == len(class_index)) or not teacher_logits:
+            raise ValueError(f"{len(teacher_logits)} teacher logits, {len(teacher_boxes)} teacher boxes, "
+                             f"{len(class_index)} class indices: need one of each per teacher")
+        padded = []
+        for logits, boxes, idx in zip(teacher_logits, teacher_boxes, class_index):
+            if boxes.shape != (*logits.shape[:2], 4):
+                raise ValueError(f"teacher boxes {tuple(boxes.shape)} do not fit logits {tuple(logits.shape)}")
+            padded.append((pad_teacher_probs(logits.detach(), idx, self.num_classes), boxes.detach()))
+        targets = pool_teachers(padded, self.threshold, self.topk)
+        for t in targets:
+            t["soft"] = temper(t["probs"], self.temperature)
+        return targets
+
+    @torch.no_grad()
+    def match(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """Hungarian matching (Eq. 9–10), per image ``(src query indices, target indices)``."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        a_kl, a_l1, a_giou = self.alpha
+        temp = self.temperature
+        indices = []
+        for b, tgt in enumerate(targets):
+            m = tgt["conf"].shape[0]
+            if m == 0:
+                empty = torch.empty(0, dtype=torch.long)
+                indices.append((empty, empty))
+                continue
+            log_pred = torch.log_softmax(logits[b].float() / temp, dim=-1)
+            pred_boxes = boxes[b].float()
+            cost_kl = _kl_matrix(tgt["soft"].to(log_pred.device), log_pred) * temp**2
+            tgt_boxes = tgt["boxes"].to(pred_boxes.device)
+            cost_l1 = torch.cdist(pred_boxes, tgt_boxes, p=1)
+            giou = generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
+                                       box_convert(tgt_boxes, "cxcywh", "xyxy"))
+            cost = (a_kl * cost_kl + a_l1 * cost_l1 + a_giou * (1.0 - giou)
+                    - self.alpha_conf * tgt["conf"].to(pred_boxes.device)[None, :])
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        return indices
+
+    def num_pairs(self, targets: list[dict[str, Tensor]], num_queries: int, device) -> Tensor:
+        """Matched pairs in the batch (``Σ_b min(Q, M_b)``), averaged over ranks, at least 1."""
+        count = sum(min(num_queries, t["conf"].shape[0]) for t in targets)
+        num = torch.tensor(float(count), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num)
+            num = num / dist.get_world_size()
+        return num.clamp(min=1.0)
+
+    def pair_losses(
+        self,
+        outputs: dict[str, Tensor],
+        targets: list[dict[str, Tensor]],
+        indices: list[tuple[Tensor, Tensor]],
+        num: Tensor,
+    ) -> dict[str, Tensor]:
+        """Eq. 11's terms, each ``Σ_pairs conf·term / num``: keys ``kl``, ``l1``, ``giou``."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        device = logits.device
+        batch = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
+        src = torch.cat([s for s, _ in indices]).to(device)
+        soft = torch.cat([t["soft"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)])
+        tgt_boxes = torch.cat([t["boxes"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)])
+        conf = torch.cat([t["conf"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)])
+        log_pred = torch.log_softmax(logits[batch, src].float() / self.temperature, dim=-1)
+        pred_boxes = boxes[batch, src].float()
+        kl = _kl_pairs(soft.float(), log_pred) * self.temperature**2
+        l1 = (pred_boxes - tgt_boxes.float()).abs().sum(dim=-1)
+        giou = generalized_box_iou_loss(box_convert(pred_boxes, "cxcywh", "xyxy"),
+                                        box_convert(tgt_boxes.float(), "cxcywh", "xyxy"), reduction="none")
+        conf = conf.float()
+        return {"kl": (conf * kl).sum() / num, "l1": (conf * l1).sum() / num, "giou": (conf * giou).sum() / num}
+
+    def forward(
+        self,
+        outputs: dict,
+        teacher_logits: Sequence[Tensor],
+        teacher_boxes: Sequence[Tensor],
+        class_index: Sequence[Tensor | Sequence[int]],
+    ) -> dict[str, Tensor]:
+        """TA losses for the student's final and auxiliary decoder outputs.
+
+        Args:
+            outputs: ``pred_logits (B, Q, C + 1)``, ``pred_boxes (B, Q, 4)`` and optionally
+                ``aux_outputs`` (list of dicts with the same two keys).
+            teacher_logits, teacher_boxes, class_index: see :meth:`prepare_targets`.
+
+        Returns:
+            ``loss_ta_kl``, ``loss_ta_l1``, ``loss_ta_giou``, their ``_<i>`` auxiliary versions and
+            ``total``.
+        """
+        logits = outputs["pred_logits"]
+        if logits.shape[-1] != self.num_classes + 1:
+            raise ValueError(f"student logits have {logits.shape[-1]} classes, expected {self.num_classes} + 1")
+        targets = self.prepare_targets(teacher_logits, teacher_boxes, class_index)
+        if len(targets) != logits.shape[0]:
+            raise ValueError(f"teachers cover {len(targets)} images, the student {logits.shape[0]}")
+        num = self.num_pairs(targets, logits.shape[1], logits.device)
+        losses: dict[str, Tensor] = {}
+        total = logits.new_zeros((), dtype=torch.float32)
+        heads = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        for suffix, out in heads:
+            indices = self.match(out, targets)
+            terms = self.pair_losses(out, targets, indices, num)
+            for key, value in terms.items():
+                losses[f"loss_ta_{key}{suffix}"] = value
+                total = total + self.beta[key] * value
+        losses["total"] = total
+        return losses
