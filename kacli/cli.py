@@ -8,8 +8,6 @@ raised by the library is printed as one line and exits with code 2 (see ``comman
 from __future__ import annotations
 
 import importlib
-from typing import Optional
-
 import typer
 
 from kacli import __version__
@@ -17,6 +15,9 @@ from kacli import __version__
 # Order here is the order of ``kacli --help``: the pipeline's stages first.
 COMMAND_MODULES = [
     "kacli.commands.data",
+    "kacli.commands.train",
+    "kacli.commands.evaluate",
+    "kacli.commands.report",
 ]
 
 app = typer.Typer(
@@ -37,8 +38,8 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(
-        None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ):
     """kacli: amalgamate several DETR teachers, each an expert on part of a label set, into one student.

@@ -109,3 +109,82 @@ def evaluate_model(
 
 def ensemble_detections(per_model: list[list[dict]], max_per_image: int = 100) -> list[dict]:
     return pool_detections(per_model, max_per_image=max_per_image)
+
+
+def evaluate_checkpoints(
+    models: list[str | Path],
+    tasks_path: str | Path,
+    split: str = "val",
+    size: int | None = None,
+    max_size: int | None = None,
+    device_pref: str = "auto",
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """``kacli eval``: score each checkpoint on ``split``; with several, also their ensemble
+    (predictions mapped to dataset ids, pooled per image, best 100 kept).
+
+    Returns the ensemble's metrics (or the single model's) with ``members`` listing each model's.
+    Params and GFLOPs are measured on one evaluation-sized input (multiply-adds, see flops.py).
+    """
+    from kacli.data.manifest import TaskManifest
+    from kacli.engine.distributed import pick_device
+    from kacli.eval.flops import count_parameters, gflops
+    from kacli.fsutil import load_json
+    from kacli.models.checkpoint import build_model, load_checkpoint
+
+    manifest = TaskManifest(tasks_path)
+    gt_path = manifest.split_json(split)
+    gt = load_json(gt_path)
+    root = manifest.image_root(split)
+    tasks = {t.name: t.category_ids for t in manifest.tasks}
+    device = pick_device(device_pref)
+    ckpts = [load_checkpoint(m) for m in models]
+    for ck in ckpts:
+        check_label_map(ck["label_map"], gt, ck["path"])
+    members, all_dets = [], []
+    for ck in ckpts:
+        aug = (ck.get("config") or {}).get("aug") or {}
+        s = size or aug.get("eval_size") or 800
+        ms = max_size or aug.get("max_size") or 1333
+        model = build_model(ck).to(device).eval()
+        dataset = make_eval_dataset(gt_path, root, ck["label_map"]["ids"], s, ms)
+        name = ck.get("task") and f"teacher-{ck['task']}" or Path(ck["path"]).parent.name or Path(ck["path"]).stem
+        dets = predict_detections(model, dataset, ck["label_map"]["ids"], device, batch_size=batch_size,
+                                  description=f"eval {name}")
+        metrics = evaluate_detections(gt, dets, ck["label_map"]["ids"], tasks)
+        images, mask, _ = collate([dataset[0]])
+        fl = gflops(model, (images.to(device), mask.to(device)))
+        metrics.update(
+            {
+                "model": name,
+                "checkpoint": ck["path"],
+                "kind": ck["kind"],
+                "method": (ck.get("meta") or {}).get("method"),
+                "params": count_parameters(model),
+                "gflops": fl["gflops_mac"],
+                "flops_convention": fl["convention"],
+                "input_size": list(images.shape[-2:]),
+                "split": split,
+                "train_seconds": (ck.get("meta") or {}).get("train_seconds"),
+            }
+        )
+        members.append(metrics)
+        all_dets.append(dets)
+    if len(ckpts) == 1:
+        result = dict(members[0])
+        result["members"] = []
+        return result
+    union = sorted({c for ck in ckpts for c in ck["label_map"]["ids"]})
+    result = evaluate_detections(gt, ensemble_detections(all_dets), union, tasks)
+    result.update(
+        {
+            "model": "ensemble",
+            "params": sum(m["params"] for m in members),
+            "gflops": sum(m["gflops"] for m in members),
+            "flops_convention": members[0]["flops_convention"],
+            "split": split,
+            "train_seconds": None,
+            "members": members,
+        }
+    )
+    return result

@@ -48,11 +48,18 @@ def gflops(model: torch.nn.Module, example_inputs: tuple) -> dict:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     counter = FlopCounterMode(display=False)
+    # The counter's module tracker hooks autograd on inputs that require grad; a parameter
+    # passed as a module input (DETR's query embeddings) would trip it under no_grad.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.requires_grad_(False)
     try:
         with sdpa_kernel(SDPBackend.MATH), counter:
             model(*example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
+        for p, flag in grads:
+            p.requires_grad_(flag)
     total = counter.get_total_flops()
     return {"gflops_mac": total / 2 / 1e9, "gflops": total / 1e9, "macs": total // 2, "convention": CONVENTION}

@@ -1,0 +1,62 @@
+"""``kacli train-teacher``: fine-tune one DETR per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kacli.commands._common import cli_errors, console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train-teacher")
+    @cli_errors
+    def train_teacher_cmd(
+        tasks: Path = typer.Option(..., "--tasks", help="tasks.yaml written by split-tasks."),
+        task: str = typer.Option(..., "--task", help="Name of the task this teacher learns."),
+        out: Path = typer.Option(..., "--out", help="Run folder (best.pt, last.pt, metrics.jsonl, config.yaml)."),
+        config: Optional[str] = typer.Option(
+            None, "--config", help="YAML run config or a preset name: tiny, detr-r50 (default)."
+        ),
+        init: Optional[Path] = typer.Option(
+            None, "--init", help="Start from a kacli, facebookresearch/detr or UP-DETR checkpoint."
+        ),
+        backbone_weights: Optional[Path] = typer.Option(
+            None, "--backbone-weights", help="torchvision ResNet state_dict file for the backbone."
+        ),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
+        lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr."),
+        workers: Optional[int] = typer.Option(None, "--workers", help="Override train.workers."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Override train.seed."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (override train.device)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+        force: bool = typer.Option(False, "--force", help="Start over in a non-empty run folder."),
+    ):
+        """Fine-tune one DETR on one task of a manifest.
+
+        Example: kacli train-teacher --tasks tasks/tasks.yaml --task round --config tiny --out runs/round
+        """
+        from kacli.teacher import train_teacher
+
+        overrides = {
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+            "train.lr": lr,
+            "train.workers": workers,
+            "train.seed": seed,
+            "train.device": device,
+        }
+        result = train_teacher(
+            tasks, task, out, config=config, overrides=overrides, init=init,
+            backbone_weights=backbone_weights, resume=resume, force=force, log=console.print,
+        )
+        last = result.get("last") or {}
+        ap = last.get("AP")
+        console.print(
+            f"teacher [bold]{task}[/]: {result['train_seconds']:.0f} s of training"
+            + (f", validation AP {ap:.3f} (AP50 {last.get('AP50', 0):.3f})" if ap is not None else "")
+            + f"; checkpoints in {out}"
+        )
