@@ -1,0 +1,130 @@
+"""DETR's set criterion: match queries to objects, then classification and box losses.
+
+For predictions matched by :class:`HungarianMatcher` (and all others labelled "no object"):
+
+- ``loss_ce``: cross-entropy over K+1 classes, class weights 1 and ``eos_coef`` for "no object",
+  averaged as ``F.cross_entropy`` with weights does (Σ w_i·ce_i / Σ w_i over all queries);
+- ``loss_bbox``: Σ over matched pairs of the L1 distance of the cxcywh boxes / num_boxes;
+- ``loss_giou``: Σ over matched pairs of (1 − GIoU) / num_boxes;
+
+where num_boxes is the number of target boxes in the batch (averaged over processes under
+torch.distributed, at least 1). Each auxiliary decoder output gets the same losses with suffix
+``_<i>``; ``total`` is the weighted sum of all of them. ``class_error`` (100 − top-1 accuracy of
+the matched queries, in %; 0 when there are no targets) is a diagnostic, not part of ``total``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from kacli.errors import KacliError
+from kacli.losses.matcher import HungarianMatcher
+
+LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
+DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+def _base_name(key: str) -> str:
+    """``loss_ce_3`` → ``loss_ce``."""
+    head, _, tail = key.rpartition("_")
+    return head if tail.isdigit() else key
+
+
+def num_boxes_across_ranks(targets: list[dict], device: torch.device) -> float:
+    """Target boxes in the batch, averaged over torch.distributed ranks when initialised, ≥ 1."""
+    n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return max(float(n.item()), 1.0)
+
+
+class SetCriterion(nn.Module):
+    """``forward(outputs, targets) → dict`` of losses (see the module docstring).
+
+    Args:
+        num_classes: K; class index K is "no object".
+        matcher: a :class:`HungarianMatcher`.
+        weight_dict: weight per base loss name (``loss_ce``, ``loss_bbox``, ``loss_giou``); applied to
+            the auxiliary ``_<i>`` losses too. Names missing here weigh 0.
+        eos_coef: class weight of "no object" in the cross-entropy.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict | None = None,
+                 eos_coef: float = 0.1):
+        super().__init__()
+        weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
+        unknown = sorted(k for k in weight_dict if k not in LOSS_NAMES)
+        if unknown:
+            raise KacliError(f"unknown loss weight(s) {', '.join(unknown)} (known: {', '.join(LOSS_NAMES)})")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.eos_coef = eos_coef
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    def _check_targets(self, targets: list[dict]) -> None:
+        labels = torch.cat([t["labels"].reshape(-1) for t in targets]) if targets else torch.zeros(0)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise KacliError(
+                f"target label out of range [0, {self.num_classes}): found {int(labels.min())}..{int(labels.max())}"
+            )
+
+    def single(self, outputs: dict, targets: list[dict], num_boxes: float,
+               indices: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """The three losses (and ``class_error``) for one set of predictions."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if indices is None:
+            indices = self.matcher(outputs, targets)
+        dev = logits.device
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(dev)
+        src_idx = torch.cat([src for src, _ in indices]).to(dev)
+        tgt_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)]).to(dev)
+        tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)]).to(dev)
+
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=dev)
+        target_classes[batch_idx, src_idx] = tgt_labels
+        loss_ce = F.cross_entropy(
+            logits.float().transpose(1, 2), target_classes, weight=self.empty_weight.to(dev)
+        )
+
+        src_boxes = boxes[batch_idx, src_idx].float()
+        tgt_boxes = tgt_boxes.float()
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        loss_giou = (
+            generalized_box_iou_loss(
+                box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="sum"
+            )
+            / num_boxes
+        )
+        with torch.no_grad():
+            if len(tgt_labels):
+                acc = (logits[batch_idx, src_idx].argmax(-1) == tgt_labels).float().mean()
+                class_error = 100.0 * (1.0 - acc)
+            else:
+                class_error = torch.zeros((), device=dev)
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou, "class_error": class_error}
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """outputs: ``pred_logits (B,Q,K+1)``, ``pred_boxes (B,Q,4)``, optional ``aux_outputs``;
+        targets: B dicts with ``boxes (M,4)`` cxcywh normalised and ``labels (M,)`` int64.
+
+        Returns ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``loss_<name>_<i>`` per auxiliary
+        output i, ``class_error`` and ``total`` (scalars)."""
+        self._check_targets(targets)
+        num_boxes = num_boxes_across_ranks(targets, outputs["pred_logits"].device)
+        losses = self.single(outputs, targets, num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs") or []):
+            for k, v in self.single(aux, targets, num_boxes).items():
+                if k != "class_error":
+                    losses[f"{k}_{i}"] = v
+        losses["total"] = sum(
+            self.weight_dict.get(_base_name(k), 0.0) * v for k, v in losses.items() if k.startswith("loss_")
+        )
+        return losses
