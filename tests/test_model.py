@@ -389,3 +389,23 @@ def test_tiny_detr_overfits_two_images():
         best = res["scores"].argmax()
         assert res["labels"][best].item() == label and res["scores"][best] > 0.5, (step, res)
         assert box_iou(res["boxes"][best][None], box[None]).item() > 0.7, (step, res["boxes"][best])
+
+
+def test_feature_mask_is_the_solo_feature_size_whatever_the_padding():
+    """An image's valid tokens are ceil(h/16) x ceil(w/16) in any batch: the teacher cache stores
+    them per image and the student's batch must find the same region."""
+    from kacli.models.backbone import TinyBackbone
+
+    bb = TinyBackbone().eval()
+    img = torch.randn(1, 3, 100, 70)
+    solo_feat, solo_mask = bb(img, torch.zeros(1, 100, 70, dtype=torch.bool))
+    assert solo_feat.shape[-2:] == (7, 5) and not solo_mask.any()
+    for H, W in [(112, 80), (128, 128), (200, 96)]:
+        batch = torch.zeros(1, 3, H, W)
+        batch[:, :, :100, :70] = img
+        mask = torch.ones(1, H, W, dtype=torch.bool)
+        mask[:, :100, :70] = False
+        _, m = bb(batch, mask)
+        valid = ~m[0]
+        assert valid.sum() == 7 * 5, (H, W)
+        assert valid[:7, :5].all()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -30,9 +29,24 @@ from kacli.models.config import ModelConfig
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 
-def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Padding mask (B,H,W) bool → (B,h,w) bool by nearest interpolation, as DETR does."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
+    """Padding mask (B,H,W) bool, True = padding at the bottom/right → (B,h,w) bool.
+
+    Image b's valid feature region is ``ceil(h_b / stride) × ceil(w_b / stride)`` at the top-left:
+    exactly the feature-map size the backbone gives that image alone (every stride-2 stage with
+    padding rounds up). Unlike DETR's nearest interpolation of the mask, this does not depend on how
+    much the batch pads, so the token count of an image is the same in any batch — the teacher cache
+    stores each image's valid tokens and the student's batch must find the same ones.
+    """
+    h, w = int(size[0]), int(size[1])
+    valid = ~mask
+    vh = valid.any(dim=2).sum(dim=1)
+    vw = valid.any(dim=1).sum(dim=1)
+    fh = torch.div(vh + stride - 1, stride, rounding_mode="floor").clamp(max=h)
+    fw = torch.div(vw + stride - 1, stride, rounding_mode="floor").clamp(max=w)
+    rows = torch.arange(h, device=mask.device)
+    cols = torch.arange(w, device=mask.device)
+    return (rows[None, :, None] >= fh[:, None, None]) | (cols[None, None, :] >= fw[:, None, None])
 
 
 class ResNetBackbone(nn.Module):
@@ -62,7 +76,7 @@ class ResNetBackbone(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B,3,H,W), mask (B,H,W) True=pad → feat (B,C,h,w), mask (B,h,w)."""
         feat = self.body(images)
-        return feat, downsample_mask(mask, feat.shape[-2:])
+        return feat, downsample_mask(mask, feat.shape[-2:], self.stride)
 
 
 class TinyBackbone(nn.Module):
@@ -90,7 +104,7 @@ class TinyBackbone(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B,3,H,W), mask (B,H,W) True=pad → feat (B,C,h,w), mask (B,h,w)."""
         feat = self.body(images)
-        return feat, downsample_mask(mask, feat.shape[-2:])
+        return feat, downsample_mask(mask, feat.shape[-2:], self.stride)
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
