@@ -1,0 +1,116 @@
+"""``kacli split-tasks`` and ``kacli make-demo-data``: the data stage's commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from kacli.commands._common import cli_errors, console
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "make-demo-data",
+        epilog="Example: kacli make-demo-data --out demo-data --train-images 2000 --val-images 300 --seed 0",
+    )(make_demo_data)
+    app.command(
+        "split-tasks",
+        epilog=(
+            "Example: kacli split-tasks --train VOCdevkit/VOC2007:trainval --val VOCdevkit/VOC2007:test "
+            "--scheme voc-2 --out tasks"
+        ),
+    )(split_tasks)
+
+
+@cli_errors
+def split_tasks(
+    train: str = typer.Option(
+        ..., "--train", metavar="SRC", show_default=False,
+        help="Training set: COCO json, VOC root or YOLO root/data.yaml, as PATH or PATH:SPLIT.",
+    ),
+    val: Optional[str] = typer.Option(
+        None, "--val", metavar="SRC", show_default=False, help="Validation set, written like --train."
+    ),
+    images: Optional[Path] = typer.Option(
+        None, "--images", metavar="DIR", show_default=False,
+        help="Image folder of COCO json sources (default: the json's folder, or its images/).",
+    ),
+    scheme: str = typer.Option(
+        ..., "--scheme", show_default=False,
+        help="voc-2, voc-4, coco-2, balanced:N, or a YAML file 'tasks: {name: \\[category names or ids]}'.",
+    ),
+    out: Path = typer.Option(..., "--out", metavar="DIR", show_default=False, help="Output folder."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="Allow categories that no task names (their boxes are dropped)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of a table."),
+):  # fmt: skip
+    """Split a detection dataset into tasks, one per teacher.
+
+    Writes DIR/tasks.yaml and DIR/<split>/{all,<task>}.json; every task keeps every image and only
+    its own categories' boxes. Category ids stay the dataset's."""
+    from kacli.data.split import split_tasks as run
+
+    manifest = run(train, val, scheme, out, force=force, allow_partial=allow_partial, images=images)
+    if as_json:
+        console.print_json(json.dumps(manifest))
+        return
+    console.print(split_table(manifest))
+    for split, s in manifest["splits"].items():
+        d = s["dropped"]
+        console.print(
+            f"{split}: dropped {d['degenerate']} degenerate, {d['outside_image']} outside the image, "
+            f"{d['unassigned_category']} of unassigned categories; clipped {s['clipped']} to the image",
+            highlight=False,
+        )
+    console.print(f"wrote {Path(out) / 'tasks.yaml'}", highlight=False)
+
+
+def split_table(manifest: dict) -> Table:
+    """Task × (categories, per split: images with objects, annotations)."""
+    splits = list(manifest["splits"])
+    table = Table(title=f"tasks ({manifest['scheme']})")
+    table.add_column("task", style="bold")
+    table.add_column("categories")
+    for s in splits:
+        table.add_column(f"{s} images w/ obj.", justify="right")
+        table.add_column(f"{s} anns", justify="right")
+    for t in manifest["tasks"]:
+        row = [t["name"], ", ".join(t["category_names"])]
+        for s in splits:
+            c = t["counts"][s]
+            row += [f"{c['images_with_objects']} / {c['images']}", str(c["annotations"])]
+        table.add_row(*row)
+    return table
+
+
+@cli_errors
+def make_demo_data(
+    out: Path = typer.Option(..., "--out", metavar="DIR", show_default=False, help="Output folder."),
+    train_images: int = typer.Option(2000, "--train-images", min=1, help="Training images."),
+    val_images: int = typer.Option(300, "--val-images", min=0, help="Validation images."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
+    size: int = typer.Option(128, "--size", metavar="PX", help="Image side in pixels."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+):
+    """Generate the demo dataset: synthetic shapes of 8 categories in COCO format.
+
+    Writes DIR/images/, DIR/train.json, DIR/val.json and the demo's 2-task partition DIR/tasks-2.yaml;
+    the same seed gives the same bytes."""
+    from kacli.data.demo_data import make_demo_data as run
+
+    summary = run(out, train_images=train_images, val_images=val_images, seed=seed, size=size, force=force)
+    table = Table(title=f"demo data ({summary['seconds']:.1f} s)")
+    table.add_column("split", style="bold")
+    table.add_column("images", justify="right")
+    table.add_column("annotations", justify="right")
+    table.add_column("json")
+    for split, s in summary["splits"].items():
+        table.add_row(split, str(s["images"]), str(s["annotations"]), s["json"])
+    console.print(table)
+    console.print(f"images under {summary['image_root']}; partition {summary['partition']}", highlight=False)

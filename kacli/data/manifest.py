@@ -1,0 +1,196 @@
+"""``tasks.yaml``: the task manifest every stage after ``split-tasks`` names its data by.
+
+Format (``format: kacli-tasks/1``; see docs/ARCHITECTURE.md)::
+
+    format: kacli-tasks/1
+    scheme: voc-2
+    sources: {train: {spec, format, split, path, sha256, image_root}, val: {...}}
+    categories: [{id, name, supercategory}, ...]          # all tasks' categories, id order
+    tasks: [{name, category_ids, category_names, counts: {train: {images, images_with_objects, annotations}}}]
+    splits: {train: {all: train/all.json, tasks: {t1: train/t1.json}, image_root: /abs,
+                     dropped: {degenerate, outside_image, unassigned_category}, clipped: n}}
+
+Relative paths are relative to the folder holding tasks.yaml. :class:`TaskManifest` loads and checks
+the file; every problem is a :class:`KacliError` naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kacli.errors import KacliError
+from kacli.fsutil import load_yaml, sha256_file
+
+FORMAT = "kacli-tasks/1"
+MANIFEST_NAME = "tasks.yaml"
+
+
+@dataclass
+class TaskInfo:
+    """One task: its name, its categories (dataset ids and names, id order) and per-split counts."""
+
+    name: str
+    category_ids: list[int]
+    category_names: list[str]
+    counts: dict = field(default_factory=dict)
+
+    def label_map(self) -> dict:
+        """``{"ids": [...], "names": [...]}``: class k of a model trained on this task is ids[k]."""
+        return {"ids": list(self.category_ids), "names": list(self.category_names)}
+
+
+def _fail(msg: str, path) -> KacliError:
+    return KacliError(f"invalid task manifest: {msg}", path)
+
+
+def validate_manifest(data, path: str | Path) -> None:
+    """Check a tasks.yaml dict's structure; raise a KacliError naming ``path`` on the first problem."""
+    if not isinstance(data, dict):
+        raise _fail("expected a mapping", path)
+    if data.get("format") != FORMAT:
+        raise KacliError(f"not a kacli task manifest: format is {data.get('format')!r}, expected {FORMAT!r}", path)
+    for key, typ in (("categories", list), ("tasks", list), ("splits", dict), ("sources", dict)):
+        if not isinstance(data.get(key), typ):
+            raise _fail(f"{key!r} must be a {typ.__name__}", path)
+    cats = {}
+    for c in data["categories"]:
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
+            raise _fail(f"bad category entry {c!r}", path)
+        cats[c["id"]] = c["name"]
+    seen: dict[int, str] = {}
+    names = []
+    for t in data["tasks"]:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise _fail(f"bad task entry {t!r}", path)
+        ids, tnames = t.get("category_ids"), t.get("category_names")
+        if not isinstance(ids, list) or not isinstance(tnames, list) or len(ids) != len(tnames) or not ids:
+            raise _fail(f"task {t['name']!r}: category_ids and category_names must be equal-length non-empty lists", path)
+        for i, n in zip(ids, tnames):
+            if cats.get(i) != n:
+                raise _fail(f"task {t['name']!r}: category {i} {n!r} is not in 'categories'", path)
+            if i in seen:
+                raise _fail(f"category {i} is in both tasks {seen[i]!r} and {t['name']!r}", path)
+            seen[i] = t["name"]
+        names.append(t["name"])
+    if not names:
+        raise _fail("no tasks", path)
+    if len(set(names)) != len(names):
+        raise _fail("a task name appears twice", path)
+    for split, s in data["splits"].items():
+        if not isinstance(s, dict) or not isinstance(s.get("all"), str) or not isinstance(s.get("image_root"), str):
+            raise _fail(f"split {split!r} needs 'all' and 'image_root'", path)
+        tasks = s.get("tasks")
+        if not isinstance(tasks, dict) or set(tasks) != set(names):
+            raise _fail(f"split {split!r} must list a file for every task", path)
+
+
+class TaskManifest:
+    """A loaded ``tasks.yaml``.
+
+    Args:
+        path: the tasks.yaml file, or the folder holding it.
+    """
+
+    def __init__(self, path: str | Path):
+        p = Path(path)
+        if p.is_dir():
+            p = p / MANIFEST_NAME
+        self.path: Path = p.resolve() if p.exists() else p
+        data = load_yaml(self.path)
+        validate_manifest(data, self.path)
+        self.data: dict = data
+        self.dir: Path = self.path.parent
+        self.sha256: str = sha256_file(self.path)
+        self.tasks: list[TaskInfo] = [
+            TaskInfo(t["name"], list(t["category_ids"]), list(t["category_names"]), dict(t.get("counts") or {}))
+            for t in data["tasks"]
+        ]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TaskManifest":
+        return cls(path)
+
+    def __repr__(self) -> str:
+        return f"TaskManifest({str(self.path)!r}, tasks={self.task_names})"
+
+    @property
+    def scheme(self) -> str:
+        return str(self.data.get("scheme", ""))
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TaskInfo:
+        """The task called ``name``; a KacliError naming tasks.yaml if there is none."""
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KacliError(f"no task {name!r} (tasks: {', '.join(self.task_names)})", self.path)
+
+    @property
+    def categories(self) -> list[dict]:
+        """All tasks' categories ``{id, name, supercategory}``, id order."""
+        return [dict(c) for c in self.data["categories"]]
+
+    @property
+    def category_ids(self) -> list[int]:
+        return [c["id"] for c in self.data["categories"]]
+
+    @property
+    def category_names(self) -> list[str]:
+        return [c["name"] for c in self.data["categories"]]
+
+    def label_map(self) -> dict:
+        """``{"ids", "names"}`` of the whole label set (what a student detects)."""
+        return {"ids": self.category_ids, "names": self.category_names}
+
+    def task_of(self, category_id: int) -> str:
+        """The task holding ``category_id``."""
+        for t in self.tasks:
+            if category_id in t.category_ids:
+                return t.name
+        raise KacliError(f"category id {category_id} is in no task", self.path)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.data["splits"])
+
+    @property
+    def sources(self) -> dict:
+        return dict(self.data["sources"])
+
+    def _split(self, split: str) -> dict:
+        s = self.data["splits"].get(split)
+        if s is None:
+            raise KacliError(f"no split {split!r} (splits: {', '.join(self.splits)})", self.path)
+        return s
+
+    def _resolve(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.dir / p
+
+    def split_json(self, split: str, task: str | None = None) -> Path:
+        """The COCO json of ``split``: all tasks' categories, or only ``task``'s."""
+        s = self._split(split)
+        if task is None:
+            p = self._resolve(s["all"])
+        else:
+            self.task(task)
+            p = self._resolve(s["tasks"][task])
+        if not p.is_file():
+            raise KacliError(f"file named by {self.path.name} not found", p)
+        return p
+
+    def image_root(self, split: str) -> Path:
+        """The folder that ``split``'s ``images[].file_name`` are relative to."""
+        p = self._resolve(self._split(split)["image_root"])
+        if not p.is_dir():
+            raise KacliError(f"image folder of split {split!r} not found (named by {self.path})", p)
+        return p
+
+    def box_report(self, split: str) -> dict:
+        """``{"dropped": {...}, "clipped": n}`` recorded for ``split``."""
+        s = self._split(split)
+        return {"dropped": dict(s.get("dropped") or {}), "clipped": int(s.get("clipped") or 0)}
