@@ -21,6 +21,12 @@ import yaml
 from kacli.errors import KacliError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -116,9 +122,7 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     out = check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         yield tmp
     except BaseException:
@@ -140,6 +144,7 @@ def atomic_file(path: str | Path, mode: str = "w", **kw) -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
     try:
         with open(tmp, mode, **kw) as f:
             yield f
@@ -162,6 +167,7 @@ def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent, suffix=p.suffix)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
         try:
             yield Path(tmp)
             os.replace(tmp, p)
