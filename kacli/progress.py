@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -15,7 +16,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.progress_bar import ProgressBar  # noqa: F401  (re-exported for callers that draw their own)
 from rich.text import Text
 from rich.progress import ProgressColumn
 
@@ -40,9 +40,67 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def make_progress(unit: str = "it", console: Console | None = None, transient: bool = False, **extra) -> Progress:
+_shared: Progress | None = None
+
+
+class _Borrowed:
+    """A stage's view of the shared display: its tasks appear in the one live display, and
+    leaving the stage removes them instead of stopping the display."""
+
+    def __init__(self, progress: Progress):
+        self._p = progress
+        self._tasks: list = []
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    def add_task(self, *args, **kwargs):
+        kwargs.setdefault("info", "")
+        task = self._p.add_task(*args, **kwargs)
+        self._tasks.append(task)
+        return task
+
+    def start(self):
+        pass
+
+    def stop(self):
+        for t in self._tasks:
+            if t in self._p.task_ids:
+                self._p.remove_task(t)
+        self._tasks.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+@contextlib.contextmanager
+def shared_progress(unit: str = "it", console: Console | None = None):
+    """One live display for a whole multi-stage run (``kacli demo``): while it is open, every
+    :func:`make_progress` adds its bars to it instead of opening a display of its own."""
+    global _shared
+    progress = _new_progress(unit, console, transient=False)
+    _shared = progress
+    try:
+        with progress:
+            yield progress
+    finally:
+        _shared = None
+
+
+def make_progress(unit: str = "it", console: Console | None = None, transient: bool = False, **extra):
     """A progress display with description, bar, count, rate, elapsed and ETA, plus a free
-    text field ``{task.fields[info]}`` for losses. Disabled on ranks other than 0."""
+    text field ``{task.fields[info]}`` for losses. Disabled on ranks other than 0. Inside
+    :func:`shared_progress` the bars join the shared display."""
+    if _shared is not None:
+        return _Borrowed(_shared)
+    return _new_progress(unit, console, transient, **extra)
+
+
+def _new_progress(unit: str, console: Console | None, transient: bool, **extra) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
