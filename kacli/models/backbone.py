@@ -38,7 +38,7 @@ def downsample_mask(mask: torch.Tensor, size: tuple[int, int], stride: int) -> t
     much the batch pads, so the token count of an image is the same in any batch — the teacher cache
     stores each image's valid tokens and the student's batch must find the same ones.
     """
-    h, w = int(size[0]), int(size[1])
+    h, w = size[0], size[1]  # not int(): sizes stay symbolic under torch.jit.trace and ONNX export
     valid = ~mask
     vh = valid.any(dim=2).sum(dim=1)
     vw = valid.any(dim=1).sum(dim=1)

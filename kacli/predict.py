@@ -1,0 +1,147 @@
+"""Run a kacli model on image files: boxes as JSON, and PNGs with the boxes drawn.
+
+``predict_images`` writes, atomically (the folder appears complete or not at all):
+
+- ``OUT/predictions.json``: ``{image path as given: [{"box": [x0, y0, x1, y1] (pixels of the
+  original image, clipped to it), "score", "category_id", "name"}, ...]}``, best first, only
+  detections with ``score >= threshold``;
+- ``OUT/<image stem>.png`` per image (``_2``, ``_3``… appended on name clashes) with the boxes
+  drawn and labelled ``"<name> <score>"``.
+
+Each image goes through the evaluation transform (shorter side → ``size``, longer side ≤
+``max_size``; defaults: the checkpoint's ``config.aug.eval_size`` / ``max_size``, else 800 / 1333).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from kacli.errors import KacliError
+from kacli.fsutil import atomic_dir
+
+DEFAULT_SIZE = 800
+DEFAULT_MAX_SIZE = 1333
+
+
+def default_sizes(ckpt: dict[str, Any]) -> tuple[int, int]:
+    """``(eval_size, max_size)`` from the checkpoint's run config, else DETR's 800 / 1333."""
+    cfg = ckpt.get("config") or {}
+    aug = cfg.get("aug") if isinstance(cfg, dict) else None
+    aug = aug if isinstance(aug, dict) else {}
+    size = aug.get("eval_size") or DEFAULT_SIZE
+    max_size = aug.get("max_size") or DEFAULT_MAX_SIZE
+    return int(size), int(max_size)
+
+
+def _png_names(images: Sequence[Path]) -> list[str]:
+    names, seen = [], {}
+    for p in images:
+        stem = p.stem or "image"
+        n = seen.get(stem, 0) + 1
+        seen[stem] = n
+        names.append(f"{stem}.png" if n == 1 else f"{stem}_{n}.png")
+    return names
+
+
+@torch.inference_mode()
+def detect(model: torch.nn.Module, image: torch.Tensor, size: int, max_size: int, device: torch.device) -> dict:
+    """One uint8 image (3,H,W) → ``scores (Q,)``, ``labels (Q,)`` (class indices), ``boxes (Q,4)``
+    pixel xyxy in the original image, clipped to it."""
+    from kacli.data.transforms import apply_view, eval_view
+    from kacli.models.postprocess import postprocess
+
+    H, W = int(image.shape[1]), int(image.shape[2])
+    img, _, _ = apply_view(image, torch.zeros(0, 4), eval_view(H, W, size, max_size))
+    mask = torch.zeros(1, img.shape[1], img.shape[2], dtype=torch.bool, device=device)
+    out = model(img[None].to(device), mask)
+    res = postprocess(out, torch.tensor([[H, W]], device=device))[0]
+    boxes = res["boxes"].cpu()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+    return {"scores": res["scores"].cpu(), "labels": res["labels"].cpu(), "boxes": boxes}
+
+
+def predict_images(
+    ckpt_path: str | Path,
+    images: Sequence[str | Path],
+    size: int | None,
+    max_size: int | None,
+    threshold: float,
+    out_dir: str | Path,
+    device: str | torch.device = "auto",
+    force: bool = False,
+) -> dict[str, Any]:
+    """Predict on ``images`` with the checkpoint at ``ckpt_path`` (teacher, raw or student).
+
+    Returns ``{"predictions": {path: [...]}, "pngs": {path: png path}, "size", "max_size",
+    "threshold", "out"}``. Raises KacliError — before anything is written — for a missing or
+    unreadable image, an unreadable checkpoint, or a threshold outside [0, 1].
+    """
+    from kacli.data.transforms import load_image
+    from kacli.draw import draw_detections
+    from kacli.engine.distributed import pick_device
+    from kacli.models.checkpoint import build_model, load_checkpoint
+    from kacli.progress import make_progress
+
+    if not images:
+        raise KacliError("no images given")
+    if not 0.0 <= threshold <= 1.0:
+        raise KacliError(f"threshold must be in [0, 1], got {threshold}")
+    paths = [Path(p) for p in images]
+    decoded = [load_image(p) for p in paths]  # every image checked before any work
+    ckpt = load_checkpoint(ckpt_path)
+    d_size, d_max = default_sizes(ckpt)
+    size, max_size = int(size or d_size), int(max_size or d_max)
+    if size < 1 or max_size < 1:
+        raise KacliError(f"--size and --max-size must be positive, got {size} and {max_size}")
+    dev = device if isinstance(device, torch.device) else pick_device(str(device))
+    model = build_model(ckpt).to(dev).eval()
+    ids, names = ckpt["label_map"]["ids"], ckpt["label_map"]["names"]
+    model_name = Path(ckpt["path"]).stem if ckpt.get("task") is None else str(ckpt["task"])
+
+    predictions: dict[str, list[dict]] = {}
+    pngs: dict[str, str] = {}
+    out = Path(out_dir)
+    with atomic_dir(out, force=force) as tmp, make_progress(unit="img", transient=True) as prog:
+        task = prog.add_task("predict", total=len(paths), info="")
+        for p, image, png in zip(paths, decoded, _png_names(paths)):
+            det = detect(model, image, size, max_size, dev)
+            keep = (det["scores"] >= threshold).nonzero().flatten()
+            keep = keep[det["scores"][keep].argsort(descending=True)]
+            rows = [
+                {
+                    "box": [float(v) for v in det["boxes"][i].tolist()],
+                    "score": float(det["scores"][i]),
+                    "category_id": int(ids[int(det["labels"][i])]),
+                    "name": str(names[int(det["labels"][i])]),
+                }
+                for i in keep.tolist()
+            ]
+            predictions[str(p)] = rows
+            drawn = draw_detections(
+                image,
+                [{
+                    "boxes": [r["box"] for r in rows],
+                    "labels": [r["name"] for r in rows],
+                    "scores": [r["score"] for r in rows],
+                    "name": model_name,
+                }],
+            )  # fmt: skip
+            drawn.save(tmp / png, format="PNG")
+            pngs[str(p)] = str(out / png)
+            prog.update(task, advance=1)
+        with open(tmp / "predictions.json", "w", encoding="utf-8") as f:
+            json.dump(predictions, f, indent=2)
+            f.write("\n")
+    return {
+        "predictions": predictions,
+        "pngs": pngs,
+        "size": size,
+        "max_size": max_size,
+        "threshold": threshold,
+        "out": str(out),
+    }

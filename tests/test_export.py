@@ -1,0 +1,119 @@
+"""Exported models compute what the checkpoint's model computes, at any image size, label map included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torchvision.ops import box_convert
+
+from conftest import assert_one_line_error
+from kacli.models import DETR, ModelConfig
+from kacli.models.checkpoint import save_checkpoint
+from kacli.models.postprocess import postprocess
+from kacli.models.student import Student
+
+IDS, NAMES = [3, 7, 11], ["circle", "square", "star"]
+
+
+def make_ckpt(path, cfg: ModelConfig, seed: int = 0, student: bool = False) -> DETR:
+    torch.manual_seed(seed)
+    model = (Student(cfg, len(IDS), num_parts=2, compress="redundancy") if student else DETR(cfg, len(IDS))).eval()
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.05 * torch.randn_like(t))
+    arch = model.arch_dict() if student else cfg.to_dict()
+    save_checkpoint(path, {"kind": "student" if student else "detr", "arch": arch, "model": model.state_dict(),
+                           "label_map": {"ids": IDS, "names": NAMES}})  # fmt: skip
+    return model
+
+
+TINY = ModelConfig(backbone="tiny", d_model=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=64,
+                   num_queries=6, dropout=0.0, pre_norm=True, tiny_widths=(8, 16, 16, 32))  # fmt: skip
+R18 = ModelConfig(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
+                  num_queries=4, dropout=0.0, pre_norm=False)  # fmt: skip
+
+
+def batch(h: int, w: int, seed: int):
+    """Two images; the second one padded bottom/right."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, h, w, generator=g)
+    mask = torch.zeros(2, h, w, dtype=torch.bool)
+    mask[1, h - h // 4 :, :] = True
+    mask[1, :, w - w // 3 :] = True
+    return x, mask
+
+
+@torch.no_grad()
+def expected(model, x, mask):
+    """What the export must return, computed from the eager model's raw outputs."""
+    out = model(x, mask)
+    scores, idx = out["pred_logits"].softmax(-1)[..., :-1].max(-1)
+    return scores, torch.tensor(IDS)[idx], box_convert(out["pred_boxes"], "cxcywh", "xyxy"), out
+
+
+SIZES = [(64, 96), (160, 128)]  # neither is the trace example's (128, 160)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize(
+    "cfg, sizes, student",
+    [(TINY, SIZES, False), (R18, SIZES[:1], False), (TINY, SIZES[1:], True)],
+    ids=["tiny-prenorm", "resnet18-postnorm", "student-compressed"],
+)
+def test_torchscript_equals_the_checkpoint_model(tmp_path, cli, cfg, sizes, student):
+    model = make_ckpt(tmp_path / "m.pt", cfg, student=student)
+    res = cli("export", "--model", tmp_path / "m.pt", "--format", "torchscript", "--out", tmp_path / "m.ts")
+    assert res.exit_code == 0, res.stderr
+    extra = {"label_map.json": ""}
+    ts = torch.jit.load(str(tmp_path / "m.ts"), _extra_files=extra)
+    lm = json.loads(extra["label_map.json"])
+    assert lm["ids"] == IDS and lm["names"] == NAMES
+    assert ts.category_ids.tolist() == IDS
+    for i, (h, w) in enumerate(sizes):
+        x, mask = batch(h, w, i)
+        with torch.no_grad():
+            scores, labels, boxes = ts(x, mask)
+        e_scores, e_labels, e_boxes, raw = expected(model, x, mask)
+        assert scores.shape == (2, cfg.num_queries) and boxes.shape == (2, cfg.num_queries, 4)
+        torch.testing.assert_close(scores, e_scores, atol=1e-5, rtol=0)
+        assert torch.equal(labels, e_labels) and set(labels.unique().tolist()) <= set(IDS)
+        torch.testing.assert_close(boxes, e_boxes, atol=1e-5, rtol=0)
+        # Normalised xyxy × (w, h, w, h) are postprocess's pixel boxes for the unpadded image.
+        px = postprocess(raw, torch.tensor([[h, w], [h, w]]))[0]["boxes"]
+        torch.testing.assert_close(boxes[0] * torch.tensor([w, h, w, h]), px, atol=1e-4, rtol=0)
+
+
+def test_onnx_equals_the_checkpoint_model(tmp_path, cli):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = make_ckpt(tmp_path / "m.pt", TINY, seed=1)
+    res = cli("export", "--model", tmp_path / "m.pt", "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert res.exit_code == 0, res.stderr
+    lm = json.loads((tmp_path / "m.onnx.labels.json").read_text())
+    assert lm["ids"] == IDS and lm["names"] == NAMES
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["images", "mask"]
+    for i, (h, w) in enumerate(SIZES):
+        x, mask = batch(h, w, 10 + i)
+        scores, labels, boxes = sess.run(None, {"images": x.numpy(), "mask": mask.numpy()})
+        e_scores, e_labels, e_boxes, _ = expected(model, x, mask)
+        torch.testing.assert_close(torch.from_numpy(scores), e_scores, atol=1e-4, rtol=0)
+        assert torch.equal(torch.from_numpy(labels), e_labels)
+        torch.testing.assert_close(torch.from_numpy(boxes), e_boxes, atol=1e-4, rtol=0)
+
+
+def test_export_bad_input(tmp_path, cli):
+    out = tmp_path / "m.ts"
+    (tmp_path / "junk.pt").write_text("junk")
+    assert_one_line_error(cli("export", "--model", tmp_path / "junk.pt", "--format", "torchscript", "--out", out), "junk.pt")
+    assert_one_line_error(cli("export", "--model", tmp_path / "none.pt", "--format", "onnx", "--out", out), "not found")
+    torch.save({"model": {"x": torch.zeros(1)}}, tmp_path / "foreign.pt")
+    assert_one_line_error(
+        cli("export", "--model", tmp_path / "foreign.pt", "--format", "torchscript", "--out", out), "import-checkpoint"
+    )
+    make_ckpt(tmp_path / "m.pt", TINY)
+    assert_one_line_error(cli("export", "--model", tmp_path / "m.pt", "--format", "tflite", "--out", out), "tflite")
+    assert not out.exists() and not (tmp_path / "m.ts.labels.json").exists()
