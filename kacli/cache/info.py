@@ -1,0 +1,145 @@
+"""``kacli cache-info``: what a teacher cache holds, and a full check of its contents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from kacli.cache import schema
+from kacli.errors import KacliError
+from kacli.progress import make_progress
+
+
+def cache_summary(path: str | Path) -> dict:
+    """Attributes, sizes and token statistics of a cache (complete or ``.partial``).
+
+    Returns ``{"path", "complete", "done_entries", "entries", "images", "views", "seed", "split",
+    "tasks_path", "tasks_sha256", "d_model", "enc_layers", "stride", "layers", "dtype", "batch_size",
+    "teachers": [{task, checkpoint, sha256, num_classes, num_queries, sequence_bytes, head_bytes}],
+    "tokens": {"total", "min", "mean", "max"}, "bytes", "bytes_per_entry", "created", "kacli_version"}``.
+    """
+    p = Path(path)
+    with schema.open_h5(p, "r") as f:
+        layout = schema.validate(f, p, require_complete=False)
+        a = layout.attrs
+        teachers = []
+        for k, t in enumerate(a["teachers"]):
+            seq = sum(f[schema.seq_path(k, n)].id.get_storage_size() for n in layout.layers)
+            head = f[f"teachers/{k}/logits"].id.get_storage_size() + f[f"teachers/{k}/boxes"].id.get_storage_size()
+            teachers.append(
+                {
+                    "task": t["task"],
+                    "checkpoint": t["checkpoint"],
+                    "sha256": t["sha256"],
+                    "num_classes": int(t["num_classes"]),
+                    "num_queries": int(t["num_queries"]),
+                    "sequence_bytes": int(seq),
+                    "head_bytes": int(head),
+                }
+            )
+    tokens = layout.hw[:, 0] * layout.hw[:, 1]
+    size = p.stat().st_size
+    return {
+        "path": str(p),
+        "format": a["format"],
+        "complete": int(a["done_entries"]) == layout.entries,
+        "done_entries": int(a["done_entries"]),
+        "entries": layout.entries,
+        "images": int(a["images"]),
+        "views": int(a["views"]),
+        "seed": int(a["seed"]),
+        "split": a["split"],
+        "tasks_path": a.get("tasks_path"),
+        "tasks_sha256": a["tasks_sha256"],
+        "d_model": layout.d_model,
+        "enc_layers": int(a["enc_layers"]),
+        "stride": layout.stride,
+        "layers": layout.layers,
+        "dtype": layout.dtype,
+        "batch_size": int(a.get("batch_size", 0)),
+        "teachers": teachers,
+        "tokens": {
+            "total": int(tokens.sum()),
+            "min": int(tokens.min()) if len(tokens) else 0,
+            "mean": float(tokens.mean()) if len(tokens) else 0.0,
+            "max": int(tokens.max()) if len(tokens) else 0,
+        },
+        "bytes": int(size),
+        "bytes_per_entry": size / max(layout.entries, 1),
+        "created": a.get("created"),
+        "kacli_version": a.get("kacli_version"),
+    }
+
+
+def verify_cache(
+    path: str | Path, teachers: Sequence[str | Path] = (), progress: bool = True, block_bytes: int = 32 << 20
+) -> dict:
+    """Check a cache fully: structure (:func:`schema.validate`), the entry tables (image indices in
+    range, entry ``e = i·K + v``, token grids equal ``ceil(view size / stride)``), every stored
+    value finite, and the teachers' sha256 against the given checkpoint files (in order).
+
+    Returns ``{"ok": bool, "problems": [str], "values_checked": int}``; a file that is not a
+    readable complete cache raises KacliError.
+    """
+    from kacli.fsutil import sha256_file
+    from kacli.models.checkpoint import resolve_checkpoint_path
+
+    p = Path(path)
+    problems: list[str] = []
+    checked = 0
+    with schema.open_h5(p, "r") as f:
+        layout = schema.validate(f, p, require_complete=True)
+        a = layout.attrs
+        E, K = layout.entries, int(a["views"])
+        image_index = f["entries/image_index"][...]
+        view_index = f["entries/view_index"][...]
+        view = f["entries/view"][...]
+        e = np.arange(E)
+        if E != int(a["images"]) * K:
+            problems.append(f"entries {E} != images {a['images']} × views {K}")
+        if not np.array_equal(image_index, e // K) or not np.array_equal(view_index, e % K):
+            problems.append("entry tables do not follow e = image·K + view")
+        grid = np.stack(
+            [-(-view[:, 5].astype(np.int64) // layout.stride), -(-view[:, 6].astype(np.int64) // layout.stride)], 1
+        ) if E else np.zeros((0, 2), np.int64)
+        if not np.array_equal(grid, layout.hw):
+            bad = int(np.nonzero((grid != layout.hw).any(1))[0][0])
+            problems.append(f"entry {bad}: token grid {layout.hw[bad].tolist()} is not ceil(view size / stride) {grid[bad].tolist()}")
+        if not np.isfinite(view).all():
+            problems.append("non-finite view parameters")
+
+        names = [schema.seq_path(k, n) for k in range(layout.num_teachers) for n in layout.layers]
+        names += [f"teachers/{k}/{x}" for k in range(layout.num_teachers) for x in ("logits", "boxes")]
+        total = sum(int(np.prod(f[n].shape)) for n in names)
+        with make_progress("value", disable=not progress, transient=True) as bar:
+            task = bar.add_task("verify", total=total, info="")
+            for n in names:
+                ds = f[n]
+                row = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
+                step = max(1, block_bytes // max(row, 1))
+                bad = 0
+                for s in range(0, ds.shape[0], step):
+                    block = ds[s : s + step]
+                    bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+                    checked += block.size
+                    bar.update(task, advance=block.size)
+                if bad:
+                    problems.append(f"/{n} holds {bad} non-finite values")
+    stored = a["teachers"]
+    if teachers:
+        if len(teachers) != len(stored):
+            problems.append(f"{len(teachers)} teacher files given, the cache was made from {len(stored)}")
+        for k, (given, t) in enumerate(zip(teachers, stored)):
+            sha = sha256_file(resolve_checkpoint_path(given))
+            if sha != t["sha256"]:
+                problems.append(f"teacher {k + 1} ({Path(given).name}) is not the checkpoint the cache was made from ({t['checkpoint']})")
+    return {"ok": not problems, "problems": problems, "values_checked": checked}
+
+
+def require_verified(path: str | Path, result: dict) -> None:
+    """Raise a one-line KacliError if :func:`verify_cache` found problems."""
+    if not result["ok"]:
+        more = f" (and {len(result['problems']) - 1} more)" if len(result["problems"]) > 1 else ""
+        raise KacliError(f"verification failed: {result['problems'][0]}{more}", path)

@@ -1,0 +1,211 @@
+"""``TeacherCache``: the student's dataset over a teacher cache (schema: docs/CACHE.md).
+
+Each item is an entry of the cache: the image replayed from the entry's stored view (the same
+tensor, bit for bit, that the teachers saw), its ground-truth target over the union label map, and
+the teachers' cached sequences and predictions. The HDF5 file is opened lazily in each process
+(DataLoader workers included); the handle is never pickled.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from kacli.cache import schema
+from kacli.data.dataset import CocoDetection, collate
+from kacli.data.manifest import TaskManifest
+from kacli.data.transforms import View
+from kacli.errors import KacliError
+
+
+class TeacherCache(Dataset):
+    """The entries of a complete cache file, with their images and ground truth.
+
+    Args:
+        path: the cache (``.h5``) written by ``kacli cache-teachers``.
+        split_dataset: optional :class:`CocoDetection` of the cached split (any label map), to take
+            the annotation file and image folder from; by default they come from the tasks.yaml
+            the cache names (whose sha256 must match).
+        layers: cached layers to return (``'all'``, ``'proj,1,3'`` or a list of names); default all cached.
+        tasks: tasks.yaml to use instead of the path stored in the cache (sha256 must match).
+        seq_dtype: dtype of the returned sequences (float32 by default).
+
+    Item ``e``: ``(image (3,h,w) float32, target, teacher)`` where ``target`` is
+    :class:`CocoDetection`'s (labels index :attr:`label_map`) and ``teacher`` is
+    ``{"seqs": (N, L, n_e, d), "hw": (h_tok, w_tok), "logits": [(Q_t, C_t+1)] * N,
+    "boxes": [(Q_t, 4)] * N, "stride": int, "entry": e}`` with ``n_e = h_tok·w_tok`` tokens row-major.
+
+    Attributes: ``label_map`` (union ``{ids, names}``: all tasks' categories in task order),
+    ``teacher_label_maps``, ``class_index`` (per teacher, a LongTensor of its classes' positions in
+    the union), ``layer_names``, ``d_model``, ``stride``, ``attrs`` (the file's root attributes).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        split_dataset: CocoDetection | None = None,
+        layers: str | Sequence[str] | None = None,
+        tasks: str | Path | None = None,
+        seq_dtype: torch.dtype = torch.float32,
+    ):
+        self.path = Path(path)
+        with schema.open_h5(self.path, "r") as f:
+            layout = schema.validate(f, self.path, require_complete=True)
+            image_index = f["entries/image_index"][...].astype(np.int64)
+            image_id = f["entries/image_id"][...].astype(np.int64)
+            views = f["entries/view"][...]
+        a = layout.attrs
+        self.attrs = a
+        self.entries = layout.entries
+        self.offsets = layout.offsets
+        self.hw = layout.hw
+        self.d_model = layout.d_model
+        self.stride = layout.stride
+        self.num_teachers = layout.num_teachers
+        self.seq_dtype = seq_dtype
+        cached = list(layout.layers)
+        if layers is None:
+            self.layer_names = cached
+        else:
+            wanted = schema.layer_names(layers, int(a["enc_layers"]))
+            missing = [n for n in wanted if n not in cached]
+            if missing:
+                raise KacliError(f"layers {', '.join(missing)} are not in the cache (it has {', '.join(cached)})", self.path)
+            self.layer_names = wanted
+        self.label_map = {"ids": [int(i) for i in a["label_map"]["ids"]], "names": list(a["label_map"]["names"])}
+        self.teacher_label_maps = [t["label_map"] for t in a["teachers"]]
+        pos = {c: k for k, c in enumerate(self.label_map["ids"])}
+        try:
+            self.class_index = [torch.tensor([pos[int(c)] for c in lm["ids"]], dtype=torch.int64) for lm in self.teacher_label_maps]
+        except KeyError as e:
+            raise KacliError(f"a teacher's category {e} is not in the cache's label map", self.path) from None
+
+        if split_dataset is None:
+            manifest = TaskManifest(tasks if tasks is not None else a["tasks_path"])
+            if manifest.sha256 != a["tasks_sha256"]:
+                raise KacliError(
+                    f"tasks.yaml differs from the one the cache {self.path.name} was made from (sha256 "
+                    f"{manifest.sha256[:12]}… vs {str(a['tasks_sha256'])[:12]}…)",
+                    manifest.path,
+                )
+            json_path, image_root = manifest.split_json(a["split"]), manifest.image_root(a["split"])
+        else:
+            json_path, image_root = split_dataset.json_path, split_dataset.image_root
+        view_list = [(int(i), View.from_list(v)) for i, v in zip(image_index, views)]
+        self.dataset = CocoDetection(json_path, image_root, self.label_map["ids"], train=False, views=view_list)
+        if self.dataset.num_images != int(a["images"]):
+            raise KacliError(
+                f"{json_path.name} has {self.dataset.num_images} images, the cache was made from {a['images']}", json_path
+            )
+        ids = np.array([int(self.dataset.image_info(i)["id"]) for i in range(self.dataset.num_images)], dtype=np.int64)
+        if len(image_index) and not np.array_equal(ids[image_index], image_id):
+            raise KacliError(f"image ids of {json_path.name} do not match the cache's entries", json_path)
+        self._h5 = None
+        self._pid = None
+        self._ds = None
+
+    # -- file handle per process ---------------------------------------------------------------
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_h5"] = None
+        state["_ds"] = None
+        state["_pid"] = None
+        return state
+
+    def _open(self):
+        if self._h5 is None or self._pid != os.getpid():
+            import h5py
+
+            self._h5 = h5py.File(self.path, "r", rdcc_nbytes=4 << 20)
+            self._pid = os.getpid()
+            self._ds = {
+                "seqs": [[self._h5[schema.seq_path(k, n)] for n in self.layer_names] for k in range(self.num_teachers)],
+                "logits": [self._h5[f"teachers/{k}/logits"] for k in range(self.num_teachers)],
+                "boxes": [self._h5[f"teachers/{k}/boxes"] for k in range(self.num_teachers)],
+            }
+        return self._ds
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+        self._h5 = self._ds = self._pid = None
+
+    # -- items ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.entries
+
+    def teacher_entry(self, e: int) -> dict:
+        """The cached teacher outputs of entry ``e`` (see the class docstring)."""
+        if not 0 <= e < self.entries:
+            raise IndexError(e)
+        ds = self._open()
+        a, b = int(self.offsets[e]), int(self.offsets[e + 1])
+        L, N = len(self.layer_names), self.num_teachers
+        seqs = np.empty((N, L, b - a, self.d_model), dtype=np.dtype(schema.DTYPES[self.attrs["dtype"]]))
+        for k in range(N):
+            for j, d in enumerate(ds["seqs"][k]):
+                if b > a:
+                    d.read_direct(seqs, np.s_[a:b], np.s_[k, j])
+        h, w = (int(v) for v in self.hw[e])
+        return {
+            "seqs": torch.from_numpy(seqs).to(self.seq_dtype),
+            "hw": (h, w),
+            "logits": [torch.from_numpy(d[e]) for d in ds["logits"]],
+            "boxes": [torch.from_numpy(d[e]) for d in ds["boxes"]],
+            "stride": self.stride,
+            "entry": int(e),
+        }
+
+    def __getitem__(self, e: int):
+        image, target = self.dataset[e]
+        teacher = self.teacher_entry(e)
+        h, w = teacher["hw"]
+        if schema.token_grid(image.shape[1], image.shape[2], self.stride) != (h, w):
+            raise KacliError(f"entry {e}: replayed image {tuple(image.shape[1:])} does not give the cached {h}x{w} tokens", self.path)
+        return image, target, teacher
+
+
+def collate_cached(batch):
+    """Batch :class:`TeacherCache` items.
+
+    Returns ``(images (B,3,H,W), mask (B,H,W) True=pad, targets, teacher)`` with images padded
+    bottom/right to a multiple of the teachers' stride, and ``teacher``:
+
+    - ``seqs`` (B, N, L, hp·wp, d): each entry's tokens at the top-left of the padded
+      ``(hp, wp) = (ceil(H/stride), ceil(W/stride))`` grid, row-major; zeros at padding;
+    - ``token_mask`` (B, hp·wp) bool, True at padding;
+    - ``logits``: per teacher (B, Q_t, C_t+1); ``boxes``: per teacher (B, Q_t, 4);
+    - ``hw`` (B, 2) int64 valid token grid per entry; ``entries`` (B,) int64; ``grid`` (hp, wp).
+    """
+    if not batch:
+        raise ValueError("collate_cached needs at least one item")
+    stride = int(batch[0][2]["stride"])
+    images, mask, targets = collate([(im, t) for im, t, _ in batch], size_divisibility=stride)
+    H, W = images.shape[-2:]
+    hp, wp = schema.token_grid(H, W, stride)
+    first = batch[0][2]["seqs"]
+    N, L, _, d = first.shape
+    seqs = first.new_zeros((len(batch), N, L, hp * wp, d))
+    token_mask = torch.ones((len(batch), hp * wp), dtype=torch.bool)
+    for b, (_, _, t) in enumerate(batch):
+        h, w = t["hw"]
+        idx = (torch.arange(h)[:, None] * wp + torch.arange(w)[None, :]).reshape(-1)
+        seqs[b][:, :, idx] = t["seqs"]
+        token_mask[b, idx] = False
+    teacher = {
+        "seqs": seqs,
+        "token_mask": token_mask,
+        "logits": [torch.stack([t["logits"][k] for _, _, t in batch]) for k in range(N)],
+        "boxes": [torch.stack([t["boxes"][k] for _, _, t in batch]) for k in range(N)],
+        "hw": torch.tensor([list(t["hw"]) for _, _, t in batch], dtype=torch.int64),
+        "entries": torch.tensor([t["entry"] for _, _, t in batch], dtype=torch.int64),
+        "grid": (hp, wp),
+    }
+    return images, mask, targets, teacher

@@ -1,0 +1,342 @@
+"""The teacher cache's HDF5 layout (``kacli-cache/1``), its size formula and its validation.
+
+Layout (E entries, N teachers, L cached layers, T = total valid tokens; docs/CACHE.md has the full
+description)::
+
+    /offsets                    (E+1,)        int64    entry e's tokens are rows offsets[e]:offsets[e+1]
+    /entries/image_index        (E,)          int64    index of the image in <split>/all.json
+    /entries/image_id           (E,)          int64    COCO image id
+    /entries/view_index         (E,)          int64    v in 0..K-1 (0 = evaluation view)
+    /entries/view               (E, 7)        float64  View.to_list(): flip, top, left, height, width, out_h, out_w
+    /entries/hw                 (E, 2)        int64    token grid (h, w) = (ceil(out_h/stride), ceil(out_w/stride))
+    /teachers/<k>/seq/<layer>   (T, d)        float16 | float32   valid tokens, row-major per entry
+    /teachers/<k>/logits        (E, Q_k, C_k+1) float32
+    /teachers/<k>/boxes         (E, Q_k, 4)   float32  cxcywh in [0, 1]
+
+Entry ``e = i·K + v`` is view ``v`` of image ``i``. Root attributes describe where the file came
+from (see :data:`ROOT_ATTRS`); JSON-valued ones are stored as JSON strings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from kacli.errors import KacliError
+
+FORMAT = "kacli-cache/1"
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+#: Root attributes (name → meaning); ``*`` marks JSON strings.
+ROOT_ATTRS = {
+    "format": "format tag, 'kacli-cache/1'",
+    "kacli_version": "version of kacli that wrote the file",
+    "created": "UTC time the file was started (ignored when comparing files)",
+    "split": "split of tasks.yaml the entries come from",
+    "tasks_path": "absolute path of tasks.yaml",
+    "tasks_sha256": "sha256 of tasks.yaml",
+    "teachers": "* list of {task, checkpoint, sha256, label_map, num_classes, num_queries}",
+    "label_map": "* the union label map {ids, names}: all tasks' categories in task order",
+    "d_model": "teachers' width d",
+    "enc_layers": "teachers' encoder depth",
+    "stride": "teachers' backbone stride",
+    "layers": "* names of the cached layers ('proj', 'enc1', ...)",
+    "dtype": "storage dtype of the sequences: 'float16' or 'float32'",
+    "views": "K, views per image",
+    "seed": "seed of the training views",
+    "aug": "* the AugConfig the views were drawn with",
+    "view_policy": "how views are drawn (text)",
+    "batch_size": "teacher batch size (entries [b·B, (b+1)·B) run together)",
+    "entries": "E = images · K",
+    "images": "images in the split",
+    "total_tokens": "T, rows of every sequence dataset",
+    "done_entries": "entries written so far; equals 'entries' in a complete file",
+    "shard": "* only in a rank's shard while running under torchrun: {rank, world_size, start, end}",
+}
+JSON_ATTRS = ("teachers", "label_map", "layers", "aug", "shard")
+
+#: Attributes that define the content: two files agreeing on these hold the same entries.
+CONTENT_KEYS = ("tasks_sha256", "split", "teacher_sha256", "layers", "dtype", "views", "seed", "aug")
+
+VIEW_POLICY = (
+    "entry e = i*K + v; view 0 = eval_view(H, W, aug.eval_size, aug.max_size); view v > 0 = "
+    "sample_train_view(H, W, aug, torch.Generator().manual_seed(item_seed(seed, v, i)))"
+)
+
+
+def layer_names(spec: str | Sequence[str], enc_layers: int) -> list[str]:
+    """``all`` → ``['proj', 'enc1', ..., 'encL']``; ``'proj,1,3'`` (or ``enc3``) → those, in that canonical order."""
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        parts = [str(p).strip() for p in spec]
+    if not parts:
+        raise KacliError("--layers is empty (use 'all' or e.g. 'proj,1,3')")
+    if parts == ["all"]:
+        return ["proj"] + [f"enc{i}" for i in range(1, enc_layers + 1)]
+    picked: set[int] = set()
+    for p in parts:
+        if p == "proj":
+            picked.add(0)
+            continue
+        num = p[3:] if p.startswith("enc") else p
+        if not num.isdigit() or not 1 <= int(num) <= enc_layers:
+            raise KacliError(
+                f"--layers: {p!r} is not 'all', 'proj' or an encoder layer 1..{enc_layers} (teachers have {enc_layers})"
+            )
+        if int(num) in picked:
+            raise KacliError(f"--layers names layer {p!r} twice")
+        picked.add(int(num))
+    return ["proj" if i == 0 else f"enc{i}" for i in sorted(picked)]
+
+
+def token_grid(out_h: int, out_w: int, stride: int) -> tuple[int, int]:
+    """Valid feature-map size of an ``out_h × out_w`` view: ``(ceil(out_h/stride), ceil(out_w/stride))``."""
+    return -(-int(out_h) // stride), -(-int(out_w) // stride)
+
+
+def sequence_bytes_per_token(d_model: int, num_layers: int, num_teachers: int, dtype: str) -> int:
+    """Bytes one token costs across all cached layers and teachers."""
+    return int(d_model) * int(num_layers) * int(num_teachers) * np.dtype(DTYPES[dtype]).itemsize
+
+
+def head_bytes_per_entry(heads: Iterable[tuple[int, int]]) -> int:
+    """Bytes of the float32 logits and boxes of one entry; ``heads`` = [(Q_t, C_t), ...]."""
+    return sum(q * (c + 1 + 4) * 4 for q, c in heads)
+
+
+#: Per-entry bookkeeping: image_index, image_id, view_index (3·8), view (7·8), hw (2·8), offset (8).
+ENTRY_META_BYTES = 3 * 8 + 7 * 8 + 2 * 8 + 8
+
+
+def estimate_bytes(tokens: int, entries: int, d_model: int, num_layers: int, heads: Sequence[tuple[int, int]], dtype: str) -> int:
+    """The data bytes of a cache (HDF5 adds a little for its headers and chunk index):
+
+    ``tokens·d·L·N·sizeof(dtype) + E·Σ_t Q_t·(C_t+5)·4 + E·104``.
+    """
+    seq = tokens * sequence_bytes_per_token(d_model, num_layers, len(heads), dtype)
+    return int(seq + entries * (head_bytes_per_entry(heads) + ENTRY_META_BYTES) + 8)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def chunk_rows(tokens_per_entry: np.ndarray, d_model: int, itemsize: int) -> int:
+    """Rows per chunk of a sequence dataset: about one entry's tokens (the median), so reading one
+    entry touches one or two chunks; capped at 4 MiB per chunk."""
+    if len(tokens_per_entry) == 0:
+        return 1
+    rows = int(np.median(tokens_per_entry))
+    cap = max(1, (4 << 20) // (d_model * itemsize))
+    return max(1, min(rows, cap, int(tokens_per_entry.sum())))
+
+
+# -- reading the attributes ------------------------------------------------------------------------
+
+
+def decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_attrs(h5) -> dict:
+    """The root attributes as Python values (JSON ones decoded)."""
+    out = {}
+    for k, v in h5.attrs.items():
+        v = decode_attr(v)
+        if k in JSON_ATTRS and isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                pass
+        out[k] = v
+    return out
+
+
+def content_signature(attrs: dict) -> dict:
+    """What decides a cache's content (see :data:`CONTENT_KEYS`), from its attributes."""
+    return {
+        "tasks_sha256": attrs.get("tasks_sha256"),
+        "split": attrs.get("split"),
+        "teacher_sha256": [t.get("sha256") for t in attrs.get("teachers") or []],
+        "layers": list(attrs.get("layers") or []),
+        "dtype": attrs.get("dtype"),
+        "views": attrs.get("views"),
+        "seed": attrs.get("seed"),
+        "aug": attrs.get("aug"),
+    }
+
+
+def first_difference(a: dict, b: dict) -> str | None:
+    """The first key of :data:`CONTENT_KEYS` on which two signatures differ, or None."""
+    for k in CONTENT_KEYS:
+        if a.get(k) != b.get(k):
+            return k
+    return None
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheLayout:
+    """What a validated cache holds (read from its attributes and dataset shapes)."""
+
+    attrs: dict
+    entries: int
+    layers: list[str]
+    num_teachers: int
+    d_model: int
+    stride: int
+    dtype: str
+    offsets: np.ndarray  # (E+1,) int64
+    hw: np.ndarray  # (E, 2) int64
+    heads: list[tuple[int, int]]  # (Q_t, C_t) per teacher
+
+
+class CacheLockedError(KacliError):
+    """The HDF5 file is open for writing in another process (HDF5 file locking refused it)."""
+
+
+def open_h5(path: str | Path, mode: str = "r", **kw):
+    """``h5py.File`` with one-line errors for missing, foreign, truncated or locked files."""
+    import h5py
+
+    p = Path(path)
+    if mode == "r":
+        if not p.exists():
+            raise KacliError("cache file not found", p)
+        if not p.is_file():
+            raise KacliError("cache path is not a file", p)
+    try:
+        return h5py.File(p, mode, **kw)
+    except (OSError, ValueError) as e:
+        msg = str(e)
+        if "truncated" in msg:
+            raise KacliError("truncated HDF5 file (an interrupted copy or write?)", p) from None
+        if "lock" in msg:
+            raise CacheLockedError("HDF5 file is locked by another process (is another cache-teachers writing it?)", p) from None
+        if mode == "r" and ("signature" in msg or "not an HDF5" in msg.lower() or "file format" in msg):
+            raise KacliError("not an HDF5 file", p) from None
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        what = "unreadable HDF5 file" if mode == "r" else "cannot write the HDF5 file"
+        raise KacliError(f"{what} ({first[:120]})", p) from None
+
+
+def seq_path(teacher: int, layer: str) -> str:
+    return f"teachers/{teacher}/seq/{layer}"
+
+
+def validate(h5, path: str | Path, require_complete: bool = True) -> CacheLayout:
+    """Check an open cache's format, datasets and sizes; raise a one-line KacliError on the first problem.
+
+    Checks: format tag; every required dataset present with consistent shapes; offsets start at 0,
+    never decrease, end at the sequence datasets' row count and match each entry's ``h·w``;
+    ``done_entries == entries`` (when ``require_complete``).
+    """
+    import h5py
+
+    p = Path(path)
+    try:
+        attrs = read_attrs(h5)
+    except (OSError, RuntimeError) as e:
+        raise KacliError(f"unreadable cache attributes ({str(e)[:100]})", p) from None
+    fmt = attrs.get("format")
+    if fmt != FORMAT:
+        what = "not a kacli teacher cache" if fmt is None else f"cache format {fmt!r} is not {FORMAT!r}"
+        raise KacliError(what, p)
+
+    def need(name):
+        if name not in attrs:
+            raise KacliError(f"cache lacks the attribute {name!r}", p)
+        return attrs[name]
+
+    entries = int(need("entries"))
+    layers = list(need("layers"))
+    teachers = need("teachers")
+    d = int(need("d_model"))
+    stride = int(need("stride"))
+    dtype = str(need("dtype"))
+    for k in ("label_map", "views", "seed", "aug", "split", "tasks_sha256", "total_tokens", "done_entries", "images"):
+        need(k)
+    if dtype not in DTYPES:
+        raise KacliError(f"cache dtype {dtype!r} is not one of {', '.join(DTYPES)}", p)
+    done = int(attrs["done_entries"])
+    if require_complete and done != entries:
+        raise KacliError(f"incomplete cache: {done} of {entries} entries written", p)
+
+    def ds(name, shape=None, ndim=None):
+        obj = h5.get(name)
+        if not isinstance(obj, h5py.Dataset):
+            raise KacliError(f"cache lacks the dataset /{name}", p)
+        if shape is not None and tuple(obj.shape) != tuple(shape):
+            raise KacliError(f"/{name} has shape {tuple(obj.shape)}, expected {tuple(shape)}", p)
+        if ndim is not None and obj.ndim != ndim:
+            raise KacliError(f"/{name} has {obj.ndim} dimensions, expected {ndim}", p)
+        return obj
+
+    try:
+        offsets = ds("offsets", (entries + 1,))[...].astype(np.int64)
+        hw = ds("entries/hw", (entries, 2))[...].astype(np.int64)
+        for name, shape in (("image_index", (entries,)), ("image_id", (entries,)), ("view_index", (entries,)), ("view", (entries, 7))):
+            ds(f"entries/{name}", shape)
+        total = int(offsets[-1]) if len(offsets) else 0
+        if len(offsets) and offsets[0] != 0:
+            raise KacliError("offsets do not start at 0", p)
+        if np.any(np.diff(offsets) < 0):
+            raise KacliError("offsets decrease (corrupt cache)", p)
+        if not np.array_equal(np.diff(offsets), hw[:, 0] * hw[:, 1]):
+            bad = int(np.nonzero(np.diff(offsets) != hw[:, 0] * hw[:, 1])[0][0])
+            raise KacliError(f"entry {bad}: offsets give {int(offsets[bad + 1] - offsets[bad])} tokens, hw says {hw[bad].tolist()}", p)
+        if total != int(attrs["total_tokens"]):
+            raise KacliError(f"offsets end at {total}, total_tokens says {attrs['total_tokens']}", p)
+        if not isinstance(teachers, list) or not teachers:
+            raise KacliError("cache lists no teachers", p)
+        heads = []
+        for k, t in enumerate(teachers):
+            q, c = int(t["num_queries"]), int(t["num_classes"])
+            heads.append((q, c))
+            ds(f"teachers/{k}/logits", (entries, q, c + 1))
+            ds(f"teachers/{k}/boxes", (entries, q, 4))
+            for layer in layers:
+                obj = ds(seq_path(k, layer), (total, d))
+                if obj.dtype != np.dtype(DTYPES[dtype]):
+                    raise KacliError(f"/{seq_path(k, layer)} is {obj.dtype}, the cache says {dtype}", p)
+    except (KeyError, TypeError) as e:
+        raise KacliError(f"malformed cache attributes ({e})", p) from None
+    except OSError as e:
+        raise KacliError(f"unreadable cache ({str(e)[:100]})", p) from None
+    return CacheLayout(attrs, entries, layers, len(teachers), d, stride, dtype, offsets, hw, heads)
+
+
+__all__ = [
+    "FORMAT",
+    "DTYPES",
+    "ROOT_ATTRS",
+    "VIEW_POLICY",
+    "CacheLayout",
+    "layer_names",
+    "token_grid",
+    "estimate_bytes",
+    "human_bytes",
+    "chunk_rows",
+    "read_attrs",
+    "content_signature",
+    "first_difference",
+    "open_h5",
+    "seq_path",
+    "validate",
+]
