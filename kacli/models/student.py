@@ -174,6 +174,8 @@ class Student(DETR):
         tok_mask = fmask.flatten(1)  # (B, n)
         B, N, n, d = parts.shape
         if self.compress != "none":
+            if dense_oracle:
+                raise ValueError("dense_oracle is the uncompressed encoder's test oracle; this student compresses")
             idx = self.select(parts, tok_mask, teacher_proj)
             src = gather_parts(parts, idx)  # (B, n, d)
             enc = self.transformer.encoder(src, pos, tok_mask)

@@ -1,0 +1,375 @@
+"""Amalgamation benchmarks: the cost of training from the cache, and the decoupled encoder.
+
+1. Training step time (data loading, forward, losses, backward, optimiser step) at equal batch
+   and model: ``ka`` from the cache ÷ ``raw`` (target ≤ 1.10). With compression the ka student
+   costs what raw DETR costs (plus N − 1 1×1 projections), so that pair measures what the cache
+   and the SA/TA losses add; without compression the extended student is compared with
+   ``raw-ext`` (the same model on ground truth only).
+2. ``ka`` with the teachers run online (a benchmark-only mode: the N teacher DETRs run on every
+   batch to produce what the cache holds) ÷ ``ka`` from the cache, at N = 2.
+3. The decoupled encoder (parts folded into the batch) against the dense masked one
+   (concatenated sequence, block-diagonal mask) at N = 2, 4, 8: forward + backward time and
+   peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak of the running sum of
+   the allocation events recorded by ``torch.profiler`` with ``profile_memory=True``).
+
+Timings alternate between the compared variants in rounds and report medians, so that load from
+other processes hits every variant alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kacli.models.config import model_config
+
+IMAGES = 32
+IMAGE_SIZE = 128
+BATCH = 8
+NUM_TEACHERS = 2
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- the tiny setup: demo data, two random teachers, their cache ------------------------------------
+
+
+def make_setup(root: Path, device: torch.device) -> dict:
+    """Demo images split into the demo's 2 tasks, random tiny-preset teachers, a float16 cache."""
+    from kacli.cache.writer import cache_teachers
+    from kacli.data.demo_data import make_demo_data
+    from kacli.data.manifest import TaskManifest
+    from kacli.data.split import split_tasks
+    from kacli.models.checkpoint import save_checkpoint
+    from kacli.models.detr import DETR
+    from kacli.teacher import RUN_PRESETS
+    from kacli.config import config_to_dict
+
+    make_demo_data(root / "data", train_images=IMAGES, val_images=1, seed=0, size=IMAGE_SIZE, progress=False)
+    split_tasks(str(root / "data" / "train.json"), None, str(root / "data" / "tasks-2.yaml"), root / "tasks")
+    manifest = TaskManifest(root / "tasks")
+    preset = config_to_dict(RUN_PRESETS["tiny"])
+    preset["aug"].update(flip_p=0.0, crop_p=0.0, scales=[IMAGE_SIZE], max_size=IMAGE_SIZE, eval_size=IMAGE_SIZE)
+    cfg = model_config("tiny")
+    paths = []
+    for k, task in enumerate(manifest.tasks):
+        torch.manual_seed(k)
+        model = DETR(cfg, len(task.category_ids))
+        path = root / f"teacher-{task.name}.pt"
+        save_checkpoint(path, {"kind": "detr", "arch": cfg.to_dict(), "label_map": task.label_map(), "task": task.name,
+                               "model": model.state_dict(), "config": preset})
+        paths.append(path)
+    cache_teachers(manifest.path, paths, root / "cache.h5", views=1, dtype="float16", batch_size=BATCH, workers=0,
+                   device=str(device.type), log=lambda *a, **k: None, progress=False)
+    return {"root": root, "manifest": manifest, "teachers": paths, "cache": root / "cache.h5", "preset": preset}
+
+
+# -- step timing ------------------------------------------------------------------------------------
+
+
+class Variant:
+    """One way of training a step: a model, its objective and a DataLoader of its batches (as the
+    trainer builds it: ``workers`` processes, pinned memory on CUDA)."""
+
+    def __init__(self, name: str, model, objective, dataset, collate_fn, device, workers: int,
+                 prepare: Callable | None = None):
+        from torch.utils.data import DataLoader, RandomSampler
+
+        from kacli.engine.train import param_groups
+
+        self.name = name
+        self.model = model.to(device).train()
+        self.objective = objective
+        self.device = device
+        self.prepare = prepare
+        extra = [objective.sag_proj] if objective.sag_proj is not None else []
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, 1e-4, 1e-5, extra), lr=1e-4, weight_decay=1e-4)
+        sampler = RandomSampler(dataset, replacement=True, num_samples=10**6,
+                                generator=torch.Generator().manual_seed(0))
+        self.loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
+                                 collate_fn=collate_fn, pin_memory=device.type == "cuda",
+                                 persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+        self.batches = iter(self.loader)
+
+    def step(self, clock: Callable[[], float]) -> dict[str, float]:
+        """One training step; returns the seconds of its phases (``data``, ``forward`` incl. the
+        losses, ``backward`` incl. clipping and the optimiser step) measured with ``clock``."""
+        _sync(self.device)
+        t0 = clock()
+        batch = next(self.batches)
+        if self.prepare is not None:
+            batch = self.prepare(batch)
+        _sync(self.device)
+        t1 = clock()
+        losses = self.objective(self.model, batch, self.device)
+        _sync(self.device)
+        t2 = clock()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.1)
+        self.optimizer.step()
+        _sync(self.device)
+        t3 = clock()
+        return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "total": t3 - t0}
+
+
+def online_teacher_batch(teachers: list, images: torch.Tensor, mask: torch.Tensor, layers: list[str]) -> dict:
+    """Run the teachers on a batch and arrange their outputs as ``collate_cached``'s ``teacher``
+    (benchmark-only: kacli never trains with online teachers)."""
+    from kacli.amalgamate import layer_outputs
+
+    seqs, logits, boxes = [], [], []
+    token_mask = None
+    with torch.no_grad():
+        for t in teachers:
+            out = t(images, mask)
+            seqs.append(torch.stack(layer_outputs(out, layers), dim=1))  # (B, L, n, d)
+            logits.append(out["pred_logits"])
+            boxes.append(out["pred_boxes"])
+            token_mask = out["enc_mask"]
+    return {"seqs": torch.stack(seqs, dim=1), "token_mask": token_mask, "logits": logits, "boxes": boxes}
+
+
+def time_variants(variants: list[Variant], rounds: int, steps: int, warmup: int,
+                  clock: Callable[[], float]) -> dict[str, dict[str, float]]:
+    """Per variant and phase, the median over rounds of the mean seconds per step; rounds
+    alternate between the variants."""
+    for v in variants:
+        for _ in range(warmup):
+            v.step(clock)
+    times: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            phases = [v.step(clock) for _ in range(steps)]
+            times[v.name].append({k: sum(p[k] for p in phases) / steps for k in phases[0]})
+    return {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in times.items()}
+
+
+def step_benchmark(setup: dict, device: torch.device, rounds: int, steps: int, warmup: int,
+                   workers: int, clock: Callable[[], float]) -> dict[str, dict[str, float]]:
+    import functools
+
+    from kacli.amalgamate import (
+        AmalgamationObjective,
+        GroundTruthOnly,
+        build_student,
+        collate_ground_truth,
+        load_amalgamate_config,
+    )
+    from kacli.cache.reader import TeacherCache, collate_cached
+    from kacli.models.checkpoint import build_model, load_checkpoint
+
+    cache = TeacherCache(setup["cache"])
+    gt_only = GroundTruthOnly(cache)
+    gt_collate = functools.partial(collate_ground_truth, stride=cache.stride)
+    C = len(cache.label_map["ids"])
+    layers = cache.layer_names
+    base = {k: setup["preset"][k] for k in ("model", "aug", "train")}
+    teachers = [build_model(load_checkpoint(p)).to(device).eval() for p in setup["teachers"]]
+
+    def online(batch):
+        images, mask, targets, _ = batch
+        images, mask = images.to(device), mask.to(device)
+        return images, mask, targets, online_teacher_batch(teachers, images, mask, layers)
+
+    def variant(name, method, compress, cached, prepare=None):
+        cfg = load_amalgamate_config(base, {"method": method, "compress": compress})
+        torch.manual_seed(0)
+        model = build_student(cfg, C, NUM_TEACHERS)
+        objective = AmalgamationObjective(cfg, C, NUM_TEACHERS, layers, cache.class_index)
+        data, collate_fn = (cache, collate_cached) if cached else (gt_only, gt_collate)
+        return Variant(name, model, objective, data, collate_fn, device, workers, prepare)
+
+    variants = [
+        variant("raw", "raw", "none", False),
+        variant("raw-ext", "raw-ext", "none", False),
+        variant("ka", "ka", "none", True),
+        variant("ka-compressed", "ka", "redundancy", True),
+        variant("ka-online", "ka", "none", False, online),
+    ]
+    return time_variants(variants, rounds, steps, warmup, clock)
+
+
+# -- decoupled vs dense encoder ---------------------------------------------------------------------
+
+
+def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, nb in events:
+        cur += nb
+        peak = max(peak, cur)
+    return peak
+
+
+def encoder_benchmark(device: torch.device, clock: Callable[[], float], parts_list=(2, 4, 8), batch: int = 2,
+                      side: int = 16, rounds: int = 5) -> list[dict]:
+    """Forward + backward of the student's encoder on N parts of ``side²`` tokens (the second half
+    of the batch valid on a ``side/2 × side`` grid), decoupled and dense."""
+    from kacli.models.student import Student
+
+    cfg = model_config("tiny")
+    n, d = side * side, cfg.d_model
+    rows = []
+    for N in parts_list:
+        torch.manual_seed(0)
+        model = Student(cfg, 2, N).to(device).train()
+        parts = torch.randn(batch, N, n, d, device=device, requires_grad=True)
+        pos = model.positional(torch.zeros(batch, side, side, dtype=torch.bool, device=device))
+        mask = torch.zeros(batch, side, side, dtype=torch.bool, device=device)
+        mask[batch // 2:, side // 2:] = True
+        mask = mask.flatten(1)
+
+        def run(encode):
+            def go():
+                outs = encode(parts, pos, mask)
+                sum(o.float().square().mean() for o in outs).backward()
+            return go
+
+        fast, dense = run(model.encode_parts), run(model.encode_parts_dense)
+        with torch.no_grad():
+            a, b = model.encode_parts(parts, pos, mask)[-1], model.encode_parts_dense(parts, pos, mask)[-1]
+        err = float((a - b).abs().max())
+        for fn in (fast, dense):
+            fn()
+        times = {"decoupled": [], "dense": []}
+        for _ in range(rounds):
+            for name, fn in (("decoupled", fast), ("dense", dense)):
+                _sync(device)
+                t0 = clock()
+                fn()
+                _sync(device)
+                times[name].append(clock() - t0)
+        row = {"N": N, "tokens": N * n, "max_abs_diff": err}
+        for name, fn in (("decoupled", fast), ("dense", dense)):
+            row[f"{name}_ms"] = 1000 * statistics.median(times[name])
+            row[f"{name}_peak_mib"] = _peak_bytes(fn, device) / 2**20
+        rows.append(row)
+        _log(f"encoder N={N}: decoupled {row['decoupled_ms']:.1f} ms, dense {row['dense_ms']:.1f} ms")
+    return rows
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) -> dict:
+    """Run the three benchmarks and append their Markdown to ``out_lines``; return the numbers.
+
+    On CUDA: wall time, DataLoader with 2 workers (as the trainer's default). On the CPU: the
+    main thread's CPU time (``time.thread_time``) with torch on one thread and the data loaded in
+    the main process, so that other processes on the machine do not distort the ratios; every
+    part of a step is then counted, data loading included.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    if device.type == "cuda":
+        workers, clock, how = 2, time.perf_counter, "wall time, DataLoader with 2 workers"
+    else:
+        workers, clock = 0, time.thread_time
+        how = "CPU time of the main thread (torch on 1 thread, data loaded in the main process)"
+        torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="kacli-bench-amalgamate-") as tmp:
+            t0 = time.perf_counter()
+            setup = make_setup(Path(tmp), device)
+            _log(f"amalgamate bench: setup {time.perf_counter() - t0:.1f} s")
+            step = step_benchmark(setup, device, rounds, steps, warmup, workers, clock)
+        _log("step times: " + ", ".join(f"{k} {1000 * v['total']:.1f} ms" for k, v in step.items()))
+        enc = encoder_benchmark(device, clock)
+    finally:
+        torch.set_num_threads(threads)
+
+    mem_how = ("`torch.cuda.max_memory_allocated`" if device.type == "cuda" else
+               "the peak of the running sum of `torch.profiler` allocation events (`profile_memory=True`)")
+
+    def ratio(a, b):
+        return step[a]["total"] / step[b]["total"]
+
+    lines = [
+        "## Amalgamation: training from the cache, decoupled encoder",
+        "",
+        f"Device: {device.type}. Model: the `tiny` preset (d 64, 3+3 layers, 10 queries, stride 16), "
+        f"{IMAGE_SIZE}-px demo images (8×8 tokens), batch {BATCH}, N = {NUM_TEACHERS} random teachers, cache in "
+        "float16 with every layer. A step: next batch (cache read, or image decode), forward with the losses, "
+        f"backward with clipping and AdamW. Clock: {how}; median of {rounds} rounds of {steps} steps, "
+        "variants alternating.",
+        "",
+        "| variant | data ms | forward + losses ms | backward + step ms | ms / step |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    labels = {
+        "raw": "raw: DETR, ground truth",
+        "raw-ext": f"raw-ext: extended student (N = {NUM_TEACHERS}), ground truth",
+        "ka": "ka: extended student, SA + TA + GT from the cache",
+        "ka-compressed": "ka --compress redundancy, from the cache",
+        "ka-online": f"ka with the {NUM_TEACHERS} teachers run every step (benchmark-only)",
+    }
+    for k, v in step.items():
+        lines.append(f"| {labels[k]} | {1000 * v['data']:.1f} | {1000 * v['forward']:.1f} | "
+                     f"{1000 * v['backward']:.1f} | {1000 * v['total']:.1f} |")
+    checks = [
+        ("ka (compressed) from the cache ÷ raw (equal model cost)", ratio("ka-compressed", "raw"), "≤ 1.10"),
+        ("ka from the cache ÷ raw-ext (the same extended model)", ratio("ka", "raw-ext"), "≤ 1.10"),
+        ("ka (uncompressed) from the cache ÷ raw", ratio("ka", "raw"), "(includes the extension's own cost)"),
+        (f"ka with online teachers ÷ ka from the cache, N = {NUM_TEACHERS}", ratio("ka-online", "ka"),
+         "(> 1: what the cache saves)"),
+    ]
+    lines += ["", "| ratio | value | target |", "|---|---:|---|"]
+    for name, value, target in checks:
+        verdict = ""
+        if target.startswith("≤"):
+            verdict = " (met)" if value <= float(target.split()[1]) else " (missed)"
+        lines.append(f"| {name} | {value:.2f} | {target}{verdict} |")
+    lines += [
+        "",
+        "Decoupled (parts folded into the batch) vs dense masked encoder (one sequence of N·n tokens, "
+        "block-diagonal mask): forward + backward of the 3 encoder layers of the `tiny` preset, batch 2, "
+        f"n = 256 tokens per part (one image padded below half its height); clock as above, median of 5. "
+        f"Peak memory: {mem_how}, above what was allocated before.",
+        "",
+        "| N | tokens | decoupled ms | dense ms | dense ÷ decoupled | decoupled peak MiB | dense peak MiB | max abs diff |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in enc:
+        lines.append(
+            f"| {r['N']} | {r['tokens']} | {r['decoupled_ms']:.1f} | {r['dense_ms']:.1f} | "
+            f"{r['dense_ms'] / r['decoupled_ms']:.2f} | {r['decoupled_peak_mib']:.1f} | {r['dense_peak_mib']:.1f} | "
+            f"{r['max_abs_diff']:.1e} |"
+        )
+    lines.append("")
+    out_lines.extend(lines)
+    return {"steps": step, "encoder": enc}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    out: list[str] = []
+    run(out)
+    print("\n".join(out))

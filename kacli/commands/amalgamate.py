@@ -1,0 +1,105 @@
+"""``kacli amalgamate``: train the student from the images and the teacher cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from kacli.commands._common import cli_errors, console
+
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "amalgamate",
+        epilog=(
+            "Example: kacli amalgamate --cache cache.h5 --method ka --compress redundancy --epochs 50 "
+            "--out runs/student"
+        ),
+    )(amalgamate_cmd)
+
+
+@cli_errors
+def amalgamate_cmd(
+    cache: Path = typer.Option(..., "--cache", metavar="FILE", show_default=False,
+                               help="Teacher cache written by cache-teachers."),
+    out: Path = typer.Option(..., "--out", metavar="RUN_DIR", show_default=False,
+                             help="Run folder (best.pt, last.pt, metrics.jsonl, config.yaml)."),
+    tasks: Optional[Path] = typer.Option(
+        None, "--tasks", metavar="FILE", show_default=False,
+        help="tasks.yaml; must be the one the cache was made from (default: the one it names).",
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", metavar="FILE", show_default=False,
+        help="YAML config (method, weights, sa, ta, model, aug, train); model/aug/train default to the teachers'.",
+    ),
+    method: Optional[str] = typer.Option(
+        None, "--method", show_default=False,
+        help="ka (default) | raw (DETR on ground truth) | raw-ext (extended student, ground truth) | sag.",
+    ),
+    no_sa: bool = typer.Option(False, "--no-sa", help="Turn sequence-level amalgamation (SA) off."),
+    no_ta: bool = typer.Option(False, "--no-ta", help="Turn task-level amalgamation (TA) off."),
+    gt_weight: Optional[float] = typer.Option(
+        None, "--gt-weight", metavar="W", show_default=False,
+        help="Weight λ_d of the ground-truth loss (default 0.1; 0 = label-free).",
+    ),
+    compress: Optional[str] = typer.Option(
+        None, "--compress", show_default=False, help="none (default) | redundancy | isometric | random.",
+    ),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr."),
+    backbone_weights: Optional[Path] = typer.Option(
+        None, "--backbone-weights", metavar="FILE", show_default=False,
+        help="torchvision ResNet (or DETR) state_dict file for the student's backbone.",
+    ),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (override train.device)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    force: bool = typer.Option(False, "--force", help="Start over in a non-empty run folder."),
+):  # fmt: skip
+    """Train one student from the teacher cache (no teacher runs): SA + TA + ground truth, or a baseline.
+
+    The student detects the union of the teachers' categories; its checkpoint evaluates and predicts like any model (kacli eval, kacli predict)."""
+    from kacli.amalgamate import amalgamate
+
+    overrides = {
+        "method": method,
+        "compress": compress,
+        "lambda_d": gt_weight,
+        "sa.enabled": False if no_sa else None,
+        "ta.enabled": False if no_ta else None,
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
+    }
+    result = amalgamate(
+        cache, tasks, None, out, resume=resume, backbone_weights=backbone_weights, device=device,
+        config=config, overrides=overrides, force=force, log=console.print,
+    )
+    console.print(summary_table(result))
+
+
+def summary_table(result: dict) -> Table:
+    """The last epoch's losses and validation metrics, one row each."""
+    last = result.get("last") or {}
+    table = Table(title=f"student ({result['method']}) → {result['out']}")
+    table.add_column("", style="bold")
+    table.add_column("value", justify="right")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    table.add_row("epochs", fmt(last.get("epoch")))
+    table.add_row("train seconds", f"{result.get('train_seconds', 0):.0f}")
+    for key, label in (("total", "loss"), ("loss_seq", "L_seq"), ("loss_task", "L_task"), ("loss_d", "L_d (ground truth)")):
+        if key in last:
+            table.add_row(label, fmt(last[key]))
+    for key in ("AP", "AP50", "AP75"):
+        if key in last:
+            table.add_row(key, fmt(last[key]))
+    for name, v in (last.get("per_task") or {}).items():
+        table.add_row(f"AP {name}", fmt(v.get("AP") if isinstance(v, dict) else v))
+    return table
