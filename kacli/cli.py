@@ -17,7 +17,11 @@ COMMAND_MODULES = [
     "kacli.commands.data",
     "kacli.commands.train",
     "kacli.commands.evaluate",
+    "kacli.commands.cache",
+    "kacli.commands.amalgamate",
     "kacli.commands.report",
+    "kacli.commands.models",
+    "kacli.commands.demo",
 ]
 
 app = typer.Typer(

@@ -1,0 +1,213 @@
+"""``kacli demo``: the whole pipeline on generated data, on a laptop CPU, in minutes.
+
+Stages: make-demo-data → split-tasks (2 tasks) → train a teacher per task → cache-teachers →
+amalgamate the student (full, and slim = redundancy-compressed) → the raw baseline (plain DETR
+on ground truth, same epochs and schedule as the student) → evaluate every model and the teachers'
+ensemble on the validation split → report.json / report.md / curves.png / predictions/*.png.
+
+The recipe (data, model, schedule) is the ``tiny`` preset; docs/DEMO.md says how it was chosen.
+``--minutes`` scales every stage's epochs from the recipe's 12-minute design.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kacli.errors import KacliError
+from kacli.fsutil import check_output_dir, write_json
+from kacli.progress import shared_progress
+
+DESIGN_MINUTES = 12.0
+
+# Epochs of each training at the 12-minute design (the tiny preset's recipe).
+RECIPE = {
+    "train_images": 2000,
+    "val_images": 300,
+    "teacher_epochs": 12,
+    "student_epochs": 8,
+    "views": 1,
+}
+
+
+def _scaled(epochs: int, minutes: float) -> int:
+    return max(1, round(epochs * minutes / DESIGN_MINUTES))
+
+
+def prediction_pictures(
+    teachers: dict[str, Path], student: Path, tasks_path: Path, out_dir: Path, count: int = 6
+) -> list[Path]:
+    """Fig. 5 of the paper for a few validation images: each teacher's boxes in its own colour,
+    and the student's, side by side."""
+    from PIL import Image
+
+    from kacli.data.manifest import TaskManifest
+    from kacli.data.transforms import load_image
+    from kacli.draw import PALETTE, draw_detections
+    from kacli.eval.evaluate import make_eval_dataset
+    from kacli.models.checkpoint import build_model, load_checkpoint
+    from kacli.models.postprocess import postprocess
+
+    manifest = TaskManifest(tasks_path)
+    gt_path = manifest.split_json("val")
+    models = {f"teacher {name}": load_checkpoint(p) for name, p in teachers.items()}
+    models["student"] = load_checkpoint(student)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    built = {name: build_model(ck).eval() for name, ck in models.items()}
+    datasets = {}
+    for name, ck in models.items():
+        aug = (ck.get("config") or {}).get("aug") or {}
+        datasets[name] = make_eval_dataset(gt_path, manifest.image_root("val"), ck["label_map"]["ids"],
+                                           aug.get("eval_size", 800), aug.get("max_size", 1333))
+    n = min(count, len(next(iter(datasets.values()))))
+    for i in range(n):
+        panels = []
+        raw = load_image(next(iter(datasets.values())).image_path(i))
+        for k, (name, ck) in enumerate(models.items()):
+            image, target = datasets[name][i]
+            with torch.inference_mode():
+                out = built[name](image[None], torch.zeros(1, *image.shape[-2:], dtype=torch.bool))
+            res = postprocess(out, target["orig_size"][None])[0]
+            keep = res["scores"] >= 0.5
+            names = [ck["label_map"]["names"][int(c)] for c in res["labels"][keep]]
+            panel = draw_detections(
+                raw,
+                [{"boxes": res["boxes"][keep], "labels": names, "scores": res["scores"][keep].tolist(),
+                  "color": PALETTE[k % len(PALETTE)], "name": name}],
+                min_size=256,
+            )
+            panels.append(panel)
+        w = sum(p.width for p in panels) + 8 * (len(panels) - 1)
+        h = max(p.height for p in panels)
+        sheet = Image.new("RGB", (w, h), (255, 255, 255))
+        x = 0
+        for p in panels:
+            sheet.paste(p, (x, 0))
+            x += p.width + 8
+        path = out_dir / f"val_{i:02d}.png"
+        sheet.save(path)
+        written.append(path)
+    return written
+
+
+def run_demo(
+    out: str | Path,
+    minutes: float = DESIGN_MINUTES,
+    seed: int = 0,
+    force: bool = False,
+    train_images: int | None = None,
+    val_images: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the demo into ``out``; returns ``{"rows": [...], "seconds": total, "stages": {...}}``."""
+    from kacli.amalgamate import amalgamate
+    from kacli.cache.writer import cache_teachers
+    from kacli.data.demo_data import make_demo_data
+    from kacli.data.manifest import TaskManifest
+    from kacli.data.split import split_tasks
+    from kacli.eval.evaluate import evaluate_checkpoints
+    from kacli.report import load_curves, load_rows, write_report
+    from kacli.teacher import train_teacher
+
+    if minutes <= 0:
+        raise KacliError(f"--minutes must be positive, got {minutes}")
+    out = Path(out)
+    check_output_dir(out, force)
+    if out.exists() and force:
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    t_start = time.perf_counter()
+    stages: dict[str, float] = {}
+    teacher_epochs = _scaled(RECIPE["teacher_epochs"], minutes)
+    student_epochs = _scaled(RECIPE["student_epochs"], minutes)
+    n_train = train_images or RECIPE["train_images"]
+    n_val = val_images or RECIPE["val_images"]
+
+    def stage(name: str):
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                progress.update(overall, info=name)
+                return self
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    stages[name] = round(time.perf_counter() - self.t0, 2)
+                    progress.update(overall, advance=1)
+                return False
+
+        return _Stage()
+
+    runs = out / "runs"
+    quiet = lambda msg: None  # noqa: E731  (stages' own chatter would break the one display)
+    with shared_progress(unit="stage") as progress:
+        overall = progress.add_task("kacli demo", total=9, info="")
+        with stage("data"):
+            make_demo_data(out / "data", train_images=n_train, val_images=n_val, seed=seed)
+        with stage("split"):
+            split_tasks(str(out / "data" / "train.json"), str(out / "data" / "val.json"),
+                        str(out / "data" / "tasks-2.yaml"), out / "tasks")
+        tasks_path = out / "tasks" / "tasks.yaml"
+        manifest = TaskManifest(tasks_path)
+        teachers: dict[str, Path] = {}
+        for t in manifest.tasks:
+            with stage(f"teacher {t.name}"):
+                run = runs / f"teacher-{t.name}"
+                train_teacher(tasks_path, t.name, run, config="tiny",
+                              overrides={"train.epochs": teacher_epochs, "train.seed": seed}, log=quiet)
+                teachers[t.name] = run
+        with stage("cache"):
+            cache_teachers(tasks_path, [teachers[t.name] for t in manifest.tasks], out / "cache.h5",
+                           views=RECIPE["views"], seed=seed, log=quiet)
+        student_overrides = {"train.epochs": student_epochs, "train.seed": seed}
+        plans = [
+            ("student", {"method": "ka", "compress": "none"}),
+            ("student-slim", {"method": "ka", "compress": "redundancy"}),
+            ("raw", {"method": "raw"}),
+        ]
+        for name, over in plans:
+            with stage(name):
+                amalgamate(out / "cache.h5", tasks_path, out_dir=runs / name,
+                           overrides={**student_overrides, **over}, log=quiet)
+        with stage("evaluate"):
+            (out / "eval").mkdir(exist_ok=True)
+            order = [f"teacher-{t.name}" for t in manifest.tasks] + ["ensemble", "raw", "student", "student-slim"]
+            results = {}
+            for t in manifest.tasks:
+                results[f"teacher-{t.name}"] = evaluate_checkpoints([teachers[t.name]], tasks_path)
+            results["ensemble"] = evaluate_checkpoints([teachers[t.name] for t in manifest.tasks], tasks_path)
+            for name in ("raw", "student", "student-slim"):
+                results[name] = evaluate_checkpoints([runs / name], tasks_path)
+            for name in order:
+                r = results[name]
+                r["model"] = name
+                if name.startswith("teacher-"):
+                    r["train_seconds"] = _train_seconds(teachers[name[len("teacher-"):]])
+                elif name in ("raw", "student", "student-slim"):
+                    r["train_seconds"] = _train_seconds(runs / name)
+                write_json(out / "eval" / f"{name}.json", r)
+            rows = load_rows([out / "eval" / f"{name}.json" for name in order])
+        curves = load_curves([runs / "raw", runs / "student", runs / "student-slim"])
+        write_report(rows, curves, out)
+        prediction_pictures(teachers, runs / "student", tasks_path, out / "predictions")
+    total = time.perf_counter() - t_start
+    summary = {"rows": rows, "seconds": round(total, 1), "stages": stages,
+               "epochs": {"teacher": teacher_epochs, "student": student_epochs}}
+    write_json(out / "demo.json", summary)
+    return summary
+
+
+def _train_seconds(run: Path) -> float | None:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return lines[-1].get("train_seconds") if lines else None
+
