@@ -39,11 +39,12 @@ def _scaled(epochs: int, minutes: float) -> int:
 
 
 def prediction_pictures(
-    teachers: dict[str, Path], student: Path, tasks_path: Path, out_dir: Path, count: int = 6
+    teachers: dict[str, Path], student: Path, tasks_path: Path, out_dir: Path, count: int = 6,
+    threshold: float = 0.5,
 ) -> list[Path]:
-    """Fig. 5 of the paper for a few validation images: each teacher's boxes in its own colour,
-    and the student's, side by side."""
-    from PIL import Image
+    """The paper's Fig. 5 for a few validation images: left, every teacher's boxes, each teacher
+    in its own colour; right, the student's boxes. Detections scoring under ``threshold`` are left out."""
+    from PIL import Image, ImageDraw
 
     from kacli.data.manifest import TaskManifest
     from kacli.data.transforms import load_image
@@ -56,39 +57,40 @@ def prediction_pictures(
     gt_path = manifest.split_json("val")
     models = {f"teacher {name}": load_checkpoint(p) for name, p in teachers.items()}
     models["student"] = load_checkpoint(student)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     built = {name: build_model(ck).eval() for name, ck in models.items()}
     datasets = {}
     for name, ck in models.items():
         aug = (ck.get("config") or {}).get("aug") or {}
         datasets[name] = make_eval_dataset(gt_path, manifest.image_root("val"), ck["label_map"]["ids"],
                                            aug.get("eval_size", 800), aug.get("max_size", 1333))
-    n = min(count, len(next(iter(datasets.values()))))
-    for i in range(n):
-        panels = []
-        raw = load_image(next(iter(datasets.values())).image_path(i))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(datasets.values()))
+    written = []
+    for i in range(min(count, len(first))):
+        raw = load_image(first.image_path(i))
+        groups = {}
         for k, (name, ck) in enumerate(models.items()):
             image, target = datasets[name][i]
             with torch.inference_mode():
                 out = built[name](image[None], torch.zeros(1, *image.shape[-2:], dtype=torch.bool))
             res = postprocess(out, target["orig_size"][None])[0]
-            keep = res["scores"] >= 0.5
-            names = [ck["label_map"]["names"][int(c)] for c in res["labels"][keep]]
-            panel = draw_detections(
-                raw,
-                [{"boxes": res["boxes"][keep], "labels": names, "scores": res["scores"][keep].tolist(),
-                  "color": PALETTE[k % len(PALETTE)], "name": name}],
-                min_size=256,
-            )
-            panels.append(panel)
-        w = sum(p.width for p in panels) + 8 * (len(panels) - 1)
-        h = max(p.height for p in panels)
-        sheet = Image.new("RGB", (w, h), (255, 255, 255))
-        x = 0
-        for p in panels:
-            sheet.paste(p, (x, 0))
-            x += p.width + 8
+            keep = res["scores"] >= threshold
+            groups[name] = {
+                "boxes": res["boxes"][keep],
+                "labels": [ck["label_map"]["names"][int(c)] for c in res["labels"][keep]],
+                "scores": res["scores"][keep].tolist(),
+                "color": PALETTE[k % len(PALETTE)],
+                "name": name,
+            }
+        left = draw_detections(raw, [g for n, g in groups.items() if n != "student"], min_size=256)
+        right = draw_detections(raw, [groups["student"]], min_size=256)
+        cap = 22
+        sheet = Image.new("RGB", (left.width + right.width + 8, max(left.height, right.height) + cap), "white")
+        sheet.paste(left, (0, cap))
+        sheet.paste(right, (left.width + 8, cap))
+        draw = ImageDraw.Draw(sheet)
+        draw.text((4, 4), "teachers", fill=(0, 0, 0))
+        draw.text((left.width + 12, 4), "student (amalgamated)", fill=(0, 0, 0))
         path = out_dir / f"val_{i:02d}.png"
         sheet.save(path)
         written.append(path)
