@@ -118,3 +118,32 @@ def test_bad_inputs(cli, demo, tmp_path):
     junk.write_bytes(b"not a checkpoint")
     r = cli("eval", "--model", junk, "--tasks", tasks)
     assert_one_line_error(r, "junk.pt")
+
+
+@pytest.mark.slow
+def test_data_parallel_training_under_torchrun(demo, tmp_path):
+    """Two gloo processes on the CPU: each rank takes half of every epoch, rank 0 writes the run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not installed beside this Python")
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", "29537", "-m", "kacli", "train-teacher",
+         "--tasks", str(demo / "tasks" / "tasks.yaml"), "--task", "convex", "--config", str(demo / "overfit.yaml"),
+         "--epochs", "3", "--batch-size", "2", "--out", str(run)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = _metrics(run)
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert all(row["steps"] == 2 for row in rows)  # 8 images / (2 ranks x batch 2)
+    assert rows[-1]["total"] < rows[0]["total"]
+    ck = load_checkpoint(run / "last.pt")
+    assert not any(k.startswith("module.") for k in ck["model"])
+    assert r.stdout.count("teacher convex:") == 1

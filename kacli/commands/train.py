@@ -53,6 +53,10 @@ def register(app: typer.Typer) -> None:
             tasks, task, out, config=config, overrides=overrides, init=init,
             backbone_weights=backbone_weights, resume=resume, force=force, log=console.print,
         )
+        from kacli.progress import is_main_process
+
+        if not is_main_process():
+            return
         last = result.get("last") or {}
         ap = last.get("AP")
         console.print(
