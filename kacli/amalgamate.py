@@ -55,13 +55,14 @@ class SAConfig:
     Attributes:
         enabled: use L_seq (``--no-sa`` turns it off).
         normalize: standardise every channel with the teacher's mini-batch statistics over valid tokens.
-        reduction: ``token`` divides each layer's squared error by the number of valid tokens;
-            ``sum`` is Eq. 2's plain squared Frobenius norm.
+        reduction: ``element`` (default) divides each layer's squared error by the number of valid
+            tokens and by d (a mean over elements, on the scale of DETR's losses); ``token`` by the
+            number of valid tokens only; ``sum`` is Eq. 2's plain squared Frobenius norm.
     """
 
     enabled: bool = True
     normalize: bool = True
-    reduction: Literal["token", "sum"] = "token"
+    reduction: Literal["element", "token", "sum"] = "element"
 
 
 @dataclass

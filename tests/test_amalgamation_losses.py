@@ -307,3 +307,19 @@ def test_ta_confidence_term_steers_the_matching():
         crit = TaskAmalgamationLoss(C, alpha=(1.0, 0.0, 0.0), alpha_conf=alpha_conf, threshold=0.1)
         (src, tgt), = crit.match(out, crit.prepare_targets(logits, boxes, idx))
         assert src.tolist() == [0] and tgt.tolist() == [expected]
+
+
+def test_element_reduction_is_the_token_reduction_over_d():
+    """The default in amalgamate: a mean over valid elements, so SA does not scale with d."""
+    from kacli.amalgamate import SAConfig
+    from kacli.losses.sequence import sa_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(2, 2, 5, 8, generator=g) for _ in range(2)]
+    t = [torch.randn(2, 2, 5, 8, generator=g) for _ in range(2)]
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    tok, _ = sa_loss(s, t, mask, num_parts=2, reduction="token")
+    ele, parts = sa_loss(s, t, mask, num_parts=2, reduction="element")
+    assert ele.item() == pytest.approx(tok.item() / 8, rel=1e-6)
+    assert SAConfig().reduction == "element"

@@ -11,8 +11,12 @@ the loss is exactly 0 when the student equals the target, and the target has a f
 standardised with its own statistics (teachers are different networks).
 
 Reduction: the squared differences are summed over channels and over tokens, then divided by the
-number of valid token positions V of the batch (``Σ_b`` valid tokens of one part), so the loss
-does not grow with the image size; ``reduction="sum"`` keeps Eq. 2's plain Frobenius form. The
+number of valid token positions V of the batch (``Σ_b`` valid tokens of one part) and, with the
+default ``reduction="element"``, by the width d too — a mean over valid elements, so the loss
+grows neither with the image size nor with d and sits on the scale of DETR's losses (about 2 per
+layer for unrelated standardised sequences; with λ_seq = 1 and the per-channel sum instead, SA
+outweighed TA and the GT loss 20:1 on the demo's d = 64, and would 4× more at d = 256).
+``reduction="token"`` keeps the per-channel sum; ``reduction="sum"`` is Eq. 2's plain Frobenius form. The
 1/N of Eq. 2 is always applied, whether the student is extended (N·n tokens) or compressed
 (n tokens).
 """
@@ -25,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 EPS = 1e-5
-REDUCTIONS = ("token", "sum")
+REDUCTIONS = ("element", "token", "sum")
 
 
 def _valid(mask: Tensor | None, shape: torch.Size, device) -> Tensor:
@@ -205,8 +209,10 @@ def sa_loss(
         else:
             raise ValueError(f"{name}: unsupported shapes student {tuple(s.shape)}, teacher {tuple(t.shape)}")
         value = frob / num_parts
-        if reduction == "token":
+        if reduction in ("token", "element"):
             value = value / valid.sum().clamp(min=1).to(value.dtype)
+        if reduction == "element":
+            value = value / s.shape[-1]
         values[name] = value
     total = torch.stack(list(values.values())).sum()
     return total, values
@@ -291,8 +297,10 @@ def sag_loss(
             stats = channel_stats(target, ~valid, eps)
             s, target = standardize(s, stats=stats), standardize(target, stats=stats)
         value = _sq_error(s, target, valid)
-        if reduction == "token":
+        if reduction in ("token", "element"):
             value = value / valid.sum().clamp(min=1).to(value.dtype)
+        if reduction == "element":
+            value = value / s.shape[-1]
         values[name] = value
     total = torch.stack(list(values.values())).sum()
     return total, values
