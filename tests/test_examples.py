@@ -1,0 +1,225 @@
+"""examples/: the paper's runs as configs and scripts.
+
+Every YAML loads with the loader its command uses; the configs carry the paper's settings; every
+kacli subcommand and option that the scripts and the README use exists in the CLI; the scripts
+parse, and refuse to start (exit 2, one clear line) when an input is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import typer
+
+from kacli.amalgamate import load_amalgamate_config
+from kacli.cli import app
+from kacli.data.schemes import PRESETS as SCHEMES
+from kacli.teacher import load_run_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = sorted(EXAMPLES.glob("run_*.sh"))
+README = EXAMPLES / "README.md"
+RUN_DIRS = ("voc-2", "voc-4", "coco-2")
+
+# Options on script/README lines that belong to other programs.
+FOREIGN_OPTIONS = {"--nproc-per-node", "--help"}
+INVOCATION = re.compile(r"(?<![\w$/-])kacli(?:_dist)?[ \t]+([a-z][a-z0-9-]*)")
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+@pytest.fixture(scope="module")
+def cli_options() -> dict[str, set[str]]:
+    """Subcommand → its long options, from the Typer app itself."""
+    group = typer.main.get_command(app)
+    return {
+        name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+        for name, cmd in group.commands.items()
+    }
+
+
+def logical_lines(text: str) -> list[str]:
+    """Lines with backslash continuations joined (shell and README code blocks)."""
+    return text.replace("\\\n", " ").splitlines()
+
+
+def readme_code(text: str) -> str:
+    """The fenced code blocks and inline code spans of a Markdown file."""
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+    prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+    spans = re.findall(r"`([^`\n]+)`", prose)
+    return "\n".join(blocks + spans)
+
+
+def invocations(text: str) -> list[tuple[str, list[str], str]]:
+    """``(subcommand, [--options], line)`` for every ``kacli SUB ...`` / ``kacli_dist SUB ...``."""
+    found = []
+    for line in logical_lines(text):
+        hits = list(INVOCATION.finditer(line))
+        for i, m in enumerate(hits):
+            end = hits[i + 1].start() if i + 1 < len(hits) else len(line)
+            found.append((m.group(1), OPTION.findall(line[m.end():end]), line.strip()))
+    return found
+
+
+def script_default(script: Path, name: str) -> str:
+    """The value a script assigns to ``NAME`` (``NAME=value`` or ``NAME=${NAME:-value}``)."""
+    m = re.search(rf"^{name}=(?:\$\{{{name}:-)?([^}}\n]*)\}}?$", script.read_text(), flags=re.M)
+    assert m, f"{script.name} sets no {name}"
+    return m.group(1)
+
+
+def test_examples_hold_the_three_runs():
+    assert [s.name for s in SCRIPTS] == ["run_coco2.sh", "run_voc2.sh", "run_voc4.sh"]
+    for d in RUN_DIRS:
+        assert sorted(p.name for p in (EXAMPLES / d).glob("*.yaml")) == ["student.yaml", "teacher.yaml"]
+    assert README.is_file()
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_every_yaml_loads_with_its_loader(path):
+    if path.name == "teacher.yaml":
+        cfg = load_run_config(path, {})
+        assert cfg.model.backbone == "resnet50"
+    elif path.name == "student.yaml":
+        cfg = load_amalgamate_config(path)
+        assert cfg.method == "ka" and cfg.compress == "none"
+    else:
+        pytest.fail(f"{path}: neither a teacher.yaml nor a student.yaml")
+
+
+# run dir → (teacher epochs, lr drop; student passes, lr drop in passes; longer side; default views)
+PAPER = {
+    "voc-2": (200, 133, 150, 100, 512, 5),
+    "voc-4": (200, 133, 150, 100, 512, 5),
+    "coco-2": (150, 100, 60, 50, 1000, 2),
+}
+
+
+@pytest.mark.parametrize("run", RUN_DIRS)
+def test_configs_carry_the_papers_settings(run):
+    t_epochs, t_drop, passes, drop_passes, max_size, views = PAPER[run]
+    teacher = load_run_config(EXAMPLES / run / "teacher.yaml", {})
+    student = load_amalgamate_config(EXAMPLES / run / "student.yaml")
+    script = EXAMPLES / f"run_{run.replace('-', '')}.sh"
+    assert int(script_default(script, "VIEWS")) == views
+    # One amalgamate epoch visits every cached view of every image.
+    assert student.train.epochs * views == passes
+    assert student.train.lr_drop * views == drop_passes
+    assert (teacher.train.epochs, teacher.train.lr_drop) == (t_epochs, t_drop)
+    assert teacher.aug.max_size == max_size
+    for cfg in (teacher.train, student.train):
+        assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.amp) == (32, 1e-4, 1e-4, True)
+    assert (student.lambda_seq, student.lambda_task, student.lambda_d) == (1.0, 1.0, 0.1)
+    assert tuple(student.ta.alpha) == (1.0, 5.0, 2.0) and student.sa.normalize
+    # The cache refuses a student whose width or depth differs; ours equals the teachers' model.
+    assert student.model == teacher.model
+    assert teacher.model.pre_norm and teacher.model.num_queries == 100 and teacher.model.d_model == 256
+
+
+def test_voc_evaluation_size_gives_the_papers_flops_scale():
+    # DETR's recipe scaled by 512/1333: every size, rounded (see the teacher.yaml comments).
+    aug = load_run_config(EXAMPLES / "voc-2" / "teacher.yaml", {}).aug
+    scale = 512 / 1333
+    assert aug.scales == tuple(round(s * scale) for s in range(480, 801, 32))
+    assert aug.crop_scales == tuple(round(s * scale) for s in (400, 500, 600)) == (154, 192, 230)
+    assert (aug.crop_min, aug.crop_max) == (round(384 * scale), round(600 * scale))
+    assert (aug.max_size, aug.eval_size) == (512, round(800 * scale)) == (512, 307)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_names_a_preset_and_its_tasks(script):
+    scheme = script_default(script, "SCHEME")
+    assert scheme in SCHEMES
+    tasks = re.search(r"^TASK_NAMES=\(([^)]*)\)$", script.read_text(), flags=re.M).group(1).split()
+    assert tasks == list(SCHEMES[scheme])
+    assert script_default(script, "CONFIGS") == f"$here/{scheme}"
+
+
+@pytest.mark.parametrize("path", [*SCRIPTS, README], ids=lambda p: p.name)
+def test_every_kacli_command_and_option_exists(path, cli_options):
+    text = path.read_text()
+    code = readme_code(text) if path.suffix == ".md" else text
+    calls = invocations(code)
+    assert len(calls) >= 10, calls  # the whole pipeline is there
+    for sub, opts, line in calls:
+        assert sub in cli_options, f"{path.name}: no kacli subcommand {sub!r}: {line}"
+        unknown = [o for o in opts if o not in cli_options[sub]]
+        assert not unknown, f"{path.name}: kacli {sub} has no {unknown}: {line}"
+    every = set().union(*cli_options.values()) | FOREIGN_OPTIONS
+    stray = sorted(set(OPTION.findall(text)) - every)
+    assert not stray, f"{path.name}: options no kacli command has: {stray}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_runs_every_stage(script, cli_options):
+    subs = [sub for sub, _, _ in invocations(script.read_text())]
+    for needed in ("split-tasks", "import-checkpoint", "train-teacher", "cache-teachers", "amalgamate", "eval", "report"):
+        assert needed in subs, (script.name, needed)
+    text = logical_lines(script.read_text())
+    amalgamate = [line for line in text if re.search(r"kacli_dist amalgamate", line)]
+    assert len(amalgamate) == 3
+    assert sum("--compress redundancy" in line for line in amalgamate) == 1
+    assert sum("--method raw" in line for line in amalgamate) == 1
+    assert any(re.search(r'kacli eval "\$\{ensemble\[@\]\}"', line) for line in text)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def _run(script: Path, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd)}
+    return subprocess.run(["bash", str(script)], env={**base, **env}, cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "script,root_var",
+    [("run_voc2.sh", "VOC_ROOT"), ("run_voc4.sh", "VOC_ROOT"), ("run_coco2.sh", "COCO_ROOT")],
+)
+def test_script_refuses_missing_inputs(script, root_var, tmp_path):
+    script = EXAMPLES / script
+    res = _run(script, {}, tmp_path)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith(f"error: {root_var} is not set")
+
+    # A dataset folder without the expected layout is named in the message.
+    (tmp_path / "data").mkdir()
+    res = _run(script, {root_var: str(tmp_path / "data"), "INIT_CKPT": "x", "BACKBONE_WEIGHTS": "y"}, tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    expected = "VOC2007/Annotations" if root_var == "VOC_ROOT" else "annotations/instances_train2017.json"
+    assert f"{tmp_path / 'data'}/{expected}" in res.stderr
+
+    # Weight files that do not exist are named; nothing was created.
+    voc = {"VOC2007": ("trainval", "test"), "VOC2012": ("trainval",)}
+    if root_var == "VOC_ROOT":
+        for year, splits in voc.items():
+            for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+                (tmp_path / "data" / year / d).mkdir(parents=True)
+            for s in splits:
+                (tmp_path / "data" / year / "ImageSets/Main" / f"{s}.txt").write_text("000001\n")
+    else:
+        (tmp_path / "data" / "annotations").mkdir()
+        for s in ("train", "val"):
+            (tmp_path / "data" / "annotations" / f"instances_{s}2017.json").write_text("{}")
+            (tmp_path / "data" / f"{s}2017").mkdir()
+    env = {root_var: str(tmp_path / "data"), "INIT_CKPT": str(tmp_path / "updetr.pth"), "BACKBONE_WEIGHTS": "y",
+           "KACLI": "true"}
+    res = _run(script, env, tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: {tmp_path / 'updetr.pth'}: INIT_CKPT names no file"
+    assert not (tmp_path / "runs").exists()
+
+    (tmp_path / "updetr.pth").write_bytes(b"")
+    (tmp_path / "swav.pth").write_bytes(b"")
+    env.update(BACKBONE_WEIGHTS=str(tmp_path / "swav.pth"), GPUS="3")
+    res = _run(script, env, tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: TOTAL_BATCH 32 is not divisible by GPUS 3"
+    assert not (tmp_path / "runs").exists()
