@@ -323,3 +323,34 @@ def test_element_reduction_is_the_token_reduction_over_d():
     ele, parts = sa_loss(s, t, mask, num_parts=2, reduction="element")
     assert ele.item() == pytest.approx(tok.item() / 8, rel=1e-6)
     assert SAConfig().reduction == "element"
+
+
+def test_batched_matching_of_all_heads_equals_matching_each_image_alone():
+    """match_heads builds one cost matrix for every decoder output and image of the batch; each
+    image's assignment must be the one it gets when matched alone (whose optimality the
+    hand-built cases above check by enumeration), images without targets included."""
+    g = torch.Generator().manual_seed(3)
+    C, B, Q = 5, 3, 4
+    crit = TaskAmalgamationLoss(C, threshold=0.3)
+    logits = [torch.randn(B, 6, 3, generator=g) * 3, torch.randn(B, 5, 4, generator=g) * 3]
+    boxes = [torch.rand(B, 6, 4, generator=g) * 0.5 + 0.25, torch.rand(B, 5, 4, generator=g) * 0.5 + 0.25]
+    logits[0][2] = -10.0  # image 2: no confident target from teacher 0
+    logits[1][2] = -10.0
+    logits[0][2, :, -1] = 10.0
+    logits[1][2, :, -1] = 10.0
+    idx = [torch.tensor([0, 2]), torch.tensor([1, 3, 4])]
+    targets = crit.prepare_targets(logits, boxes, idx)
+    assert targets[2]["conf"].numel() == 0 and targets[0]["conf"].numel() > 0
+    heads = [{"pred_logits": torch.randn(B, Q, C + 1, generator=g),
+              "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25} for _ in range(3)]
+    batched = crit.match_heads(heads, targets)
+    for h, head in enumerate(heads):
+        for b in range(B):
+            rows, cols = batched[h][b]
+            m = targets[b]["conf"].numel()
+            assert len(rows) == min(Q, m)
+            if m == 0:
+                continue
+            one = {"pred_logits": head["pred_logits"][b:b + 1], "pred_boxes": head["pred_boxes"][b:b + 1]}
+            r1, c1 = crit.match(one, [targets[b]])[0]
+            assert torch.equal(rows, r1) and torch.equal(cols, c1)

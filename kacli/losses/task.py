@@ -218,28 +218,54 @@ class TaskAmalgamationLoss(nn.Module):
     @torch.no_grad()
     def match(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """Hungarian matching (Eq. 9–10), per image ``(src query indices, target indices)``."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        return self.match_heads([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_heads(
+        self, heads: Sequence[dict[str, Tensor]], targets: list[dict[str, Tensor]]
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """:meth:`match` for several decoder outputs at once (the final one and the auxiliary ones).
+
+        The cost of every (head, image, query) against every pooled target of the batch is computed
+        in one go — ``(L·B·Q, M_total)``, few large operations instead of many small ones per image —
+        and each image's block is then assigned by scipy. Returns ``[head][image] → (rows, cols)``.
+        """
+        empty = torch.empty(0, dtype=torch.long)
+        sizes = [int(t["conf"].shape[0]) for t in targets]
+        n_heads, n_img = len(heads), len(targets)
+        if sum(sizes) == 0:
+            return [[(empty, empty) for _ in range(n_img)] for _ in range(n_heads)]
+        logits = torch.stack([h["pred_logits"] for h in heads]).float()  # (L, B, Q, C+1)
+        boxes = torch.stack([h["pred_boxes"] for h in heads]).float()  # (L, B, Q, 4)
+        n_q = logits.shape[2]
+        device = logits.device
         a_kl, a_l1, a_giou = self.alpha
         temp = self.temperature
-        indices = []
-        for b, tgt in enumerate(targets):
-            m = tgt["conf"].shape[0]
-            if m == 0:
-                empty = torch.empty(0, dtype=torch.long)
-                indices.append((empty, empty))
-                continue
-            log_pred = torch.log_softmax(logits[b].float() / temp, dim=-1)
-            pred_boxes = boxes[b].float()
-            cost_kl = _kl_matrix(tgt["soft"].to(log_pred.device), log_pred) * temp**2
-            tgt_boxes = tgt["boxes"].to(pred_boxes.device)
-            cost_l1 = torch.cdist(pred_boxes, tgt_boxes, p=1)
-            giou = generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
-                                       box_convert(tgt_boxes, "cxcywh", "xyxy"))
-            cost = (a_kl * cost_kl + a_l1 * cost_l1 + a_giou * (1.0 - giou)
-                    - self.alpha_conf * tgt["conf"].to(pred_boxes.device)[None, :])
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
-        return indices
+        soft = torch.cat([t["soft"] for t in targets]).to(device).float()
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()
+        conf = torch.cat([t["conf"] for t in targets]).to(device).float()
+        log_pred = torch.log_softmax(logits / temp, dim=-1).flatten(0, 2)
+        pred_boxes = boxes.flatten(0, 2)
+        cost = (
+            a_kl * _kl_matrix(soft, log_pred) * temp**2
+            + a_l1 * torch.cdist(pred_boxes, tgt_boxes, p=1)
+            + a_giou * (1.0 - generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
+                                                  box_convert(tgt_boxes, "cxcywh", "xyxy")))
+            - self.alpha_conf * conf[None, :]
+        )
+        cost = cost.view(n_heads, n_img, n_q, -1).cpu()
+        blocks = cost.split(sizes, dim=-1)
+        out = []
+        for h in range(n_heads):
+            per_image = []
+            for b in range(n_img):
+                if sizes[b] == 0:
+                    per_image.append((empty, empty))
+                    continue
+                rows, cols = linear_sum_assignment(blocks[b][h, b].numpy())
+                per_image.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+            out.append(per_image)
+        return out
 
     def num_pairs(self, targets: list[dict[str, Tensor]], num_queries: int, device) -> Tensor:
         """Matched pairs in the batch (``Σ_b min(Q, M_b)``), averaged over ranks, at least 1."""
@@ -302,8 +328,8 @@ class TaskAmalgamationLoss(nn.Module):
         losses: dict[str, Tensor] = {}
         total = logits.new_zeros((), dtype=torch.float32)
         heads = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
-        for suffix, out in heads:
-            indices = self.match(out, targets)
+        all_indices = self.match_heads([out for _, out in heads], targets)
+        for (suffix, out), indices in zip(heads, all_indices):
             terms = self.pair_losses(out, targets, indices, num)
             for key, value in terms.items():
                 losses[f"loss_ta_{key}{suffix}"] = value
