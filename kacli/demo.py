@@ -28,8 +28,8 @@ DESIGN_MINUTES = 12.0
 RECIPE = {
     "train_images": 2000,
     "val_images": 300,
-    "teacher_epochs": 12,
-    "student_epochs": 8,
+    "teacher_epochs": 24,
+    "student_epochs": 16,
     "views": 1,
 }
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from kacli.data.demo_data import (
     CATEGORIES,
+    MAX_SHAPES,
     MAX_SIZE,
     MIN_SIZE,
     _draw_shape,
@@ -49,21 +50,21 @@ def test_same_seed_same_bytes(tmp_path):
 
 
 def test_counts_boxes_and_pixels(tmp_path):
-    s = make_demo_data(tmp_path / "demo", train_images=40, val_images=10, seed=0, size=128, progress=False)
+    s = make_demo_data(tmp_path / "demo", train_images=40, val_images=10, seed=0, progress=False)
     for split, n in (("train", 40), ("val", 10)):
         d = json.loads((tmp_path / "demo" / f"{split}.json").read_text())
         assert d["categories"] == CATEGORIES
         assert [im["id"] for im in d["images"]] == list(range(1, n + 1))
         assert len(d["annotations"]) == s["splits"][split]["annotations"]
         per_image = np.bincount([a["image_id"] for a in d["annotations"]], minlength=n + 1)[1:]
-        assert per_image.min() >= 1 and per_image.max() <= 4
+        assert per_image.min() >= 1 and per_image.max() <= MAX_SHAPES == 3
         for im in d["images"]:
             path = tmp_path / "demo" / "images" / im["file_name"]
-            assert Image.open(path).size == (128, 128) and im["width"] == im["height"] == 128
+            assert Image.open(path).size == (64, 64) and im["width"] == im["height"] == 64  # the default size
         boxes = {}
         for a in d["annotations"]:
             x, y, w, h = a["bbox"]
-            assert x >= 0 and y >= 0 and x + w <= 128 and y + h <= 128
+            assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
             assert MIN_SIZE - 2 <= max(w, h) and min(w, h) >= MIN_SIZE - 2 and max(w, h) <= MAX_SIZE
             assert a["area"] == w * h and a["iscrowd"] == 0
             boxes.setdefault(a["image_id"], []).append((x, y, w, h))
@@ -92,13 +93,19 @@ def test_shapes_fill_their_box_and_differ(w, h):
             assert (masks[a] != masks[b]).sum() >= 0.08 * w * h, (a, b)  # no two shapes alike
 
 
-def test_render_boxes_hold_shape_colour():
-    pixels, objects = render_image(np.random.default_rng([0, 0, 5]), 128)
-    assert 1 <= len(objects) <= 4
+def test_render_boxes_hold_shape_colour_on_a_plain_backdrop():
+    pixels, objects = render_image(np.random.default_rng([0, 0, 5]))
+    assert pixels.shape == (64, 64, 3) and 1 <= len(objects) <= 3
+    outside = np.ones((64, 64), dtype=bool)
     for _cid, (x, y, w, h) in objects:
         inside = pixels[y : y + h, x : x + w].astype(float)
-        # A shape's colour is ≥100 away from the background base, so its box varies strongly.
+        # A shape's colour is ≥100 away from the backdrop, so its box varies strongly.
         assert np.linalg.norm(inside.reshape(-1, 3).std(axis=0)) > 20
+        outside[y : y + h, x : x + w] = False
+    # Outside the boxes: one grey (128 ± 10 per channel) with pixel noise of std 4.
+    bg = pixels[outside].astype(float)
+    assert np.all(np.abs(np.median(bg, axis=0) - 128) <= 10.5)
+    assert np.all(np.abs(bg.std(axis=0) - 4) < 0.5)
 
 
 def test_demo_partition_and_tasks_yaml(tmp_path):
@@ -126,6 +133,6 @@ def test_cli(cli, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert "train" in r.stdout and (out / "train.json").is_file() and len(list((out / "images" / "val").iterdir())) == 2
     assert_one_line_error(cli("make-demo-data", "--out", out, "--train-images", 5), str(out), "--force")
-    assert_one_line_error(cli("make-demo-data", "--out", tmp_path / "x", "--size", 64), "--size must be at least")
+    assert_one_line_error(cli("make-demo-data", "--out", tmp_path / "x", "--size", 48), "--size must be at least")
     assert cli("make-demo-data", "--out", out, "--train-images", 3, "--val-images", 1, "--force").exit_code == 0
     assert len(json.loads((out / "train.json").read_text())["images"]) == 3

@@ -31,7 +31,7 @@ def test_presets_and_config_round_trip():
     assert (r50.backbone, r50.d_model, r50.nheads, r50.enc_layers, r50.dec_layers) == ("resnet50", 256, 8, 6, 6)
     assert (r50.dim_feedforward, r50.num_queries, r50.dropout, r50.pre_norm) == (2048, 100, 0.1, False)
     assert (tiny.backbone, tiny.d_model, tiny.nheads, tiny.enc_layers, tiny.dec_layers) == ("tiny", 64, 4, 3, 3)
-    assert (tiny.dim_feedforward, tiny.num_queries, tiny.dropout, tiny.pre_norm) == (256, 10, 0.0, True)
+    assert (tiny.dim_feedforward, tiny.num_queries, tiny.dropout, tiny.pre_norm) == (256, 5, 0.0, True)
     assert tiny.tiny_widths == (16, 32, 64, 128)
     d = tiny.to_dict()
     assert d["tiny_widths"] == [16, 32, 64, 128]
@@ -40,7 +40,7 @@ def test_presets_and_config_round_trip():
     assert over.dec_layers == 2 and over.tiny_widths == (8, 8, 16, 16) and over.d_model == 64
     # model_config returns a copy: editing it leaves the preset alone.
     tiny.num_queries = 3
-    assert PRESETS["tiny"].num_queries == 10
+    assert PRESETS["tiny"].num_queries == 5
 
 
 @pytest.mark.parametrize(

@@ -34,12 +34,17 @@ def unnormalise(img: torch.Tensor) -> torch.Tensor:
 
 # -- replay --------------------------------------------------------------------------------------
 
+# A small multi-scale, cropping augmentation (the demo preset uses neither, so it would not
+# exercise crops).
+CROPPING = AugConfig(scales=(112, 120, 128, 136, 144), max_size=192, crop_scales=(96, 112, 128),
+                     crop_min=96, crop_max=128, eval_size=128)
+
 
 def test_same_view_gives_identical_tensor_and_list_roundtrip():
     image = textured(97, 131)
     boxes = torch.tensor([[10.0, 5.0, 60.0, 40.0], [90.0, 70.0, 130.0, 96.0]])
     g = torch.Generator().manual_seed(3)
-    views = [eval_view(97, 131, 128, 192)] + [sample_train_view(97, 131, AUG_PRESETS["demo"], g) for _ in range(12)]
+    views = [eval_view(97, 131, 128, 192)] + [sample_train_view(97, 131, CROPPING, g) for _ in range(12)]
     assert any(v.flip for v in views) and any(v.crop != (0, 0, 97, 131) for v in views)
     for v in views:
         a, ba, ka = apply_view(image, boxes, v)
@@ -146,7 +151,7 @@ def test_boxes_follow_the_bright_region_in_sampled_views():
     g = torch.Generator().manual_seed(7)
     checked = 0
     for _ in range(30):
-        v = sample_train_view(96, 128, AUG_PRESETS["demo"], g)
+        v = sample_train_view(96, 128, CROPPING, g)
         out, b, keep = apply_view(image, boxes, v)
         if not keep.item():
             continue
@@ -230,7 +235,7 @@ def test_sample_train_view_without_augmentation():
 
 def test_aug_presets():
     demo = AUG_PRESETS["demo"]
-    assert demo.scales == (112, 120, 128, 136, 144) and demo.max_size == 192 and demo.eval_size == 128
+    assert demo.scales == (64,) and demo.max_size == 64 and demo.eval_size == 64 and demo.crop_p == 0.0
     assert AUG_PRESETS["detr"].scales == tuple(range(480, 801, 32)) and AUG_PRESETS["detr"].max_size == 1333
     with pytest.raises(KacliError, match="flip_p"):
         AugConfig(flip_p=1.5)

@@ -95,7 +95,7 @@ def make_demo_data(
     train_images: int = typer.Option(2000, "--train-images", min=1, help="Training images."),
     val_images: int = typer.Option(300, "--val-images", min=0, help="Validation images."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
-    size: int = typer.Option(128, "--size", metavar="PX", help="Image side in pixels."),
+    size: int = typer.Option(64, "--size", metavar="PX", help="Image side in pixels."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ):
     """Generate the demo dataset: synthetic shapes of 8 categories in COCO format.

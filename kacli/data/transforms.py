@@ -92,7 +92,7 @@ class View:
 
 @dataclass
 class AugConfig:
-    """Augmentation settings (DETR's by default; :data:`AUG_PRESETS` has a 128-px demo one).
+    """Augmentation settings (DETR's by default; :data:`AUG_PRESETS` has the 64-px demo's).
 
     Attributes:
         scales: shorter-side sizes for the multi-scale training resize.
@@ -134,13 +134,17 @@ class AugConfig:
 
 AUG_PRESETS: dict[str, AugConfig] = {
     "detr": AugConfig(),
+    # The demo's 64-px images as they are, mirrored half the time: no rescaling and no crops, so
+    # every batch is one size (no padding) and views are cheap to replay (docs/DEMO.md).
     "demo": AugConfig(
-        scales=(112, 120, 128, 136, 144),
-        max_size=192,
-        crop_scales=(96, 112, 128),
-        crop_min=96,
-        crop_max=128,
-        eval_size=128,
+        scales=(64,),
+        max_size=64,
+        crop_scales=(64,),
+        crop_min=64,
+        crop_max=64,
+        flip_p=0.5,
+        crop_p=0.0,
+        eval_size=64,
     ),
 }
 
