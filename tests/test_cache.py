@@ -46,7 +46,8 @@ AUG_CROP = AugConfig(  # crops, and view sizes that are not multiples of 16
     eval_size=50,
 )
 VIEWS, BATCH = 3, 4  # 12 images → 36 entries → 9 batches
-ARCH = {"d_model": 32, "nheads": 2, "enc_layers": 2, "dec_layers": 1, "dim_feedforward": 64, "tiny_widths": [8, 8, 16, 16]}
+ARCH = {"d_model": 32, "nheads": 2, "enc_layers": 2, "dec_layers": 1, "dim_feedforward": 64, "tiny_widths": [8, 8, 16, 16],
+        "num_queries": 10}
 LAYERS = ["proj", "enc1", "enc2"]
 
 
