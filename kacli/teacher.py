@@ -40,13 +40,13 @@ RUN_PRESETS: dict[str, DetrRunConfig] = {
     # The paper's setting: DETR-R50 fine-tuned (UP-DETR schedule: 150 epochs, drop at 100).
     "detr-r50": DetrRunConfig(model=MODEL_PRESETS["detr-r50"], aug=AUG_PRESETS["detr"], train=TrainConfig()),
     # For 2 CPU cores: a 0.47 M-parameter DETR on the demo's 64-px images, trained from scratch,
-    # so the backbone learns at the same rate as the rest; 24 epochs of the 2,000 demo images
-    # (1,488 steps of 32) take about 2 minutes. docs/DEMO.md says how it was chosen.
+    # so the backbone learns at the same rate as the rest; 32 epochs of the 2,000 demo images
+    # (1,984 steps of 32) take about 2.5 minutes. docs/DEMO.md says how it was chosen.
     "tiny": DetrRunConfig(
         model=MODEL_PRESETS["tiny"],
         aug=AUG_PRESETS["demo"],
         train=TrainConfig(
-            epochs=24, batch_size=32, lr=1e-3, lr_backbone=1e-3, weight_decay=1e-4, lr_drop=1000,
+            epochs=32, batch_size=32, lr=1e-3, lr_backbone=1e-3, weight_decay=1e-4, lr_drop=1000,
             clip_max_norm=0.1, workers=0, eval_every=4,
         ),
     ),
