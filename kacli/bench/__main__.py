@@ -16,6 +16,9 @@ import torch
 from kacli.fsutil import atomic_file
 
 SUITES = ["cache_bench", "amalgamate_bench"]
+# Sections after this line in the existing file (measurements of whole runs, such as the demo's)
+# are kept when the benchmarks are rewritten.
+KEEP_MARKER = "<!-- sections below are kept by make bench -->"
 
 
 def machine() -> str:
@@ -62,8 +65,14 @@ def main(argv=None) -> int:
         importlib.import_module(f"kacli.bench.{name}").run(lines)
         lines.append(f"_({name} took {time.perf_counter() - t0:.0f} s)_")
         lines.append("")
+    kept = ""
+    if os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            old = f.read()
+        if KEEP_MARKER in old:
+            kept = old[old.index(KEEP_MARKER):]
     with atomic_file(args.out, encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
