@@ -119,6 +119,16 @@ def _sq_error(s: Tensor, t: Tensor, valid: Tensor) -> Tensor:
     return sq.masked_fill(~valid, 0.0).sum()
 
 
+def _reduce(value: Tensor, valid: Tensor, d: int, reduction: str) -> Tensor:
+    """A layer's squared error → the chosen reduction: ``sum`` as is, ``token`` per valid token
+    position, ``element`` per valid token and channel."""
+    if reduction in ("token", "element"):
+        value = value / valid.sum().clamp(min=1).to(value.dtype)
+    if reduction == "element":
+        value = value / d
+    return value
+
+
 def sa_loss(
     student: Sequence[Tensor],
     teacher: Sequence[Tensor],
@@ -208,12 +218,7 @@ def sa_loss(
             frob = _sq_error(s, t, valid)
         else:
             raise ValueError(f"{name}: unsupported shapes student {tuple(s.shape)}, teacher {tuple(t.shape)}")
-        value = frob / num_parts
-        if reduction in ("token", "element"):
-            value = value / valid.sum().clamp(min=1).to(value.dtype)
-        if reduction == "element":
-            value = value / s.shape[-1]
-        values[name] = value
+        values[name] = _reduce(frob / num_parts, valid, s.shape[-1], reduction)
     total = torch.stack(list(values.values())).sum()
     return total, values
 
@@ -296,11 +301,6 @@ def sag_loss(
         if normalize:
             stats = channel_stats(target, ~valid, eps)
             s, target = standardize(s, stats=stats), standardize(target, stats=stats)
-        value = _sq_error(s, target, valid)
-        if reduction in ("token", "element"):
-            value = value / valid.sum().clamp(min=1).to(value.dtype)
-        if reduction == "element":
-            value = value / s.shape[-1]
-        values[name] = value
+        values[name] = _reduce(_sq_error(s, target, valid), valid, s.shape[-1], reduction)
     total = torch.stack(list(values.values())).sum()
     return total, values
