@@ -113,6 +113,12 @@ class AmalgamateConfig:
         method: ``ka``, ``raw``, ``raw-ext`` or ``sag`` (see the module docstring).
         compress: sequence compression of the extended student (``ka``, ``raw-ext``).
         compress_seed: seed of ``random`` compression at evaluation.
+        compress_guide: the fraction of the epochs, from the start, in which ``redundancy`` compression
+            picks the kept tokens from the teachers' projected sequences X_T; the remaining epochs
+            pick them from the student's own X_S, as evaluation does. 1.0 (the default) is the
+            paper's rule (X_T throughout training). The paper guides with X_T "because the student
+            has not converged yet"; once it has, training on its own selection removes the mismatch
+            between the tokens it was trained on and those it is evaluated on (docs/DEMO.md).
         lambda_seq, lambda_task, lambda_d: Eq. 12's weights of L_seq, L_task and the ground-truth loss.
         eos_coef: "no object" class weight of the ground-truth criterion.
     """
@@ -120,6 +126,7 @@ class AmalgamateConfig:
     method: Literal["ka", "raw", "raw-ext", "sag"] = "ka"
     compress: Literal["none", "redundancy", "isometric", "random"] = "none"
     compress_seed: int = 0
+    compress_guide: float = 1.0
     lambda_seq: float = 1.0
     lambda_task: float = 1.0
     lambda_d: float = 0.1
@@ -131,6 +138,8 @@ class AmalgamateConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        if not 0.0 <= self.compress_guide <= 1.0:
+            raise ConfigValueError("compress_guide", f"is a fraction of the epochs in [0, 1], got {self.compress_guide}")
         for name in ("lambda_seq", "lambda_task", "lambda_d", "eos_coef"):
             if getattr(self, name) < 0:
                 raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
@@ -221,7 +230,7 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str]) ->
         if num_teachers < 2:
             raise KacliError(f"--compress {cfg.compress} needs at least 2 teachers; the cache has {num_teachers}, "
                              "so there is nothing to compress")
-    if cfg.method == "ka" and cfg.compress == "redundancy" and "proj" not in layers:
+    if cfg.method == "ka" and cfg.compress == "redundancy" and cfg.compress_guide > 0 and "proj" not in layers:
         raise KacliError("redundancy compression chooses tokens from the teachers' projected sequences, but the "
                          f"cache holds only layers {', '.join(layers)} (re-cache with the 'proj' layer)")
     if cfg.method == "sag" and cfg.sa.enabled is False:
@@ -256,11 +265,17 @@ def check_architecture(model_cfg: ModelConfig, d_model: int, enc_layers: int, st
 
 def layer_outputs(out: dict, layers: list[str]) -> list[torch.Tensor]:
     """The student's tensors for the cached layer names: ``proj`` → ``enc_proj``, ``encI`` →
-    ``enc_layers[I-1]``."""
+    ``enc_layers[I-1]``.
+
+    A compressed student's ``proj`` is all N projected parts (``proj_parts``, B×N×n×d), not only the
+    kept tokens: compression happens after the projection, so the whole extended X_S exists, and at
+    evaluation the kept parts are chosen from X_S's redundancy. Supervising only the kept tokens
+    leaves the others free, and a selection made from them disagrees with the teachers' one the
+    student was trained on (docs/DEMO.md measures the cost)."""
     picked = []
     for name in layers:
         if name == "proj":
-            picked.append(out["enc_proj"])
+            picked.append(out.get("proj_parts", out["enc_proj"]))
         elif name.startswith("enc") and name[3:].isdigit():
             picked.append(out["enc_layers"][int(name[3:]) - 1])
         else:
@@ -305,12 +320,19 @@ class AmalgamationObjective(nn.Module):
             raise ValueError("method sag needs its SAGProjection")
         self.sag_proj = sag_proj
         self.proj_layer = self.layers.index("proj") if "proj" in self.layers else None
+        self.guided = cfg.compress_guide > 0
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before each epoch (0-based): ``redundancy`` compression is guided
+        by the teachers' X_T while ``epoch < round(compress_guide · epochs)``."""
+        self.guided = epoch < round(self.cfg.compress_guide * epochs)
 
     @property
     def needs_teacher(self) -> bool:
         """Whether the batch must carry the teachers' outputs (a loss reads them, or ``ka``'s
         redundancy compression chooses tokens from the teachers' projected sequences)."""
-        picks = self.method == "ka" and self.cfg.compress == "redundancy" and self.proj_layer is not None
+        picks = (self.method == "ka" and self.cfg.compress == "redundancy" and self.proj_layer is not None
+                 and self.cfg.compress_guide > 0)
         return self.use_seq or self.use_task or picks
 
     def forward(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -322,7 +344,7 @@ class AmalgamationObjective(nn.Module):
         teacher = to_device(teacher, device) if (teacher is not None and self.needs_teacher) else None
         bare = model.module if hasattr(model, "module") else model
         compressed = getattr(bare, "compress", "none") != "none"
-        if compressed and teacher is not None and self.proj_layer is not None:
+        if compressed and self.guided and teacher is not None and self.proj_layer is not None:
             out = model(images, mask, teacher_proj=teacher["seqs"][:, :, self.proj_layer])
         else:
             out = model(images, mask)

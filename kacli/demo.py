@@ -32,6 +32,9 @@ RECIPE = {
     "teacher_epochs": 32,
     "student_epochs": 12,
     "views": 1,
+    # The slim student picks its tokens from the teachers' sequences for the first third of its
+    # epochs, then from its own (docs/DEMO.md, "The slim student").
+    "slim_compress_guide": 0.33,
 }
 
 
@@ -173,7 +176,8 @@ def run_demo(
         student_overrides = {"train.epochs": student_epochs, "train.seed": seed, "train.eval_every": 2}
         plans = [
             ("student", {"method": "ka", "compress": "none"}),
-            ("student-slim", {"method": "ka", "compress": "redundancy"}),
+            ("student-slim", {"method": "ka", "compress": "redundancy",
+                              "compress_guide": RECIPE["slim_compress_guide"]}),
             ("raw", {"method": "raw"}),
         ]
         for name, over in plans:

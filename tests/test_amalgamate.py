@@ -149,6 +149,53 @@ def test_sa_loss_is_zero_when_the_student_reproduces_the_teachers(setup):
     assert closs["sa_enc1"].item() > 1e-3
 
 
+def test_compressed_projection_is_supervised_on_every_part(setup):
+    """Evaluation picks tokens from the student's whole X_S, so SA on the projection covers the
+    tokens compression drops too, not only the kept ones."""
+    cache = TeacherCache(setup["cache"])
+    C = len(cache.label_map["ids"])
+    torch.manual_seed(0)
+    student = Student(model_config(MODEL), C, 2, "redundancy")
+    seen = {}
+    student.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    objective = AmalgamationObjective(_cfg(setup, {"compress": "redundancy"}), C, 2, cache.layer_names,
+                                      cache.class_index)
+    losses = objective(student, _batch(cache), torch.device("cpu"))
+    parts = seen["out"]["proj_parts"]  # (B, N, n, d)
+    parts.retain_grad()
+    losses["sa_proj"].backward()
+    dropped = torch.ones(parts.shape[:3], dtype=torch.bool)
+    dropped.scatter_(1, seen["out"]["part_idx"][:, None], False)
+    assert dropped.sum() == parts.shape[0] * parts.shape[2]  # one of two parts dropped per position
+    assert (parts.grad.abs().sum(-1)[dropped] > 0).all()
+
+
+def test_compress_guide_hands_token_choice_to_the_student(setup):
+    """compress_guide: the teachers' X_T picks the kept tokens in the first fraction of the
+    epochs, the student's own X_S afterwards (as at evaluation)."""
+    cache = TeacherCache(setup["cache"])
+    C = len(cache.label_map["ids"])
+    images, mask, targets, teacher = batch = _batch(cache)
+    torch.manual_seed(0)
+    student = Student(model_config(MODEL), C, 2, "redundancy")
+    seen = {}
+    student.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    objective = AmalgamationObjective(_cfg(setup, {"compress": "redundancy", "compress_guide": 0.5}), C, 2,
+                                      cache.layer_names, cache.class_index)
+    from_teachers = select_parts(teacher["seqs"][:, :, 0], None, "redundancy")
+    picks = []
+    for epoch in range(4):
+        objective.set_epoch(epoch, 4)
+        objective(student, batch, torch.device("cpu"))
+        out = seen["out"]
+        own = select_parts(out["proj_parts"].detach(), out["enc_mask"], "redundancy")
+        picks.append(out["part_idx"])
+        assert torch.equal(out["part_idx"], from_teachers if epoch < 2 else own), epoch
+    assert not torch.equal(picks[0], picks[3])  # a random student disagrees with its teachers
+    with pytest.raises(Exception, match="compress_guide"):
+        _cfg(setup, {"compress_guide": 1.5})
+
+
 def test_sag_projection_receives_gradients(setup):
     cache = TeacherCache(setup["cache"])
     C = len(cache.label_map["ids"])
@@ -196,13 +243,19 @@ def test_each_method_lowers_its_loss(setup, tmp_path, method):
     assert result["method"] == method
 
 
-def test_compressed_ka_from_the_cli_and_its_checkpoint_evaluates(cli, setup, tmp_path):
+def test_compressed_ka_from_the_cli_and_its_checkpoint_evaluates(cli, setup, tmp_path, monkeypatch):
     run = tmp_path / "ka-red"
+    calls = []
+    monkeypatch.setattr(AmalgamationObjective, "set_epoch",
+                        lambda self, epoch, epochs: calls.append((epoch, epochs)))
     r = cli("amalgamate", "--cache", setup["cache"], "--tasks", setup["manifest"].path, "--compress", "redundancy",
-            "--epochs", 2, "--batch-size", 6, "--gt-weight", 0.5, "--device", "cpu", "--out", run)
+            "--compress-guide", 0.5, "--epochs", 2, "--batch-size", 6, "--gt-weight", 0.5, "--device", "cpu",
+            "--out", run)
     assert r.exit_code == 0, r.stderr
+    assert calls == [(0, 2), (1, 2)]  # the trainer tells the objective every epoch
     ck = load_checkpoint(run / "last.pt")
     assert ck["arch"]["compress"] == "redundancy" and ck["meta"]["weights"]["lambda_d"] == 0.5
+    assert ck["config"]["compress_guide"] == 0.5
     assert [row["steps"] for row in _rows(run)] == [2, 2]
     model = build_model(ck).eval()
     with torch.no_grad():

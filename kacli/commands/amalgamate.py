@@ -49,6 +49,11 @@ def amalgamate_cmd(
     compress: Optional[str] = typer.Option(
         None, "--compress", show_default=False, help="none (default) | redundancy | isometric | random.",
     ),
+    compress_guide: Optional[float] = typer.Option(
+        None, "--compress-guide", metavar="F", show_default=False,
+        help="Fraction of the epochs in which redundancy compression picks tokens from the teachers' "
+        "sequences (default 1.0, the paper's rule); later epochs pick from the student's own, as evaluation does.",
+    ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr."),
@@ -68,6 +73,7 @@ def amalgamate_cmd(
     overrides = {
         "method": method,
         "compress": compress,
+        "compress_guide": compress_guide,
         "lambda_d": gt_weight,
         "sa.enabled": False if no_sa else None,
         "ta.enabled": False if no_ta else None,

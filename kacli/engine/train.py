@@ -242,6 +242,8 @@ class Trainer:
         with make_progress(unit="step") as progress:
             for epoch in range(start_epoch, s.epochs):
                 loader = self._loader(epoch)
+                if hasattr(self.loss_fn, "set_epoch"):
+                    self.loss_fn.set_epoch(epoch, s.epochs)
                 task = progress.add_task(f"{s.log_name} epoch {epoch + 1}/{s.epochs}", total=len(loader), info="")
                 self.model.train()
                 sums: dict[str, float] = defaultdict(float)

@@ -14,8 +14,9 @@ positional encoding repeated. The cost is linear in N (a dense masked attention 
 Compression (Alg. 1): with ``compress`` ≠ ``none`` the student keeps, for every position i, the
 i-th token of one part (:func:`kacli.models.compress.select_parts`), so the encoder and the
 decoder run on n tokens — the cost of a plain DETR plus N − 1 extra 1×1 projections. Training picks
-the parts from the teachers' projected sequences (``teacher_proj``), evaluation from the student's
-own; ``random`` uses a generator seeded with ``seed`` at evaluation, so it is deterministic.
+the parts from the teachers' projected sequences when given them (``teacher_proj``), otherwise
+(and always at evaluation) from the student's own; ``random`` uses a generator seeded with
+``seed`` at evaluation, so it is deterministic.
 
 With N = 1 and no compression the student computes exactly what :class:`~kacli.models.detr.DETR`
 does (its ``enc_*`` outputs carry a part axis of size 1).
