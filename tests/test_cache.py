@@ -227,8 +227,27 @@ def test_view_replay_is_bit_identical_and_matches_the_batch_the_teachers_saw(env
                 assert torch.equal(t["logits"][k], o["pred_logits"][j])
 
 
+def test_in_memory_and_on_disk_reads_are_identical(env, monkeypatch):
+    disk = TeacherCache(env.main, in_memory=False)
+    mem = TeacherCache(env.main, layers="proj,1,2", in_memory=True)
+    assert mem.in_memory and not disk.in_memory
+    for e in range(len(disk)):
+        (im_d, tg_d, t_d), (im_m, tg_m, t_m) = disk[e], mem[e]
+        assert torch.equal(im_d, im_m) and torch.equal(tg_d["boxes"], tg_m["boxes"])
+        assert torch.equal(t_d["seqs"], t_m["seqs"]) and t_d["hw"] == t_m["hw"]
+        for key in ("logits", "boxes"):
+            assert all(torch.equal(x, y) for x, y in zip(t_d[key], t_m[key]))
+    # a returned entry is a copy: changing it leaves the cache as it was
+    mem[0][2]["logits"][0].zero_()
+    assert torch.equal(mem[0][2]["logits"][0], disk[0][2]["logits"][0])
+    # the default holds a cache in memory only while it is small
+    assert TeacherCache(env.main).in_memory
+    monkeypatch.setattr("kacli.cache.reader.IN_MEMORY_BYTES", mem.selected_bytes() - 1)
+    assert not TeacherCache(env.main).in_memory
+
+
 def test_collate_cached_scatters_tokens_top_left(env):
-    cache = TeacherCache(env.main, layers="proj,2")
+    cache = TeacherCache(env.main, layers="proj,2", in_memory=False)
     items = [cache[e] for e in (0, 1, 2, 3)]
     assert {it[2]["hw"] for it in items} == {(4, 4), (3, 3)}  # mixed sizes in one batch
     images, mask, targets, t = collate_cached(items)

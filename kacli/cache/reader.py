@@ -23,6 +23,9 @@ from kacli.data.transforms import View
 from kacli.errors import KacliError
 
 
+IN_MEMORY_BYTES = 1 << 30  # caches up to 1 GiB (selected layers + logits + boxes) are held in memory
+
+
 class TeacherCache(Dataset):
     """The entries of a complete cache file, with their images and ground truth.
 
@@ -34,6 +37,10 @@ class TeacherCache(Dataset):
         layers: cached layers to return (``'all'``, ``'proj,1,3'`` or a list of names); default all cached.
         tasks: tasks.yaml to use instead of the path stored in the cache (sha256 must match).
         seq_dtype: dtype of the returned sequences (float32 by default).
+        in_memory: read the selected layers, logits and boxes into memory once (True), or read
+            every entry from the file (False). None (default): in memory when they take at most
+            :data:`IN_MEMORY_BYTES`. A small cache read per entry costs N·L + 2N HDF5 calls, a
+            fixed cost that outweighs a small model's training step; a large one stays on disk.
 
     Item ``e``: ``(image (3,h,w) float32, target, teacher)`` where ``target`` is
     :class:`CocoDetection`'s (labels index :attr:`label_map`) and ``teacher`` is
@@ -52,6 +59,7 @@ class TeacherCache(Dataset):
         layers: str | Sequence[str] | None = None,
         tasks: str | Path | None = None,
         seq_dtype: torch.dtype = torch.float32,
+        in_memory: bool | None = None,
     ):
         self.path = Path(path)
         with schema.open_h5(self.path, "r") as f:
@@ -108,6 +116,27 @@ class TeacherCache(Dataset):
         self._h5 = None
         self._pid = None
         self._ds = None
+        self._mem = None
+        if in_memory is None:
+            in_memory = self.selected_bytes() <= IN_MEMORY_BYTES
+        if in_memory:
+            ds = self._open()
+            self._mem = {key: [[d[...] for d in row] for row in val] if key == "seqs" else [d[...] for d in val]
+                         for key, val in ds.items()}
+            self.close()
+
+    def selected_bytes(self) -> int:
+        """Bytes of the selected layers, logits and boxes in the file (what ``in_memory`` holds)."""
+        ds = self._open()
+        try:
+            return sum(d.dtype.itemsize * int(np.prod(d.shape)) for row in ds["seqs"] for d in row) + sum(
+                d.dtype.itemsize * int(np.prod(d.shape)) for key in ("logits", "boxes") for d in ds[key])
+        finally:
+            self.close()
+
+    @property
+    def in_memory(self) -> bool:
+        return self._mem is not None
 
     # -- file handle per process ---------------------------------------------------------------
 
@@ -145,20 +174,26 @@ class TeacherCache(Dataset):
         """The cached teacher outputs of entry ``e`` (see the class docstring)."""
         if not 0 <= e < self.entries:
             raise IndexError(e)
-        ds = self._open()
         a, b = int(self.offsets[e]), int(self.offsets[e + 1])
         L, N = len(self.layer_names), self.num_teachers
         seqs = np.empty((N, L, b - a, self.d_model), dtype=np.dtype(schema.DTYPES[self.attrs["dtype"]]))
-        for k in range(N):
-            for j, d in enumerate(ds["seqs"][k]):
-                if b > a:
-                    d.read_direct(seqs, np.s_[a:b], np.s_[k, j])
+        if self._mem is not None:
+            ds = self._mem
+            for k in range(N):
+                for j, d in enumerate(ds["seqs"][k]):
+                    seqs[k, j] = d[a:b]
+        else:
+            ds = self._open()
+            for k in range(N):
+                for j, d in enumerate(ds["seqs"][k]):
+                    if b > a:
+                        d.read_direct(seqs, np.s_[a:b], np.s_[k, j])
         h, w = (int(v) for v in self.hw[e])
         return {
             "seqs": torch.from_numpy(seqs).to(self.seq_dtype),
             "hw": (h, w),
-            "logits": [torch.from_numpy(d[e]) for d in ds["logits"]],
-            "boxes": [torch.from_numpy(d[e]) for d in ds["boxes"]],
+            "logits": [torch.from_numpy(np.array(d[e])) for d in ds["logits"]],
+            "boxes": [torch.from_numpy(np.array(d[e])) for d in ds["boxes"]],
             "stride": self.stride,
             "entry": int(e),
         }
