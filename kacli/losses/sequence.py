@@ -84,26 +84,6 @@ def standardize(
     return (x.to(mean.dtype) - mean) / std
 
 
-def _part_stats(t: Tensor, valid: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-part, per-channel statistics of ``t (B, N, n, d)`` over valid ``(B, n)`` tokens.
-
-    Returns ``mean, std`` of shape ``(1, N, 1, d)``.
-    """
-    w = valid[:, None, :, None].to(t.dtype)
-    count = w.sum(dim=(0, 2), keepdim=True).clamp(min=1.0)
-    mean = (t * w).sum(dim=(0, 2), keepdim=True) / count
-    var = (((t - mean) * w) ** 2).sum(dim=(0, 2), keepdim=True) / count
-    return mean, torch.sqrt(var + eps)
-
-
-def _gather(x: Tensor, index: Tensor) -> Tensor:
-    """``x (B|1, N, n|1, d)`` → ``(B, n, d)`` with ``out[b, i] = x[b, index[b, i], i]``."""
-    b, n = index.shape
-    x = x.expand(b, -1, n, -1)
-    idx = index.to(device=x.device, dtype=torch.long)[:, None, :, None].expand(-1, 1, -1, x.shape[3])
-    return x.gather(1, idx).squeeze(1)
-
-
 def _layer_names(prefix: str, count: int, names: Sequence[str] | None) -> list[str]:
     if names is None:
         return [f"{prefix}_proj"] + [f"{prefix}_enc{i}" for i in range(1, count)]
@@ -178,49 +158,91 @@ def sa_loss(
     layer_names = _layer_names("sa", len(student), names)
     if not layer_names:
         raise ValueError("sa_loss needs at least one layer")
-    values: dict[str, Tensor] = {}
-    for name, s, t in zip(layer_names, student, teacher):
-        s, t = s.float(), t.detach().float()
+    # Layers of one layout are stacked and standardised together (one set of operations for all
+    # of them instead of one per layer); statistics stay per layer, part and channel.
+    groups: dict[str, list[int]] = {}
+    for i, (name, s, t) in enumerate(zip(layer_names, student, teacher)):
+        groups.setdefault(_layout(name, s, t, num_parts, index), []).append(i)
+    frobs: dict[int, Tensor] = {}
+    for layout, idxs in groups.items():
+        s_dim = 2 if layout == "extended" else 1
+        t_dim = 1 if layout == "gathered" else 2
+        s = torch.stack([student[i] for i in idxs], dim=s_dim).float()
+        t = torch.stack([teacher[i] for i in idxs], dim=t_dim).detach().float()
         b, n = s.shape[0], s.shape[-2]
         valid = _valid(mask, torch.Size((b, n)), s.device)
-        if s.dim() == 4:
-            if t.shape != s.shape or s.shape[1] != num_parts:
-                raise ValueError(f"{name}: extended student {tuple(s.shape)} and teacher {tuple(t.shape)} "
-                                 f"must both be (B, N={num_parts}, n, d)")
-            pad = ~valid[:, None, :, None]
-            s, t = s.masked_fill(pad, 0.0), t.masked_fill(pad, 0.0)
-            if normalize:
-                mean, std = _part_stats(t, valid, eps)
-                s, t = (s - mean) / std, (t - mean) / std
-            frob = _sq_error(s, t, valid[:, None, :])
-        elif s.dim() == 3 and t.dim() == 4:
-            if index is None:
-                raise ValueError(f"{name}: a compressed student against full teacher parts needs index")
-            if t.shape[1] != num_parts or t.shape[0] != b or t.shape[2:] != s.shape[1:]:
-                raise ValueError(f"{name}: student {tuple(s.shape)} does not fit teacher {tuple(t.shape)}")
-            t = t.masked_fill(~valid[:, None, :, None], 0.0)
-            s = s.masked_fill(~valid[..., None], 0.0)
-            if normalize:
-                mean, std = _part_stats(t, valid, eps)
-                t = _gather((t - mean) / std, index)
-                s = (s - _gather(mean, index)) / _gather(std, index)
-            else:
-                t = _gather(t, index)
-            frob = _sq_error(s, t, valid)
-        elif s.dim() == 3 and t.dim() == 3:
-            if t.shape != s.shape:
-                raise ValueError(f"{name}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ")
-            pad = ~valid[..., None]
-            s, t = s.masked_fill(pad, 0.0), t.masked_fill(pad, 0.0)
-            if normalize:
-                stats = channel_stats(t, ~valid, eps)
-                s, t = standardize(s, stats=stats), standardize(t, stats=stats)
-            frob = _sq_error(s, t, valid)
-        else:
-            raise ValueError(f"{name}: unsupported shapes student {tuple(s.shape)}, teacher {tuple(t.shape)}")
-        values[name] = _reduce(frob / num_parts, valid, s.shape[-1], reduction)
+        frob = _stacked_sq_error(layout, s, t, valid, index, normalize, eps)  # (L,)
+        frobs.update(zip(idxs, frob.unbind(0)))
+    d = student[0].shape[-1]
+    valid = _valid(mask, torch.Size((student[0].shape[0], student[0].shape[-2])), student[0].device)
+    values = {name: _reduce(frobs[i] / num_parts, valid, d, reduction) for i, name in enumerate(layer_names)}
     total = torch.stack(list(values.values())).sum()
     return total, values
+
+
+def _layout(name: str, s: Tensor, t: Tensor, num_parts: int, index: Tensor | None) -> str:
+    """``extended``, ``compressed`` (full teacher + index) or ``gathered``; checks the shapes."""
+    if s.dim() == 4:
+        if t.shape != s.shape or s.shape[1] != num_parts:
+            raise ValueError(f"{name}: extended student {tuple(s.shape)} and teacher {tuple(t.shape)} "
+                             f"must both be (B, N={num_parts}, n, d)")
+        return "extended"
+    if s.dim() == 3 and t.dim() == 4:
+        if index is None:
+            raise ValueError(f"{name}: a compressed student against full teacher parts needs index")
+        if t.shape[1] != num_parts or t.shape[0] != s.shape[0] or t.shape[2:] != s.shape[1:]:
+            raise ValueError(f"{name}: student {tuple(s.shape)} does not fit teacher {tuple(t.shape)}")
+        return "compressed"
+    if s.dim() == 3 and t.dim() == 3:
+        if t.shape != s.shape:
+            raise ValueError(f"{name}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ")
+        return "gathered"
+    raise ValueError(f"{name}: unsupported shapes student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+
+
+def _stacked_sq_error(layout: str, s: Tensor, t: Tensor, valid: Tensor, index: Tensor | None,
+                      normalize: bool, eps: float) -> Tensor:
+    """Per stacked layer, Σ over valid tokens (and parts) and channels of the squared error.
+
+    Shapes by layout (L stacked layers): ``extended`` s, t ``(B, N, L, n, d)``; ``compressed`` s
+    ``(B, L, n, d)``, t ``(B, N, L, n, d)``; ``gathered`` s, t ``(B, L, n, d)``. Returns ``(L,)``.
+
+    Student and target go through the same affine map, so the means cancel:
+    ``(s − μ)/σ − (t − μ)/σ = (s − t)/σ``; only σ is applied.
+    """
+    w = valid.to(t.dtype)
+    if layout == "gathered":
+        w4 = w[:, None, :, None]  # (B, 1, n, 1)
+        diff = (s - t) * w4
+        if normalize:
+            diff = diff / _masked_std(t * w4, w4, dims=(0, 2), eps=eps)  # σ (1, L, 1, d)
+        return diff.square().sum(dim=(0, 2, 3))
+    w5 = w[:, None, None, :, None]  # (B, 1, 1, n, 1)
+    if layout == "extended":
+        diff = (s - t) * w5
+        if normalize:
+            diff = diff / _masked_std(t * w5, w5, dims=(0, 3), eps=eps)  # σ (1, N, L, 1, d)
+        return diff.square().sum(dim=(0, 1, 3, 4))
+    # compressed: teacher k's statistics over its whole sequence; each kept token (student and
+    # teacher) standardised with the statistics of the part it was taken from
+    B, N, L, n, d = t.shape
+    idx = index.to(device=t.device, dtype=torch.long)
+    kept = t.gather(1, idx[:, None, None, :, None].expand(B, 1, L, n, d)).squeeze(1)  # (B, L, n, d)
+    diff = (s - kept) * w[:, None, :, None]
+    if normalize:
+        std = _masked_std(t * w5, w5, dims=(0, 3), eps=eps)[0, :, :, 0]  # (N, L, d)
+        diff = diff / std[idx].transpose(1, 2)  # σ of each kept token's part, (B, L, n, d)
+    return diff.square().sum(dim=(0, 2, 3))
+
+
+def _masked_std(t: Tensor, w: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    """Standard deviation of ``t`` (zero at padding) over ``dims`` (the batch and token axes),
+    weighted by the 0/1 token mask ``w`` (which broadcasts to ``t`` and varies only along
+    ``dims``), kept as size-1 dimensions; biased variance plus ``eps``, as in :func:`channel_stats`."""
+    count = w.sum().clamp(min=1.0)  # valid tokens: the same for every part, layer and channel
+    mean = t.sum(dim=dims, keepdim=True) / count
+    var = ((t - mean) * w).square().sum(dim=dims, keepdim=True) / count
+    return torch.sqrt(var + eps)
 
 
 class SAGProjection(nn.Module):
