@@ -278,27 +278,49 @@ class TaskAmalgamationLoss(nn.Module):
 
     def pair_losses(
         self,
-        outputs: dict[str, Tensor],
+        heads: Sequence[dict[str, Tensor]],
         targets: list[dict[str, Tensor]],
-        indices: list[tuple[Tensor, Tensor]],
+        indices: list[list[tuple[Tensor, Tensor]]],
         num: Tensor,
-    ) -> dict[str, Tensor]:
-        """Eq. 11's terms, each ``Σ_pairs conf·term / num``: keys ``kl``, ``l1``, ``giou``."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    ) -> list[dict[str, Tensor]]:
+        """Eq. 11's terms for every decoder output at once, each ``Σ_pairs conf·term / num``.
+
+        Args:
+            heads: decoder outputs with ``pred_logits (B, Q, C + 1)`` and ``pred_boxes (B, Q, 4)``.
+            targets: per image the pooled targets (:meth:`prepare_targets`).
+            indices: ``[head][image] → (query indices, target indices)`` (:meth:`match_heads`).
+            num: the divisor (:meth:`num_pairs`).
+
+        Returns:
+            Per head ``{"kl", "l1", "giou"}`` scalars. All pairs of all heads go through one
+            log-softmax, KL, L1 and GIoU; the sums are split by head afterwards.
+        """
+        logits = torch.stack([h["pred_logits"] for h in heads])  # (H, B, Q, C+1)
+        boxes = torch.stack([h["pred_boxes"] for h in heads])  # (H, B, Q, 4)
         device = logits.device
-        batch = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
-        src = torch.cat([s for s, _ in indices]).to(device)
-        soft = torch.cat([t["soft"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)])
-        tgt_boxes = torch.cat([t["boxes"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)])
-        conf = torch.cat([t["conf"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)])
-        log_pred = torch.log_softmax(logits[batch, src].float() / self.temperature, dim=-1)
-        pred_boxes = boxes[batch, src].float()
-        kl = _kl_pairs(soft.float(), log_pred) * self.temperature**2
-        l1 = (pred_boxes - tgt_boxes.float()).abs().sum(dim=-1)
+        sizes = [int(t["conf"].shape[0]) for t in targets]
+        offsets = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0)
+        head_id, image_id, src, tgt = [], [], [], []
+        for h, per_image in enumerate(indices):
+            for b, (rows, cols) in enumerate(per_image):
+                head_id.append(torch.full_like(rows, h))
+                image_id.append(torch.full_like(rows, b))
+                src.append(rows)
+                tgt.append(cols)
+        head_id, image_id, src, tgt = (torch.cat(x).to(device) for x in (head_id, image_id, src, tgt))
+        flat = offsets[image_id] + tgt
+        soft = torch.cat([t["soft"] for t in targets]).to(device).float()[flat]
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()[flat]
+        conf = torch.cat([t["conf"] for t in targets]).to(device).float()[flat]
+        log_pred = torch.log_softmax(logits[head_id, image_id, src].float() / self.temperature, dim=-1)
+        pred_boxes = boxes[head_id, image_id, src].float()
+        kl = _kl_pairs(soft, log_pred) * self.temperature**2
+        l1 = (pred_boxes - tgt_boxes).abs().sum(dim=-1)
         giou = generalized_box_iou_loss(box_convert(pred_boxes, "cxcywh", "xyxy"),
-                                        box_convert(tgt_boxes.float(), "cxcywh", "xyxy"), reduction="none")
-        conf = conf.float()
-        return {"kl": (conf * kl).sum() / num, "l1": (conf * l1).sum() / num, "giou": (conf * giou).sum() / num}
+                                        box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="none")
+        terms = torch.stack([kl, l1, giou], dim=1) * conf[:, None]  # (pairs, 3)
+        per_head = terms.new_zeros(len(heads), 3).index_add(0, head_id, terms) / num  # (H, 3)
+        return [{"kl": row[0], "l1": row[1], "giou": row[2]} for row in per_head]
 
     def forward(
         self,
@@ -328,9 +350,9 @@ class TaskAmalgamationLoss(nn.Module):
         losses: dict[str, Tensor] = {}
         total = logits.new_zeros((), dtype=torch.float32)
         heads = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
-        all_indices = self.match_heads([out for _, out in heads], targets)
-        for (suffix, out), indices in zip(heads, all_indices):
-            terms = self.pair_losses(out, targets, indices, num)
+        outs = [out for _, out in heads]
+        all_terms = self.pair_losses(outs, targets, self.match_heads(outs, targets), num)
+        for (suffix, _), terms in zip(heads, all_terms):
             for key, value in terms.items():
                 losses[f"loss_ta_{key}{suffix}"] = value
                 total = total + self.beta[key] * value
