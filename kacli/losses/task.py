@@ -112,17 +112,18 @@ def pool_teachers(
     teacher_id = torch.cat([torch.full((p.shape[1],), k, dtype=torch.long, device=device)
                             for k, (p, _) in enumerate(teachers)])
     query_id = torch.cat([torch.arange(p.shape[1], device=device) for p, _ in teachers])
-    conf = confidence(probs)
-    pooled = []
-    for b in range(probs.shape[0]):
-        keep = torch.nonzero(conf[b] >= threshold).squeeze(1)
-        order = torch.sort(conf[b, keep], descending=True, stable=True).indices
-        keep = keep[order]
-        if topk is not None:
-            keep = keep[:topk]
-        pooled.append({"probs": probs[b, keep], "boxes": boxes[b, keep], "conf": conf[b, keep],
-                       "teacher": teacher_id[keep], "query": query_id[keep]})
-    return pooled
+    conf = confidence(probs)  # (B, M)
+    # every image at once: sort by confidence (stable), then the kept ones are a prefix
+    order = torch.sort(conf, dim=1, descending=True, stable=True).indices  # (B, M)
+    conf = conf.gather(1, order)
+    probs = probs.gather(1, order[..., None].expand(-1, -1, probs.shape[-1]))
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    teacher_id, query_id = teacher_id[order], query_id[order]
+    counts = (conf >= threshold).sum(dim=1)
+    if topk is not None:
+        counts = counts.clamp(max=topk)
+    return [{"probs": probs[b, :c], "boxes": boxes[b, :c], "conf": conf[b, :c],
+             "teacher": teacher_id[b, :c], "query": query_id[b, :c]} for b, c in enumerate(counts.tolist())]
 
 
 def _kl_matrix(target: Tensor, log_pred: Tensor) -> Tensor:
