@@ -565,7 +565,7 @@ def amalgamate(
     if "val" in manifest.splits and cfg.train.eval_every > 0:
         evaluate = make_validator(manifest, label_map, cfg.aug, dist.device, cfg.train.batch_size)
 
-    cache_sha = sha256_file(cache_path)
+    cache_sha = schema.content_id(cache.attrs, cache_path.stat().st_size)
     inputs = {"tasks.yaml": manifest.sha256, "cache": cache_sha}
     if backbone_weights:
         inputs["backbone_weights"] = sha256_file(backbone_weights)
@@ -582,7 +582,7 @@ def amalgamate(
         "ta": config_to_dict(cfg.ta),
         "cache": {
             "path": str(cache_path.resolve()),
-            "sha256": cache_sha,
+            "content_sha256": cache_sha,
             "teachers": [{"task": t.get("task"), "checkpoint": t.get("checkpoint"), "sha256": t.get("sha256")}
                          for t in teachers],
             "layers": layers,

@@ -229,7 +229,7 @@ def test_each_method_lowers_its_loss(setup, tmp_path, method):
         assert "loss_seq" not in keys and "loss_task" not in keys
     ck = load_checkpoint(run / "best.pt")
     assert ck["kind"] == ("detr" if method == "raw" else "student")
-    assert ck["meta"]["method"] == method and ck["meta"]["cache"]["sha256"] == ck["inputs"]["cache"]
+    assert ck["meta"]["method"] == method and ck["meta"]["cache"]["content_sha256"] == ck["inputs"]["cache"]
     assert ck["label_map"]["ids"] == TeacherCache(setup["cache"]).label_map["ids"]
     assert [t["sha256"] for t in ck["meta"]["cache"]["teachers"]] == [
         t["sha256"] for t in TeacherCache(setup["cache"]).attrs["teachers"]]
@@ -295,6 +295,23 @@ def test_bad_input_is_one_line(cli, setup, tmp_path):
     r = cli("amalgamate", "--cache", tmp_path / "missing.h5", "--out", out)
     assert_one_line_error(r, "missing.h5")
     assert not out.exists()
+
+
+def test_cache_content_id_names_the_content_not_the_path(setup, tmp_path):
+    """Runs record the cache by its content signature (no pass over a file of many GiB): a copy
+    has the same id, another cache another one."""
+    import shutil
+
+    from kacli.cache.schema import content_id
+
+    def ident(path):
+        return content_id(TeacherCache(path).attrs, Path(path).stat().st_size)
+
+    copy = tmp_path / "copy.h5"
+    shutil.copy(setup["cache"], copy)
+    assert ident(copy) == ident(setup["cache"]) != ident(setup["cache1"])
+    attrs = dict(TeacherCache(setup["cache"]).attrs)
+    assert content_id({**attrs, "seed": attrs["seed"] + 1}, copy.stat().st_size) != ident(copy)
 
 
 def test_teachers_moved_away_needs_the_model_in_the_config(cli, setup, tmp_path):

@@ -19,6 +19,7 @@ from (see :data:`ROOT_ATTRS`); JSON-valued ones are stored as JSON strings.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,17 @@ def content_signature(attrs: dict) -> dict:
     }
 
 
+def content_id(attrs: dict, size: int) -> str:
+    """sha256 of a complete cache's :func:`content_signature` and its size in bytes.
+
+    The writer is deterministic (the same teachers, tasks, layers, dtype, views, seed and
+    augmentation give the same bytes), so this names the content without reading it: hashing the
+    file itself would read every byte (tens to hundreds of GiB for VOC or COCO) on every run.
+    """
+    payload = json.dumps({"signature": content_signature(attrs), "bytes": int(size)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def first_difference(a: dict, b: dict) -> str | None:
     """The first key of :data:`CONTENT_KEYS` on which two signatures differ, or None."""
     for k in CONTENT_KEYS:
@@ -334,6 +346,7 @@ __all__ = [
     "human_bytes",
     "chunk_rows",
     "read_attrs",
+    "content_id",
     "content_signature",
     "first_difference",
     "open_h5",
