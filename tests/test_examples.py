@@ -73,7 +73,7 @@ def script_default(script: Path, name: str) -> str:
 
 
 def test_examples_hold_the_three_runs():
-    assert [s.name for s in SCRIPTS] == ["run_coco2.sh", "run_voc2.sh", "run_voc4.sh"]
+    assert [s.name for s in SCRIPTS] == ["run_coco2.sh", "run_voc.sh"]
     for d in RUN_DIRS:
         assert sorted(p.name for p in (EXAMPLES / d).glob("*.yaml")) == ["student.yaml", "teacher.yaml"]
     assert README.is_file()
@@ -104,7 +104,7 @@ def test_configs_carry_the_papers_settings(run):
     t_epochs, t_drop, passes, drop_passes, max_size, views = PAPER[run]
     teacher = load_run_config(EXAMPLES / run / "teacher.yaml", {})
     student = load_amalgamate_config(EXAMPLES / run / "student.yaml")
-    script = EXAMPLES / f"run_{run.replace('-', '')}.sh"
+    script = EXAMPLES / ("run_coco2.sh" if run == "coco-2" else "run_voc.sh")
     assert int(script_default(script, "VIEWS")) == views
     # One amalgamate epoch visits every cached view of every image.
     assert student.train.epochs * views == passes
@@ -132,11 +132,15 @@ def test_voc_evaluation_size_gives_the_papers_flops_scale():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_names_a_preset_and_its_tasks(script):
-    scheme = script_default(script, "SCHEME")
-    assert scheme in SCHEMES
-    tasks = re.search(r"^TASK_NAMES=\(([^)]*)\)$", script.read_text(), flags=re.M).group(1).split()
-    assert tasks == list(SCHEMES[scheme])
-    assert script_default(script, "CONFIGS") == f"$here/{scheme}"
+    """Every SCHEME a script can pick comes with that preset's task names, and its configs folder."""
+    text = script.read_text()
+    schemes = re.findall(r"\bSCHEME=([\w-]+)", text)
+    tasks = [m.split() for m in re.findall(r"\bTASK_NAMES=\(([^)]*)\)", text)]
+    assert schemes and len(schemes) == len(tasks)
+    for scheme, names in zip(schemes, tasks):
+        assert scheme in SCHEMES and names == list(SCHEMES[scheme])
+        assert (EXAMPLES / scheme).is_dir()
+    assert script_default(script, "CONFIGS") in ("$here/$SCHEME", f"$here/{schemes[0]}")
 
 
 @pytest.mark.parametrize("path", [*SCRIPTS, README], ids=lambda p: p.name)
@@ -179,19 +183,27 @@ def _run(script: Path, env: dict[str, str], cwd: Path) -> subprocess.CompletedPr
 
 
 @pytest.mark.parametrize(
-    "script,root_var",
-    [("run_voc2.sh", "VOC_ROOT"), ("run_voc4.sh", "VOC_ROOT"), ("run_coco2.sh", "COCO_ROOT")],
+    "script,root_var,teachers",
+    [("run_voc.sh", "VOC_ROOT", "2"), ("run_voc.sh", "VOC_ROOT", "4"), ("run_coco2.sh", "COCO_ROOT", "")],
 )
-def test_script_refuses_missing_inputs(script, root_var, tmp_path):
+def test_script_refuses_missing_inputs(script, root_var, teachers, tmp_path):
     script = EXAMPLES / script
-    res = _run(script, {}, tmp_path)
+    pick = {"TEACHERS": teachers} if teachers else {}
+
+    def go(env):
+        return _run(script, {**pick, **env}, tmp_path)
+
+    if teachers:
+        bad = _run(script, {"TEACHERS": "3"}, tmp_path)
+        assert bad.returncode == 2 and bad.stderr.strip() == "error: TEACHERS must be 2 or 4 (the paper's VOC runs), got '3'"
+    res = go({})
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert res.stderr.startswith(f"error: {root_var} is not set")
 
     # A dataset folder without the expected layout is named in the message.
     (tmp_path / "data").mkdir()
-    res = _run(script, {root_var: str(tmp_path / "data"), "INIT_CKPT": "x", "BACKBONE_WEIGHTS": "y"}, tmp_path)
+    res = go({root_var: str(tmp_path / "data"), "INIT_CKPT": "x", "BACKBONE_WEIGHTS": "y"})
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     expected = "VOC2007/Annotations" if root_var == "VOC_ROOT" else "annotations/instances_train2017.json"
     assert f"{tmp_path / 'data'}/{expected}" in res.stderr
@@ -211,7 +223,7 @@ def test_script_refuses_missing_inputs(script, root_var, tmp_path):
             (tmp_path / "data" / f"{s}2017").mkdir()
     env = {root_var: str(tmp_path / "data"), "INIT_CKPT": str(tmp_path / "updetr.pth"), "BACKBONE_WEIGHTS": "y",
            "KACLI": "true"}
-    res = _run(script, env, tmp_path)
+    res = go(env)
     assert res.returncode == 2
     assert res.stderr.strip() == f"error: {tmp_path / 'updetr.pth'}: INIT_CKPT names no file"
     assert not (tmp_path / "runs").exists()
@@ -219,7 +231,7 @@ def test_script_refuses_missing_inputs(script, root_var, tmp_path):
     (tmp_path / "updetr.pth").write_bytes(b"")
     (tmp_path / "swav.pth").write_bytes(b"")
     env.update(BACKBONE_WEIGHTS=str(tmp_path / "swav.pth"), GPUS="3")
-    res = _run(script, env, tmp_path)
+    res = go(env)
     assert res.returncode == 2
     assert res.stderr.strip() == "error: TOTAL_BATCH 32 is not divisible by GPUS 3"
     assert not (tmp_path / "runs").exists()

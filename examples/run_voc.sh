@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The paper's PASCAL VOC run with 2 teachers: Table I (VOC columns), partition voc-2 of Table II.
-# Train on VOC2007+2012 trainval, evaluate on VOC2007 test. See examples/README.md.
+# The paper's PASCAL VOC runs: 2 teachers (Table I, VOC columns; partition voc-2 of Table II) or
+# 4 teachers (Table IV; partition voc-4). Train on VOC2007+2012 trainval, evaluate on VOC2007 test.
+# See examples/README.md.
 #
 # Required environment:
 #   VOC_ROOT          folder holding VOC2007/ (trainval and test) and VOC2012/ (trainval), e.g. VOCdevkit
@@ -8,17 +9,21 @@
 #                     or a DETR / UP-DETR COCO checkpoint with INIT_LABEL_MAP=coco
 #   BACKBONE_WEIGHTS  SwAV ResNet-50 weights for the student's and the raw baseline's backbone
 # Optional:
-#   WORK (runs/voc-2)  GPUS (1)  TOTAL_BATCH (32)  VIEWS (5)  LAYERS (all)
-#   INIT_LABEL_MAP (the pre-training head's "1: query patch")  CONFIGS (examples/voc-2)
+#   TEACHERS (2, or 4)  WORK (runs/voc-$TEACHERS)  GPUS (1)  TOTAL_BATCH (32)  VIEWS (5)  LAYERS (all)
+#   INIT_LABEL_MAP (the pre-training head's "1: query patch")  CONFIGS (examples/voc-$TEACHERS)
 #   KACLI (kacli)  TORCHRUN (torchrun)
 # Every stage skips or resumes what a previous run of this script finished.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SCHEME=voc-2
-TASK_NAMES=(t1 t2)
-CONFIGS=${CONFIGS:-$here/voc-2}
-WORK=${WORK:-runs/voc-2}
+TEACHERS=${TEACHERS:-2}
+case "$TEACHERS" in
+  2) SCHEME=voc-2; TASK_NAMES=(t1 t2); TABLE="Table I" ;;
+  4) SCHEME=voc-4; TASK_NAMES=(t1 t2 t3 t4); TABLE="Table IV" ;;
+  *) echo "error: TEACHERS must be 2 or 4 (the paper's VOC runs), got '$TEACHERS'" >&2; exit 2 ;;
+esac
+CONFIGS=${CONFIGS:-$here/$SCHEME}
+WORK=${WORK:-runs/$SCHEME}
 GPUS=${GPUS:-1}
 TOTAL_BATCH=${TOTAL_BATCH:-32}
 VIEWS=${VIEWS:-5}
@@ -60,7 +65,7 @@ command -v "$KACLI" >/dev/null || die "$KACLI not found on PATH: install the pac
 BATCH=$((TOTAL_BATCH / GPUS))
 if [ "$GPUS" -gt 1 ]; then command -v "$TORCHRUN" >/dev/null || die "$TORCHRUN not found (needed for GPUS=$GPUS)"; fi
 if [ "$VIEWS" != 5 ]; then
-  echo "note: VIEWS=$VIEWS; examples/voc-2/student.yaml's epochs (30) and lr_drop (20) assume 5 views (150 and 100 passes)" >&2
+  echo "note: VIEWS=$VIEWS; examples/$SCHEME/student.yaml's epochs (30) and lr_drop (20) assume 5 views (150 and 100 passes)" >&2
 fi
 
 tasks="$WORK/tasks/tasks.yaml"
@@ -152,10 +157,10 @@ for r in raw student-slim student; do
   kacli eval --model "$runs/$r" --tasks "$tasks" --split val --json "$runs/$r/eval.json"
 done
 
-# -- 8. Table I and the curves --------------------------------------------------------------------
+# -- 8. the table and the curves ----------------------------------------------------------------
 stage "8/8 report"
 report_inputs=()
 for t in "${TASK_NAMES[@]}"; do report_inputs+=("$runs/teacher-$t"); done
 kacli report "${report_inputs[@]}" "$runs/ensemble.json" "$runs/raw" "$runs/student-slim" "$runs/student" \
   --out "$WORK/report"
-echo "report: $WORK/report/report.md (compare with examples/README.md, Table I)"
+echo "report: $WORK/report/report.md (compare with examples/README.md, $TABLE)"
