@@ -23,6 +23,7 @@ from kacli.teacher import load_run_config
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = sorted(EXAMPLES.glob("run_*.sh"))
 README = EXAMPLES / "README.md"
+LIB = EXAMPLES / "pipeline.sh"  # the dataset-independent steps, sourced by every run script
 RUN_DIRS = ("voc-2", "voc-4", "coco-2")
 
 # Options on script/README lines that belong to other programs.
@@ -70,6 +71,13 @@ def script_default(script: Path, name: str) -> str:
     m = re.search(rf"^{name}=(?:\$\{{{name}:-)?([^}}\n]*)\}}?$", script.read_text(), flags=re.M)
     assert m, f"{script.name} sets no {name}"
     return m.group(1)
+
+
+def run_text(script: Path) -> str:
+    """A run script as bash executes it: its own lines and the pipeline.sh it sources."""
+    text = script.read_text()
+    assert 'source "$here/pipeline.sh"' in text, f"{script.name} does not source pipeline.sh"
+    return text + "\n" + LIB.read_text()
 
 
 def test_examples_hold_the_three_runs():
@@ -140,12 +148,12 @@ def test_script_names_a_preset_and_its_tasks(script):
     for scheme, names in zip(schemes, tasks):
         assert scheme in SCHEMES and names == list(SCHEMES[scheme])
         assert (EXAMPLES / scheme).is_dir()
-    assert script_default(script, "CONFIGS") in ("$here/$SCHEME", f"$here/{schemes[0]}")
+    assert script_default(LIB, "CONFIGS") == "$here/$SCHEME"
 
 
 @pytest.mark.parametrize("path", [*SCRIPTS, README], ids=lambda p: p.name)
 def test_every_kacli_command_and_option_exists(path, cli_options):
-    text = path.read_text()
+    text = path.read_text() if path == README else run_text(path)
     code = readme_code(text) if path.suffix == ".md" else text
     calls = invocations(code)
     assert len(calls) >= 10, calls  # the whole pipeline is there
@@ -160,10 +168,10 @@ def test_every_kacli_command_and_option_exists(path, cli_options):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_runs_every_stage(script, cli_options):
-    subs = [sub for sub, _, _ in invocations(script.read_text())]
+    subs = [sub for sub, _, _ in invocations(run_text(script))]
     for needed in ("split-tasks", "import-checkpoint", "train-teacher", "cache-teachers", "amalgamate", "eval", "report"):
         assert needed in subs, (script.name, needed)
-    text = logical_lines(script.read_text())
+    text = logical_lines(run_text(script))
     amalgamate = [line for line in text if re.search(r"kacli_dist amalgamate", line)]
     assert len(amalgamate) == 3
     assert sum("--compress redundancy" in line for line in amalgamate) == 1
@@ -171,7 +179,7 @@ def test_script_runs_every_stage(script, cli_options):
     assert any(re.search(r'kacli eval "\$\{ensemble\[@\]\}"', line) for line in text)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [*SCRIPTS, LIB], ids=lambda p: p.name)
 def test_bash_syntax(script):
     res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
