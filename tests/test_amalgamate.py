@@ -289,6 +289,8 @@ def test_bad_input_is_one_line(cli, setup, tmp_path):
     assert_one_line_error(r, "extended student")
     r = cli("amalgamate", "--cache", cache, "--method", "kd", "--out", out)
     assert_one_line_error(r, "method")
+    r = cli("amalgamate", "--cache", cache, "--compress", "redundancy", "--compress-guide", 1.5, "--out", out)
+    assert_one_line_error(r, "compress_guide")
     cfg.write_text(yaml.safe_dump({"sa": {"normalise": True}}))
     r = cli("amalgamate", "--cache", cache, "--config", cfg, "--out", out)
     assert_one_line_error(r, "sa.normalise")
