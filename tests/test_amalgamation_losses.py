@@ -32,9 +32,10 @@ def test_sa_loss_equals_eq2_by_hand_without_normalisation():
     assert parts["sa_proj"].item() == pytest.approx(6.0)
     assert parts["sa_enc1"].item() == 0.0
     assert total.item() == pytest.approx(6.0)
-    # per valid token: V = 2 valid positions → 6 / 2 = 3
-    total, parts = sa_loss([s], [t], mask, num_parts=2, normalize=False, names=["proj"])
+    # per valid token: V = 2 valid positions → 6 / 2 = 3; per element (the default): 3 / d = 1.5
+    total, parts = sa_loss([s], [t], mask, num_parts=2, normalize=False, names=["proj"], reduction="token")
     assert list(parts) == ["proj"] and total.item() == pytest.approx(3.0)
+    assert sa_loss([s], [t], mask, num_parts=2, normalize=False)[0].item() == pytest.approx(1.5)
 
 
 def test_sa_loss_standardises_each_part_with_its_teachers_statistics():
@@ -44,9 +45,31 @@ def test_sa_loss_standardises_each_part_with_its_teachers_statistics():
     # Loss = (1/N)·(2/(1+1e-5) + 0.1) / V with N = 2, V = 2.
     s = torch.tensor([[[[2.0], [2.0]], [[0.0], [0.001]]]])
     t = torch.tensor([[[[1.0], [3.0]], [[0.0], [0.0]]]])
-    total, _ = sa_loss([s], [t], None, num_parts=2)
+    total, _ = sa_loss([s], [t], None, num_parts=2, stats="teacher")
     expected = (2 / (1 + 1e-5) + 0.1) / 2 / 2
     assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sa_loss_standardises_every_sequence_by_its_own_statistics():
+    # The paper's rule (stats="own", the default): d = 1, n = 2, no padding, N = 2, V = 2.
+    # Part 0: student [2, 4] → mean 3, var 1 → (∓1/√(1+ε)); teacher [1, 3] → the same values → 0.
+    # Part 1: student [0, 1] → mean .5, var .25 → (∓.5/√(.25+ε)); teacher [5, 3] → mean 4, var 1 →
+    # (±1/√(1+ε)): each difference is a + b with a = .5/√(.25+ε), b = 1/√(1+ε), squared twice.
+    s = torch.tensor([[[[2.0], [4.0]], [[0.0], [1.0]]]])
+    t = torch.tensor([[[[1.0], [3.0]], [[5.0], [3.0]]]])
+    a, b = 0.5 / math.sqrt(0.25 + 1e-5), 1 / math.sqrt(1 + 1e-5)
+    expected = (2 * (a + b) ** 2) / 2 / 2
+    total, parts = sa_loss([s], [t], None, num_parts=2)
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    # the teacher's map instead: part 0 differs by 1 per token (σ_t = 1) → 2/(1+ε); part 1 by
+    # (5, 2)/1 → 29/(1+ε)
+    teacher = sa_loss([s], [t], None, num_parts=2, stats="teacher")[0]
+    assert teacher.item() == pytest.approx((2 + 29) / (1 + 1e-5) / 2 / 2, rel=1e-5)
+    # own statistics ignore each side's per-channel scale and offset
+    shifted = sa_loss([3 * s + 7], [t], None, num_parts=2)[0]
+    assert shifted.item() == pytest.approx(total.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="stats"):
+        sa_loss([s], [t], None, num_parts=2, stats="student")
 
 
 def test_sa_loss_is_zero_when_student_equals_teacher():
@@ -91,7 +114,7 @@ def test_compressed_sa_loss_is_the_extended_loss_on_the_kept_tokens():
     mask[1, 5:] = True
     idx = torch.randint(num_parts, (b, n), generator=g)
     kept = s.gather(1, idx[:, None, :, None].expand(-1, 1, -1, d)).squeeze(1)
-    got = sa_loss([kept], [t], mask, num_parts, index=idx)[0]
+    got = sa_loss([kept], [t], mask, num_parts, index=idx, stats="teacher", reduction="token")[0]
     # second path: standardise every part with its own teacher statistics, pick the kept tokens
     total = 0.0
     for k in range(num_parts):
@@ -100,13 +123,18 @@ def test_compressed_sa_loss_is_the_extended_loss_on_the_kept_tokens():
         total += diff[(idx == k) & ~mask].sum()
     expected = total / num_parts / (~mask).sum()
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # own statistics: the kept teacher tokens are one target sequence, each side by its own
+    own = sa_loss([kept], [t], mask, num_parts, index=idx, reduction="token")[0]
+    t_kept = t.gather(1, idx[:, None, :, None].expand(-1, 1, -1, d)).squeeze(1)
+    diff = ((standardize(kept, mask) - standardize(t_kept, mask)) ** 2).sum(-1)[~mask].sum()
+    assert own.item() == pytest.approx((diff / num_parts / (~mask).sum()).item(), rel=1e-5)
     # all positions from part 0, and part 1/2 of the extended student equal to the teacher:
     # the extended loss has only part 0's terms, which are the compressed loss's terms.
     zeros = torch.zeros(b, n, dtype=torch.long)
     ext = t.clone()
     ext[:, 0] = s[:, 0]
-    a = sa_loss([s[:, 0]], [t], mask, num_parts, index=zeros)[0]
-    e = sa_loss([ext], [t], mask, num_parts)[0]
+    a = sa_loss([s[:, 0]], [t], mask, num_parts, index=zeros, stats="teacher")[0]
+    e = sa_loss([ext], [t], mask, num_parts, stats="teacher")[0]
     assert a.item() == pytest.approx(e.item(), rel=1e-6)
 
 
@@ -116,10 +144,22 @@ def test_sag_with_one_teacher_and_identity_equals_sa():
     t = torch.randn(2, 1, 5, 4, generator=g)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, 3:] = True
-    proj = SAGProjection(1, 4, 1)
-    a = sag_loss([s], [t], mask, proj)[0]
-    b = sa_loss([s], [t[:, 0]], mask, num_parts=1)[0]
-    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    proj = SAGProjection(1, 4, 1, init="identity")
+    for stats in ("own", "teacher"):
+        a = sag_loss([s], [t], mask, proj, stats=stats)[0]
+        b = sa_loss([s], [t[:, 0]], mask, num_parts=1, stats=stats)[0]
+        assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_sag_projection_starts_random_unless_identity_is_asked():
+    torch.manual_seed(0)
+    d = 16
+    w = SAGProjection(2, d, 3).weight.detach()
+    assert w.shape == (3, 2, d, d)
+    assert w.abs().max() <= 1 / math.sqrt(d)  # a linear layer's default range
+    assert not torch.allclose(w[0, 0], torch.eye(d), atol=0.5)  # not near the identity
+    assert not torch.equal(w[0, 0], w[0, 1]) and not torch.equal(w[0, 0], w[1, 0])
+    assert torch.equal(SAGProjection(2, d, 3, init="identity").weight[1, 1], torch.eye(d))
 
 
 def test_sag_projection_is_trained():
@@ -285,6 +325,30 @@ def test_ta_unmatched_queries_get_no_loss_and_no_targets_gives_zero():
     empty = TaskAmalgamationLoss(C, threshold=0.99)(_student(requires_grad=True), logits, boxes, idx)
     assert empty["total"].item() == 0.0
     empty["total"].backward()
+
+
+def test_ta_sends_unmatched_queries_to_no_object():
+    # threshold .65 keeps only T1 q0 (probs [.7, 0, 0, .1, 0, .2], box B1[0]). Student q1 has the
+    # same box and KL .7·ln(.7/.6) + .2·ln(.2/.15) ≈ 0.165, q0 a KL of 1.917 and another box: q1 is
+    # matched, q0 is not → loss_ta_noobj = −ln p̂_0(no object) = −ln .2 over 1 pair.
+    logits, boxes, idx = _teachers()
+    off = TaskAmalgamationLoss(C, threshold=0.65)(_student(), logits, boxes, idx)
+    out = _student(requires_grad=True)
+    on = TaskAmalgamationLoss(C, threshold=0.65, noobj_weight=0.1)(out, logits, boxes, idx)
+    assert "loss_ta_noobj" not in off
+    assert on["loss_ta_noobj"].item() == pytest.approx(-math.log(0.2), rel=1e-5)
+    assert on["loss_ta_kl"].item() == pytest.approx(off["loss_ta_kl"].item())
+    assert on["total"].item() == pytest.approx(off["total"].item() - 0.1 * math.log(0.2), rel=1e-5)
+    on["loss_ta_noobj"].backward()
+    grad = out["pred_logits"].grad[0]
+    assert grad[1].abs().sum() == 0 and grad[0, -1] < 0  # only the unmatched query, towards no object
+    # no teacher prediction passes (the label-free case on an empty image): every query is
+    # unmatched, and the pair count is clamped to 1 → −ln .2 − ln .15
+    none = TaskAmalgamationLoss(C, threshold=0.99, noobj_weight=1.0)(_student(), logits, boxes, idx)
+    assert none["loss_ta_noobj"].item() == pytest.approx(-math.log(0.2) - math.log(0.15), rel=1e-5)
+    assert none["total"].item() == pytest.approx(none["loss_ta_noobj"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="noobj_weight"):
+        TaskAmalgamationLoss(C, noobj_weight=float("nan"))
 
 
 def test_ta_refuses_mismatched_inputs():

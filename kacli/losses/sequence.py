@@ -3,12 +3,14 @@
 Both compare student and teacher token sequences layer by layer (the projected input sequence,
 then every encoder layer). Tokens at padding (mask ``True``) never enter a statistic or a sum.
 
-Normalisation (Sec. IV-A2, "normalized by the mini-batch statistics"): every channel is
-standardised with the mean and standard deviation of the *target* sequence over the valid tokens
-of the mini-batch, and the same affine map is applied to the student. Using one map for both means
-the loss is exactly 0 when the student equals the target, and the target has a fixed scale
-(zero mean, unit variance per channel) whatever the teacher's magnitude. Each teacher part k is
-standardised with its own statistics (teachers are different networks).
+Normalisation (Sec. IV-A2, "all the sequences are normalized independently for each channel ...
+by channel mean and variance in a mini-batch"): every channel is standardised with a mean and
+standard deviation over the valid tokens of the mini-batch. ``stats="own"`` (the paper's rule, the
+default) standardises every sequence — each student part and each teacher part — by its own
+statistics, so the loss compares shapes and ignores each side's scale and offset per channel.
+``stats="teacher"`` applies the target's affine map to both sides: the loss is then exactly 0 only
+when the student equals the target, and the student must also match its scale. Each teacher part
+k has its own statistics either way (teachers are different networks).
 
 Reduction: the squared differences are summed over channels and over tokens, then divided by the
 number of valid token positions V of the batch (``Σ_b`` valid tokens of one part) and, with the
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 EPS = 1e-5
 REDUCTIONS = ("element", "token", "sum")
+STATS = ("own", "teacher")
 
 
 def _valid(mask: Tensor | None, shape: torch.Size, device) -> Tensor:
@@ -117,23 +120,25 @@ def sa_loss(
     normalize: bool = True,
     names: Sequence[str] | None = None,
     index: Tensor | None = None,
-    reduction: str = "token",
+    reduction: str = "element",
     eps: float = EPS,
+    stats: str = "own",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Sequence-level amalgamation loss, Eq. 2: ``Σ_l (1/N) Σ_k ‖norm(Y_s^{k,l}) − norm(Y_t^{k,l})‖²``.
 
     Each list entry is one supervised layer (the projection output, then each encoder layer).
     Three layouts per layer:
 
-    - extended: student and teacher ``(B, N, n, d)``; part k is standardised with teacher k's
-      statistics.
+    - extended: student and teacher ``(B, N, n, d)``; teacher part k is standardised with its own
+      statistics, student part k with its own (``stats="own"``) or teacher k's.
     - compressed, full teacher: student ``(B, n, d)``, teacher ``(B, N, n, d)`` and ``index (B, n)``
-      (from ``kacli.models.compress.select_parts``): teacher k's statistics come from its whole
-      sequence; the teacher is gathered with ``index`` and each kept token (student and teacher)
-      is standardised with the statistics of the part it was taken from. Equals the extended loss
-      restricted to the kept tokens.
-    - compressed, gathered teacher: both ``(B, n, d)``; one set of statistics from the gathered
-      teacher sequence.
+      (from ``kacli.models.compress.select_parts``): the teacher is gathered with ``index``. With
+      ``stats="own"`` the kept teacher tokens are one target sequence and both sides are
+      standardised by their own statistics (as the gathered layout); with ``teacher`` each kept
+      token, student and teacher, by the statistics of the teacher part it was taken from, computed
+      over that part's whole sequence (the extended loss restricted to the kept tokens).
+    - compressed, gathered teacher: both ``(B, n, d)``; the gathered teacher sequence by its own
+      statistics, the student by its own or the teacher's.
 
     Args:
         student, teacher: equal-length lists of tensors as above (teacher carries no gradient).
@@ -142,9 +147,10 @@ def sa_loss(
         normalize: standardise (see the module docstring); False compares raw values.
         names: one logging name per layer; default ``sa_proj, sa_enc1, sa_enc2, …``.
         index: ``(B, n)`` part indices for the "compressed, full teacher" layout.
-        reduction: ``token`` divides each layer's squared Frobenius norm by V, the number of valid
-            token positions of the batch; ``sum`` is Eq. 2 verbatim.
+        reduction: ``element`` divides each layer's squared Frobenius norm by V·d (V the number of
+            valid token positions of the batch); ``token`` by V; ``sum`` is Eq. 2 verbatim.
         eps: standardisation epsilon.
+        stats: ``own`` or ``teacher`` (see the module docstring).
 
     Returns:
         ``(total, {name: layer value})``; all float32 scalars carrying gradients.
@@ -153,6 +159,8 @@ def sa_loss(
         raise ValueError(f"{len(student)} student layers but {len(teacher)} teacher layers")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if stats not in STATS:
+        raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
     if num_parts < 1:
         raise ValueError(f"num_parts must be positive, got {num_parts}")
     layer_names = _layer_names("sa", len(student), names)
@@ -171,7 +179,7 @@ def sa_loss(
         t = torch.stack([teacher[i] for i in idxs], dim=t_dim).detach().float()
         b, n = s.shape[0], s.shape[-2]
         valid = _valid(mask, torch.Size((b, n)), s.device)
-        frob = _stacked_sq_error(layout, s, t, valid, index, normalize, eps)  # (L,)
+        frob = _stacked_sq_error(layout, s, t, valid, index, normalize, eps, own=stats == "own")  # (L,)
         frobs.update(zip(idxs, frob.unbind(0)))
     d = student[0].shape[-1]
     valid = _valid(mask, torch.Size((student[0].shape[0], student[0].shape[-2])), student[0].device)
@@ -201,65 +209,77 @@ def _layout(name: str, s: Tensor, t: Tensor, num_parts: int, index: Tensor | Non
 
 
 def _stacked_sq_error(layout: str, s: Tensor, t: Tensor, valid: Tensor, index: Tensor | None,
-                      normalize: bool, eps: float) -> Tensor:
+                      normalize: bool, eps: float, own: bool = True) -> Tensor:
     """Per stacked layer, Σ over valid tokens (and parts) and channels of the squared error.
 
     Shapes by layout (L stacked layers): ``extended`` s, t ``(B, N, L, n, d)``; ``compressed`` s
     ``(B, L, n, d)``, t ``(B, N, L, n, d)``; ``gathered`` s, t ``(B, L, n, d)``. Returns ``(L,)``.
+    ``own``: the student is standardised by its own statistics, else by the teacher's.
 
-    Student and target go through the same affine map, so the means cancel:
+    With the teacher's map on both sides the means cancel:
     ``(s − μ)/σ − (t − μ)/σ = (s − t)/σ``; only σ is applied.
     """
     w = valid.to(t.dtype)
-    if layout == "gathered":
-        w4 = w[:, None, :, None]  # (B, 1, n, 1)
-        diff = (s - t) * w4
-        if normalize:
-            diff = diff / _masked_std(t * w4, w4, dims=(0, 2), eps=eps)  # σ (1, L, 1, d)
-        return diff.square().sum(dim=(0, 2, 3))
-    w5 = w[:, None, None, :, None]  # (B, 1, 1, n, 1)
-    if layout == "extended":
-        diff = (s - t) * w5
-        if normalize:
-            diff = diff / _masked_std(t * w5, w5, dims=(0, 3), eps=eps)  # σ (1, N, L, 1, d)
-        return diff.square().sum(dim=(0, 1, 3, 4))
-    # compressed: teacher k's statistics over its whole sequence; each kept token (student and
-    # teacher) standardised with the statistics of the part it was taken from
+    if layout in ("gathered", "extended"):
+        if layout == "gathered":  # (B, L, n, d)
+            wt, dims, layer_axis = w[:, None, :, None], (0, 2), 1
+        else:  # (B, N, L, n, d)
+            wt, dims, layer_axis = w[:, None, None, :, None], (0, 3), 2
+        if not normalize:
+            diff = (s - t) * wt
+        elif own:
+            mu_s, sd_s = _masked_stats(s * wt, wt, dims, eps)
+            mu_t, sd_t = _masked_stats(t * wt, wt, dims, eps)
+            diff = ((s - mu_s) / sd_s - (t - mu_t) / sd_t) * wt
+        else:
+            diff = (s - t) * wt / _masked_stats(t * wt, wt, dims, eps)[1]
+        return diff.square().sum(dim=tuple(i for i in range(diff.dim()) if i != layer_axis))
+    # compressed: teacher k's statistics over its whole sequence; each kept teacher token
+    # standardised with the statistics of the part it was taken from
     B, N, L, n, d = t.shape
     idx = index.to(device=t.device, dtype=torch.long)
     kept = t.gather(1, idx[:, None, None, :, None].expand(B, 1, L, n, d)).squeeze(1)  # (B, L, n, d)
-    diff = (s - kept) * w[:, None, :, None]
-    if normalize:
-        std = _masked_std(t * w5, w5, dims=(0, 3), eps=eps)[0, :, :, 0]  # (N, L, d)
-        diff = diff / std[idx].transpose(1, 2)  # σ of each kept token's part, (B, L, n, d)
+    if own or not normalize:
+        # the kept teacher tokens form the target sequence, standardised by its own statistics
+        return _stacked_sq_error("gathered", s, kept, valid, None, normalize, eps, own=True)
+    w4, w5 = w[:, None, :, None], w[:, None, None, :, None]
+    sd_t = _masked_stats(t * w5, w5, (0, 3), eps)[1][0, :, :, 0]  # (N, L, d)
+    diff = (s - kept) * w4 / sd_t[idx].transpose(1, 2)  # σ of each kept token's part, (B, L, n, d)
     return diff.square().sum(dim=(0, 2, 3))
 
 
-def _masked_std(t: Tensor, w: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
-    """Standard deviation of ``t`` (zero at padding) over ``dims`` (the batch and token axes),
-    weighted by the 0/1 token mask ``w`` (which broadcasts to ``t`` and varies only along
+def _masked_stats(t: Tensor, w: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation of ``t`` (zero at padding) over ``dims`` (the batch and token
+    axes), weighted by the 0/1 token mask ``w`` (which broadcasts to ``t`` and varies only along
     ``dims``), kept as size-1 dimensions; biased variance plus ``eps``, as in :func:`channel_stats`."""
     count = w.sum().clamp(min=1.0)  # valid tokens: the same for every part, layer and channel
     mean = t.sum(dim=dims, keepdim=True) / count
     var = ((t - mean) * w).square().sum(dim=dims, keepdim=True) / count
-    return torch.sqrt(var + eps)
+    return mean, torch.sqrt(var + eps)
 
 
 class SAGProjection(nn.Module):
     """The common-space projections W_a^{k,l} of the SAG baseline (Eq. 5), one per teacher and layer.
 
-    ``weight`` is ``(L, N, d, d)``, initialised to the identity (teachers and student share d, so
-    the identity is the natural starting point; the paper learns W_a "from scratch"). These are
-    trainable parameters: put the module's parameters in the optimiser.
+    ``weight`` is ``(L, N, d, d)``. ``init="random"`` (default): the paper learns W_a "from
+    scratch", so every matrix starts as a linear layer's default, entries uniform in
+    ``[−1/√d, 1/√d]``; ``"identity"`` starts every W_a at I (teachers and student share d).
+    These are trainable parameters: put the module's parameters in the optimiser.
     """
 
-    def __init__(self, num_teachers: int, d: int, num_layers: int):
+    def __init__(self, num_teachers: int, d: int, num_layers: int, init: str = "random"):
         super().__init__()
         if num_teachers < 1 or d < 1 or num_layers < 1:
             raise ValueError("SAGProjection needs positive num_teachers, d and num_layers")
+        if init not in ("random", "identity"):
+            raise ValueError(f"init must be 'random' or 'identity', got {init!r}")
         self.num_teachers, self.d, self.num_layers = num_teachers, d, num_layers
-        eye = torch.eye(d).expand(num_layers, num_teachers, d, d).clone()
-        self.weight = nn.Parameter(eye)
+        if init == "identity":
+            weight = torch.eye(d).expand(num_layers, num_teachers, d, d).clone()
+        else:
+            bound = 1.0 / d**0.5
+            weight = torch.empty(num_layers, num_teachers, d, d).uniform_(-bound, bound)
+        self.weight = nn.Parameter(weight)
 
     def forward(self, teacher: Tensor, layer: int) -> Tensor:
         """Aggregated target ``Y_a = (1/N) Σ_k Y_t^k W_a^{k,layer}``.
@@ -284,21 +304,23 @@ def sag_loss(
     proj: SAGProjection,
     normalize: bool = True,
     names: Sequence[str] | None = None,
-    reduction: str = "token",
+    reduction: str = "element",
     eps: float = EPS,
+    stats: str = "own",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAG baseline, Eq. 5: ``Σ_l ‖norm(Y_s^l) − norm((1/N) Σ_k Y_t^{k,l} W_a^{k,l})‖²``.
 
-    The student's single sequence is supervised by the projected mean of the teachers. Both sides
-    are standardised with the aggregated target's statistics (which depend on W_a, so W_a is
-    trained through them too); there is no extra 1/N beyond the one inside Y_a.
+    The student's single sequence is supervised by the projected mean of the teachers. The
+    aggregated target is standardised with its own statistics (which depend on W_a, so W_a is
+    trained through them too), the student with its own (``stats="own"``) or the target's; there
+    is no extra 1/N beyond the one inside Y_a.
 
     Args:
         student: per layer ``(B, n, d)``.
         teacher: per layer ``(B, N, n, d)``.
         mask: ``(B, n)`` bool, True at padding, or None.
         proj: the :class:`SAGProjection` (one set of W_a per layer).
-        normalize, reduction, eps: as in :func:`sa_loss`.
+        normalize, reduction, eps, stats: as in :func:`sa_loss`.
         names: one logging name per layer; default ``sag_proj, sag_enc1, …``.
 
     Returns:
@@ -309,6 +331,8 @@ def sag_loss(
                          f"{proj.num_layers} SAG projections")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if stats not in STATS:
+        raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
     layer_names = _layer_names("sag", len(student), names)
     values: dict[str, Tensor] = {}
     for layer, (name, s, t) in enumerate(zip(layer_names, student, teacher)):
@@ -321,8 +345,9 @@ def sag_loss(
         s = s.masked_fill(~valid[..., None], 0.0)
         target = proj(t, layer).float()
         if normalize:
-            stats = channel_stats(target, ~valid, eps)
-            s, target = standardize(s, stats=stats), standardize(target, stats=stats)
+            target_stats = channel_stats(target, ~valid, eps)
+            s = standardize(s, ~valid, stats=None if stats == "own" else target_stats, eps=eps)
+            target = standardize(target, stats=target_stats)
         values[name] = _reduce(_sq_error(s, target, valid), valid, s.shape[-1], reduction)
     total = torch.stack(list(values.values())).sum()
     return total, values

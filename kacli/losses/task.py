@@ -9,8 +9,11 @@
 3. The student's queries are Hungarian-matched to the targets with the cost (Eq. 10)
    ``α_kl·KL(p_t‖p̂) + α_l1·L1 + α_giou·(1 − GIoU) − α_conf·conf``; ``min(Q, M)`` pairs per image.
 4. Loss (Eq. 11) over matched pairs: ``conf·(β_kl·KL + β_l1·L1 + β_giou·(1 − GIoU))``, divided by
-   the number of matched pairs of the batch. Unmatched student queries get no TA loss: learning
-   "no object" is left to the ground-truth set criterion.
+   the number of matched pairs of the batch.
+5. Student queries matched to no teacher prediction are sent to "no object": ``−log p̂_C`` summed
+   over them, divided by the same number of pairs, weighted by ``noobj_weight`` (as DETR's
+   criterion weighs its no-object class by ``eos_coef``; the official code does the same). Eq. 11
+   alone leaves them untaught, so without ground truth nothing would teach "no object".
 
 Defaults follow UP-DETR's weights (class 1, L1 5, GIoU 2) for both α and β. Boxes are normalised
 ``cxcywh``; L1 is summed over the four coordinates, as in DETR.
@@ -150,10 +153,12 @@ class TaskAmalgamationLoss(nn.Module):
         temperature: T for the class distributions in the KL terms (teacher and student both
             softened; the KL is multiplied by T², as usual in distillation). Confidence, used for
             filtering and as the pair weight, always comes from the T = 1 teacher distribution.
+        noobj_weight: weight of ``loss_ta_noobj`` (unmatched queries → no object); 0 turns it off.
 
     ``forward`` returns ``loss_ta_kl``, ``loss_ta_l1``, ``loss_ta_giou`` (each ``Σ conf·term /
-    num_pairs``, unweighted), the same with ``_<i>`` for ``aux_outputs[i]`` and ``total`` (the
-    β-weighted sum over all outputs). ``num_pairs`` is the number of matched pairs in the batch,
+    num_pairs``, unweighted), ``loss_ta_noobj`` (``Σ_unmatched −log p̂_C / num_pairs``, when
+    ``noobj_weight`` > 0), the same with ``_<i>`` for ``aux_outputs[i]`` and ``total`` (the
+    weighted sum over all outputs). ``num_pairs`` is the number of matched pairs in the batch,
     averaged over ranks when torch.distributed is initialised (so every rank divides by the same
     number, as DETR does with its box count), and clamped to at least 1.
     """
@@ -169,6 +174,7 @@ class TaskAmalgamationLoss(nn.Module):
         threshold: float = 0.1,
         topk: int | None = None,
         temperature: float = 1.0,
+        noobj_weight: float = 0.0,
     ):
         super().__init__()
         if num_classes < 1:
@@ -182,7 +188,11 @@ class TaskAmalgamationLoss(nn.Module):
         self.num_classes = num_classes
         self.alpha = tuple(float(a) for a in alpha)
         self.alpha_conf = float(alpha_conf)
+        if not noobj_weight >= 0:
+            raise ValueError(f"noobj_weight must be non-negative, got {noobj_weight}")
         self.beta = {"kl": float(beta_kl), "l1": float(beta_l1), "giou": float(beta_giou)}
+        if noobj_weight > 0:
+            self.beta["noobj"] = float(noobj_weight)
         self.threshold = float(threshold)
         self.topk = topk
         self.temperature = float(temperature)
@@ -293,8 +303,9 @@ class TaskAmalgamationLoss(nn.Module):
             num: the divisor (:meth:`num_pairs`).
 
         Returns:
-            Per head ``{"kl", "l1", "giou"}`` scalars. All pairs of all heads go through one
-            log-softmax, KL, L1 and GIoU; the sums are split by head afterwards.
+            Per head ``{"kl", "l1", "giou"}`` scalars, and ``"noobj"`` when its weight is positive.
+            All pairs of all heads go through one log-softmax, KL, L1 and GIoU; the sums are split
+            by head afterwards.
         """
         logits = torch.stack([h["pred_logits"] for h in heads])  # (H, B, Q, C+1)
         boxes = torch.stack([h["pred_boxes"] for h in heads])  # (H, B, Q, 4)
@@ -321,7 +332,16 @@ class TaskAmalgamationLoss(nn.Module):
                                         box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="none")
         terms = torch.stack([kl, l1, giou], dim=1) * conf[:, None]  # (pairs, 3)
         per_head = terms.new_zeros(len(heads), 3).index_add(0, head_id, terms) / num  # (H, 3)
-        return [{"kl": row[0], "l1": row[1], "giou": row[2]} for row in per_head]
+        out = [{"kl": row[0], "l1": row[1], "giou": row[2]} for row in per_head]
+        if "noobj" in self.beta:
+            # −log p̂(no object) of every query not matched in its head, at T = 1
+            log_noobj = torch.log_softmax(logits.float(), dim=-1)[..., -1]  # (H, B, Q)
+            unmatched = torch.ones_like(log_noobj, dtype=torch.bool)
+            unmatched[head_id, image_id, src] = False
+            noobj = -(log_noobj * unmatched).sum(dim=(1, 2)) / num  # (H,)
+            for row, value in zip(out, noobj):
+                row["noobj"] = value
+        return out
 
     def forward(
         self,
@@ -338,8 +358,8 @@ class TaskAmalgamationLoss(nn.Module):
             teacher_logits, teacher_boxes, class_index: see :meth:`prepare_targets`.
 
         Returns:
-            ``loss_ta_kl``, ``loss_ta_l1``, ``loss_ta_giou``, their ``_<i>`` auxiliary versions and
-            ``total``.
+            ``loss_ta_kl``, ``loss_ta_l1``, ``loss_ta_giou`` (and ``loss_ta_noobj``), their ``_<i>``
+            auxiliary versions and ``total``.
         """
         logits = outputs["pred_logits"]
         if logits.shape[-1] != self.num_classes + 1:
