@@ -54,7 +54,11 @@ class SAConfig:
 
     Attributes:
         enabled: use L_seq (``--no-sa`` turns it off).
-        normalize: standardise every channel with the teacher's mini-batch statistics over valid tokens.
+        normalize: standardise every channel with mini-batch statistics over valid tokens.
+        stats: whose statistics standardise the student: ``own`` — every sequence by its own
+            (the paper, Sec. IV-A2: "all the sequences are normalized independently"), or
+            ``teacher`` — student and teacher with the teacher's (one affine map, so the loss is 0
+            exactly when the student equals the teacher). docs/DEMO.md measures both.
         reduction: ``element`` (default) divides each layer's squared error by the number of valid
             tokens and by d (a mean over elements, on the scale of DETR's losses); ``token`` by the
             number of valid tokens only; ``sum`` is Eq. 2's plain squared Frobenius norm.
@@ -62,6 +66,7 @@ class SAConfig:
 
     enabled: bool = True
     normalize: bool = True
+    stats: Literal["own", "teacher"] = "own"
     reduction: Literal["element", "token", "sum"] = "element"
 
 
@@ -77,6 +82,9 @@ class TAConfig:
         threshold: teacher predictions less confident than this are dropped.
         topk: keep at most this many teacher predictions per image (null: all).
         temperature: softmax temperature of the KL terms.
+        noobj_weight: weight of the term that sends the student's queries matched to no teacher
+            prediction to "no object" (cross-entropy, divided like the pair terms by the matched
+            pairs of the batch); 0 leaves them untaught by TA, as Eq. 11 alone does.
     """
 
     enabled: bool = True
@@ -88,9 +96,10 @@ class TAConfig:
     threshold: float = 0.1
     topk: int | None = None
     temperature: float = 1.0
+    noobj_weight: float = 0.1
 
     def __post_init__(self):
-        for name in ("alpha_conf", "beta_kl", "beta_l1", "beta_giou", "threshold"):
+        for name in ("alpha_conf", "beta_kl", "beta_l1", "beta_giou", "threshold", "noobj_weight"):
             if getattr(self, name) < 0:
                 raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
         if any(a < 0 for a in self.alpha):
@@ -121,6 +130,9 @@ class AmalgamateConfig:
             between the tokens it was trained on and those it is evaluated on (docs/DEMO.md).
         lambda_seq, lambda_task, lambda_d: Eq. 12's weights of L_seq, L_task and the ground-truth loss.
         eos_coef: "no object" class weight of the ground-truth criterion.
+        proj_init: the extended student's N input projections: ``independent`` random
+            initialisations (the official code's one projection to N·d channels) or ``copies`` of one.
+        sag_init: SAG's W_a: ``random`` (the paper learns it "from scratch") or ``identity``.
     """
 
     method: Literal["ka", "raw", "raw-ext", "sag"] = "ka"
@@ -131,6 +143,8 @@ class AmalgamateConfig:
     lambda_task: float = 1.0
     lambda_d: float = 0.1
     eos_coef: float = 0.1
+    proj_init: Literal["independent", "copies"] = "independent"
+    sag_init: Literal["random", "identity"] = "random"
     sa: SAConfig = field(default_factory=SAConfig)
     ta: TAConfig = field(default_factory=TAConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -312,6 +326,7 @@ class AmalgamationObjective(nn.Module):
         self.ta = TaskAmalgamationLoss(
             num_classes, alpha=tuple(ta.alpha), alpha_conf=ta.alpha_conf, beta_kl=ta.beta_kl, beta_l1=ta.beta_l1,
             beta_giou=ta.beta_giou, threshold=ta.threshold, topk=ta.topk, temperature=ta.temperature,
+            noobj_weight=ta.noobj_weight,
         )
         self.use_gt = cfg.method in ("raw", "raw-ext") or cfg.lambda_d > 0
         self.use_seq = cfg.method in ("ka", "sag") and cfg.sa.enabled and cfg.lambda_seq > 0
@@ -390,9 +405,10 @@ class AmalgamationObjective(nn.Module):
         if self.method == "sag":
             student = [s.squeeze(1) if s.dim() == 4 else s for s in student]
             return sag_loss(student, targets, mask, self.sag_proj, normalize=self.cfg.sa.normalize,
-                            names=[f"sag_{name}" for name in self.layers], reduction=self.cfg.sa.reduction)
+                            names=[f"sag_{name}" for name in self.layers], reduction=self.cfg.sa.reduction,
+                            stats=self.cfg.sa.stats)
         return sa_loss(student, targets, mask, self.num_teachers, normalize=self.cfg.sa.normalize, names=names,
-                       index=out.get("part_idx"), reduction=self.cfg.sa.reduction)
+                       index=out.get("part_idx"), reduction=self.cfg.sa.reduction, stats=self.cfg.sa.stats)
 
 
 # -- building the run --------------------------------------------------------------------------------
@@ -407,7 +423,7 @@ def build_student(cfg: AmalgamateConfig, num_classes: int, num_teachers: int) ->
         return DETR(cfg.model, num_classes)
     if cfg.method == "sag":
         return Student(cfg.model, num_classes, 1)
-    return Student(cfg.model, num_classes, num_teachers, cfg.compress, cfg.compress_seed)
+    return Student(cfg.model, num_classes, num_teachers, cfg.compress, cfg.compress_seed, proj_init=cfg.proj_init)
 
 
 class GroundTruthOnly(torch.utils.data.Dataset):
@@ -554,7 +570,7 @@ def amalgamate(
         rep = load_backbone_weights(model.backbone, backbone_weights)
         log(f"backbone weights from {backbone_weights}: loaded {rep['loaded']} tensors")
 
-    sag_proj = SAGProjection(num_teachers, d_model, len(layers)) if cfg.method == "sag" else None
+    sag_proj = SAGProjection(num_teachers, d_model, len(layers), init=cfg.sag_init) if cfg.method == "sag" else None
     objective = AmalgamationObjective(cfg, num_classes, num_teachers, layers, list(cache.class_index), sag_proj)
     if objective.needs_teacher:
         train_set, collate_fn = cache, collate_cached

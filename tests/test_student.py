@@ -100,13 +100,58 @@ def test_single_part_student_is_plain_detr():
     assert torch.equal(a["enc_layers"][-1], b["enc_layers"][-1][:, 0])
 
 
-def test_projections_start_as_copies_and_train_separately():
+def _raw_ext_steps(student: Student, steps: int = 3) -> Student:
+    """A few SGD steps of the raw-ext objective (ground truth only, nothing part-specific)."""
+    from kacli.losses.criterion import SetCriterion
+    from kacli.losses.matcher import HungarianMatcher
+
+    criterion = SetCriterion(3, HungarianMatcher())
+    targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[0.6, 0.5, 0.3, 0.2], [0.2, 0.2, 0.1, 0.1]]), "labels": torch.tensor([0, 2])}]
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    images, mask = _padded_batch()
+    for _ in range(steps):
+        opt.zero_grad()
+        criterion(student.train()(images, mask), targets)["total"].backward()
+        opt.step()
+    return student
+
+
+def test_projections_start_independent_and_stay_apart_without_sa():
+    # Copies of one initialisation get the same input, gradient and update when nothing
+    # part-specific supervises them (raw-ext): they stay equal and the student is raw DETR.
+    torch.manual_seed(0)
+    copies = Student(_cfg(), 3, 3, proj_init="copies")
+    w = [p.weight for p in copies.input_projs]
+    assert torch.equal(w[0], w[1]) and torch.equal(w[0], w[2]) and w[0].data_ptr() != w[1].data_ptr()
+    _raw_ext_steps(copies)
+    assert copies.input_projs[0].weight.grad.abs().sum() > 0
+    assert torch.equal(copies.input_projs[0].weight, copies.input_projs[2].weight)
+    # Independent initialisations (the default) differ from the start and after training steps.
+    torch.manual_seed(0)
+    s = Student(_cfg(), 3, 3)
+    w = [p.weight.detach().clone() for p in s.input_projs]
+    assert not torch.allclose(w[0], w[1], atol=1e-3) and not torch.allclose(w[1], w[2], atol=1e-3)
+    # the same spread as DETR's own projection (a Conv2d's default initialisation)
+    assert w[1].std().item() == pytest.approx(w[0].std().item(), rel=0.2)
+    _raw_ext_steps(s)
+    assert not torch.allclose(s.input_projs[0].weight, s.input_projs[1].weight, atol=1e-3)
+    assert not torch.equal(s.input_projs[1].weight, w[1])  # and they train
+    # part 0 is DETR's projection: with the same seed, everything but the extra parts is DETR's
+    torch.manual_seed(0)
+    detr = DETR(_cfg(), 3)
+    torch.manual_seed(0)
+    one = Student(_cfg(), 3, 2)
+    assert torch.equal(one.input_projs[0].weight, detr.input_proj.weight)
+    assert torch.equal(one.class_embed.weight, detr.class_embed.weight)
+    assert not hasattr(one, "input_proj")
+    with pytest.raises(KacliError, match="unknown projection initialisation"):
+        Student(_cfg(), 3, 2, proj_init="zeros")
+
+
+def test_each_part_trains_separately():
     torch.manual_seed(0)
     s = Student(_cfg(), 2, 3)
-    w = [p.weight for p in s.input_projs]
-    assert torch.equal(w[0], w[1]) and torch.equal(w[0], w[2])
-    assert w[0].data_ptr() != w[1].data_ptr()
-    assert not hasattr(s, "input_proj")
     out = s(*_padded_batch())
     out["enc_proj"][:, 1].sum().backward()  # only part 1's sequence
     assert s.input_projs[1].weight.grad.abs().sum() > 0

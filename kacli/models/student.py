@@ -38,6 +38,7 @@ from kacli.models.config import ModelConfig
 from kacli.models.detr import DETR
 
 STUDENT_FIELDS = ("num_parts", "compress", "seed")
+PROJ_INITS = ("independent", "copies")
 
 
 def block_diagonal_mask(num_parts: int, n: int, device=None) -> torch.Tensor:
@@ -56,12 +57,19 @@ class Student(DETR):
         num_parts: N, the number of teachers (≥ 1).
         compress: ``none``, ``redundancy``, ``isometric`` or ``random``; N = 1 allows only ``none``.
         seed: seed of ``random`` compression at evaluation.
+        proj_init: ``independent`` (default): every part's projection gets its own random
+            initialisation (part 0 keeps DETR's, so N = 1 is DETR exactly), as the official code's
+            one projection to N·d channels; ``copies``: all N start as copies of one. Copies stay
+            identical when nothing part-specific supervises them (``raw-ext``, TA without SA): every
+            part then gets the same input, gradient and update, and the extended student computes
+            raw DETR's function.
 
     Raises:
         KacliError: an unknown compression method, N < 1, or compression with N = 1.
     """
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, num_parts: int, compress: str = "none", seed: int = 0):
+    def __init__(self, cfg: ModelConfig, num_classes: int, num_parts: int, compress: str = "none", seed: int = 0,
+                 proj_init: str = "independent"):
         if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
             raise KacliError(f"the student needs at least one part (one per teacher), got {num_parts!r}")
         if compress not in METHODS:
@@ -70,11 +78,16 @@ class Student(DETR):
             raise KacliError(
                 f"compression {compress!r} needs at least 2 parts (teachers); with one part there is nothing to compress"
             )
+        if proj_init not in PROJ_INITS:
+            raise KacliError(f"unknown projection initialisation {proj_init!r} (use {', '.join(PROJ_INITS)})")
         super().__init__(cfg, num_classes)
         proj = self.input_proj
         del self.input_proj
-        # N copies of one initialisation (Fig. 2: the projection is duplicated).
-        self.input_projs = nn.ModuleList(copy.deepcopy(proj) for _ in range(num_parts))
+        if proj_init == "copies":
+            extra = [copy.deepcopy(proj) for _ in range(num_parts - 1)]
+        else:
+            extra = [nn.Conv2d(proj.in_channels, proj.out_channels, kernel_size=1) for _ in range(num_parts - 1)]
+        self.input_projs = nn.ModuleList([proj, *extra])
         self.num_parts = num_parts
         self.compress = compress
         self.seed = int(seed)
