@@ -128,6 +128,39 @@ def test_configs_carry_the_papers_settings(run):
     assert teacher.model.pre_norm and teacher.model.num_queries == 100 and teacher.model.d_model == 256
 
 
+# Method settings of an example student.yaml that may differ from the library's defaults, each with
+# its reason. Anything not named here must equal AmalgamateConfig's default, so a default moved in
+# the library (say, after a measurement on the demo) cannot leave the examples behind.
+EXAMPLE_METHOD_DIFFERENCES: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("run", RUN_DIRS)
+def test_example_method_settings_are_the_library_defaults(run):
+    from dataclasses import asdict
+
+    from kacli.amalgamate import AmalgamateConfig
+
+    def flat(cfg) -> dict:
+        """Dotted method keys → values (tuples as lists), without the model, aug and train sections."""
+        out, todo = {}, [("", asdict(cfg))]
+        while todo:
+            pre, d = todo.pop()
+            for k, v in d.items():
+                if pre == "" and k in ("model", "aug", "train"):
+                    continue
+                if isinstance(v, dict):
+                    todo.append((f"{pre}{k}.", v))
+                else:
+                    out[f"{pre}{k}"] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    ex, de = flat(load_amalgamate_config(EXAMPLES / run / "student.yaml")), flat(AmalgamateConfig())
+    assert ex.keys() == de.keys()
+    differ = {k: (ex[k], de[k]) for k in ex if ex[k] != de[k]}
+    unexplained = {k: v for k, v in differ.items() if k not in EXAMPLE_METHOD_DIFFERENCES}
+    assert not unexplained, f"{run}/student.yaml differs from the library defaults (example, default): {unexplained}"
+
+
 def test_voc_evaluation_size_gives_the_papers_flops_scale():
     # DETR's recipe scaled by 512/1333: every size, rounded (see the teacher.yaml comments).
     aug = load_run_config(EXAMPLES / "voc-2" / "teacher.yaml", {}).aug
