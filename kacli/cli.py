@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "kacli.commands.report",
     "kacli.commands.models",
     "kacli.commands.demo",
+    "kacli.commands.ablate",
 ]
 
 app = typer.Typer(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -105,6 +105,67 @@ def prediction_pictures(
     return written
 
 
+def student_schedule(minutes: float, seed: int) -> dict[str, Any]:
+    """The students' and raw's training overrides at a ``minutes`` budget: the recipe's epochs
+    scaled, the learning rate dropped for the same last fraction, validation every 2 epochs (the
+    learning curves)."""
+    epochs = _scaled(RECIPE["student_epochs"], minutes)
+    lr_drop = max(1, round(epochs * RECIPE["student_lr_drop"] / RECIPE["student_epochs"]))
+    return {"train.epochs": epochs, "train.seed": seed, "train.eval_every": 2, "train.lr_drop": lr_drop}
+
+
+def run_finished(run: Path, epochs: int) -> bool:
+    """Whether the training run in ``run`` completed ``epochs`` epochs (best.pt, last.pt and the
+    last epoch in metrics.jsonl)."""
+    run = Path(run)
+    if not ((run / "best.pt").is_file() and (run / "last.pt").is_file() and (run / "metrics.jsonl").is_file()):
+        return False
+    done = [json.loads(ln).get("epoch", 0) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return bool(done) and max(done) >= epochs
+
+
+def prepare_base(
+    out: Path, seed: int, teacher_epochs: int, n_train: int, n_val: int, stage: Callable[[str], Any],
+) -> tuple[dict[str, Path], Path]:
+    """The demo's data, tasks, teachers and cache in ``out`` (``data/``, ``tasks/tasks.yaml``,
+    ``runs/teacher-<task>``, ``cache.h5``); what a previous call finished is kept and reused.
+
+    ``stage(name)`` returns a context manager around each stage (progress and timing). Returns
+    ``({task: teacher run folder}, tasks.yaml path)``.
+    """
+    from kacli.cache.writer import cache_teachers
+    from kacli.data.demo_data import make_demo_data
+    from kacli.data.manifest import TaskManifest
+    from kacli.data.split import split_tasks
+    from kacli.teacher import train_teacher
+
+    quiet = lambda msg: None  # noqa: E731
+    out = Path(out)
+    tasks_path = out / "tasks" / "tasks.yaml"
+    with stage("data"):
+        if not (out / "data" / "val.json").is_file():
+            make_demo_data(out / "data", train_images=n_train, val_images=n_val, seed=seed)
+    with stage("split"):
+        if not tasks_path.is_file():
+            split_tasks(str(out / "data" / "train.json"), str(out / "data" / "val.json"),
+                        str(out / "data" / "tasks-2.yaml"), out / "tasks")
+    manifest = TaskManifest(tasks_path)
+    teachers: dict[str, Path] = {}
+    for t in manifest.tasks:
+        run = out / "runs" / f"teacher-{t.name}"
+        with stage(f"teacher {t.name}"):
+            if not run_finished(run, teacher_epochs):
+                resume = (run / "last.pt").is_file()
+                train_teacher(tasks_path, t.name, run, config="tiny", resume=resume, force=run.exists() and not resume,
+                              overrides={"train.epochs": teacher_epochs, "train.seed": seed}, log=quiet)
+        teachers[t.name] = run
+    with stage("cache"):
+        if not (out / "cache.h5").is_file():
+            cache_teachers(tasks_path, [teachers[t.name] for t in manifest.tasks], out / "cache.h5",
+                           views=RECIPE["views"], seed=seed, log=quiet)
+    return teachers, tasks_path
+
+
 def run_demo(
     out: str | Path,
     minutes: float = DESIGN_MINUTES,
@@ -116,13 +177,9 @@ def run_demo(
 ) -> dict:
     """Run the demo into ``out``; returns ``{"rows": [...], "seconds": total, "stages": {...}}``."""
     from kacli.amalgamate import amalgamate
-    from kacli.cache.writer import cache_teachers
-    from kacli.data.demo_data import make_demo_data
     from kacli.data.manifest import TaskManifest
-    from kacli.data.split import split_tasks
     from kacli.eval.evaluate import evaluate_checkpoints
     from kacli.report import load_curves, load_rows, write_report
-    from kacli.teacher import train_teacher
 
     if minutes <= 0:
         raise KacliError(f"--minutes must be positive, got {minutes}")
@@ -137,7 +194,6 @@ def run_demo(
     stages: dict[str, float] = {}
     teacher_epochs = _scaled(RECIPE["teacher_epochs"], minutes)
     student_epochs = _scaled(RECIPE["student_epochs"], minutes)
-    student_lr_drop = max(1, round(student_epochs * RECIPE["student_lr_drop"] / RECIPE["student_epochs"]))
     n_train = train_images or RECIPE["train_images"]
     n_val = val_images or RECIPE["val_images"]
 
@@ -160,26 +216,9 @@ def run_demo(
     quiet = lambda msg: None  # noqa: E731  (stages' own chatter would break the one display)
     with shared_progress(unit="stage") as progress:
         overall = progress.add_task("kacli demo", total=9, info="")
-        with stage("data"):
-            make_demo_data(out / "data", train_images=n_train, val_images=n_val, seed=seed)
-        with stage("split"):
-            split_tasks(str(out / "data" / "train.json"), str(out / "data" / "val.json"),
-                        str(out / "data" / "tasks-2.yaml"), out / "tasks")
-        tasks_path = out / "tasks" / "tasks.yaml"
+        teachers, tasks_path = prepare_base(out, seed, teacher_epochs, n_train, n_val, stage)
         manifest = TaskManifest(tasks_path)
-        teachers: dict[str, Path] = {}
-        for t in manifest.tasks:
-            with stage(f"teacher {t.name}"):
-                run = runs / f"teacher-{t.name}"
-                train_teacher(tasks_path, t.name, run, config="tiny",
-                              overrides={"train.epochs": teacher_epochs, "train.seed": seed}, log=quiet)
-                teachers[t.name] = run
-        with stage("cache"):
-            cache_teachers(tasks_path, [teachers[t.name] for t in manifest.tasks], out / "cache.h5",
-                           views=RECIPE["views"], seed=seed, log=quiet)
-        # Validation every 2 epochs draws the learning curves; raw gets the student's schedule.
-        student_overrides = {"train.epochs": student_epochs, "train.seed": seed, "train.eval_every": 2,
-                             "train.lr_drop": student_lr_drop}
+        student_overrides = student_schedule(minutes, seed)
         ka = {"method": "ka", "lambda_d": RECIPE["student_lambda_d"]}
         plans = [
             ("student", {**ka, "compress": "none"}),
@@ -212,7 +251,7 @@ def run_demo(
         write_report(rows, curves, out)
         prediction_pictures(teachers, runs / "student", tasks_path, out / "predictions")
     total = time.perf_counter() - t_start
-    summary = {"rows": rows, "seconds": round(total, 1), "stages": stages,
+    summary = {"rows": rows, "seconds": round(total, 1), "stages": stages, "seed": seed,
                "epochs": {"teacher": teacher_epochs, "student": student_epochs}}
     write_json(out / "demo.json", summary)
     return summary
