@@ -93,18 +93,34 @@ def predict(
     max_size: Optional[int] = typer.Option(
         None, "--max-size", min=1, show_default=False, help="Cap on the longer side (default: the model's, else 1333)."
     ),
-    threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0, help="Keep detections scoring at least this."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", min=0.0, max=1.0, show_default=False,
+        help="Keep detections scoring at least this (default 0.5; 0 with --format coco, as AP needs every detection).",
+    ),
+    fmt: str = typer.Option(
+        "kacli", "--format", metavar="kacli|coco",
+        help="predictions.json layout: kacli ({image: [{box xyxy, score, category_id, name}]}) or coco "
+        "(a COCO results list [{image_id, category_id, bbox xywh, score}]).",
+    ),
+    image_ids: Optional[Path] = typer.Option(
+        None, "--image-ids", metavar="COCO.json", show_default=False,
+        help="With --format coco: take image ids from this COCO json (matched by file name); "
+        "default: the number the file name is (000000397133.jpg → 397133).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON instead of a table."),
 ):  # fmt: skip
-    """Detect objects in images: DIR/predictions.json (pixel xyxy boxes, score, category id and name)
-    and one PNG per image with the boxes drawn and labelled."""
+    """Detect objects in images: DIR/predictions.json (pixel xyxy boxes, score, category id and name;
+    or, with --format coco, a COCO results list) and one PNG per image with the boxes drawn and labelled."""
     from kacli.predict import predict_images
 
-    res = predict_images(model, images, size, max_size, threshold, out, device=device, force=force)
+    if threshold is None:
+        threshold = 0.0 if fmt == "coco" else 0.5
+    res = predict_images(model, images, size, max_size, threshold, out, device=device, force=force,
+                         fmt=fmt, image_ids=image_ids)
     if as_json:
-        console.print_json(json.dumps(res["predictions"]))
+        console.print_json(json.dumps(res["results"] if fmt == "coco" else res["predictions"]))
         return
     table = Table(title=f"predictions (score ≥ {threshold:g}, size {res['size']}/{res['max_size']})")
     table.add_column("image", style="bold")
