@@ -71,7 +71,7 @@ def import_checkpoint(
                   f"FFN {a['dim_feedforward']}, {'pre' if a['pre_norm'] else 'post'}-norm")  # fmt: skip
     table.add_row("queries", str(a["num_queries"]))
     lm = report["label_map"]
-    table.add_row("classes", f"{len(lm['ids'])} from {lm['source']} ({len(report['dropped_slots'])} unnamed slots dropped)")
+    table.add_row("classes", f"{len(lm['ids'])} from {lm['source']} ({len(report['dropped_slots'])} unnamed slots: in the softmax, never predicted)")
     table.add_row("tensors", f"{len(report['loaded'])} loaded, {len(report['ignored'])} ignored")
     console.print(table)
     if report["ignored"]:
