@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from kacli.engine.distributed import DistInfo, all_reduce_mean, barrier
+from kacli.engine.guards import check_finite
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_file
 from kacli.models.checkpoint import load_checkpoint, save_checkpoint
@@ -249,15 +250,11 @@ class Trainer:
                 sums: dict[str, float] = defaultdict(float)
                 n = 0
                 t0 = time.perf_counter()
-                for batch in loader:
+                for i, batch in enumerate(loader):
                     with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                         losses = self.loss_fn(self.model, batch, self.device)
                     total = losses["total"]
-                    if not torch.isfinite(total):
-                        raise KacliError(
-                            f"training diverged at epoch {epoch + 1}: loss is {total.item()} "
-                            "(lower the learning rate or check the data)", self.out
-                        )
+                    check_finite(losses, epoch * len(loader) + i + 1, epoch + 1, self.out)
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.scaler is not None:
                         self.scaler.scale(total).backward()
