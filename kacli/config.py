@@ -50,6 +50,8 @@ class TrainConfig:
         eval_every: validate every this many epochs (0: never during training).
         amp: mixed precision on CUDA (ignored on CPU).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (or ``cuda:N``).
+        ema: decay in (0, 1) of an exponential moving average of the weights, updated every step;
+            the average is validated and saved as the checkpoint's weights. None (default): off.
     """
 
     epochs: int = 150
@@ -64,6 +66,7 @@ class TrainConfig:
     eval_every: int = 1
     amp: bool = True
     device: str = "auto"
+    ema: float | None = None
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "lr_drop"):
@@ -75,6 +78,8 @@ class TrainConfig:
         for name in ("lr", "lr_backbone", "weight_decay", "clip_max_norm"):
             if getattr(self, name) < 0:
                 raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ConfigValueError("ema", f"must be in (0, 1) (a decay such as 0.9998), got {self.ema}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigValueError("device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 

@@ -96,3 +96,124 @@ def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_pt(tmp_path, t
     assert len(msg.splitlines()) == 1
     assert sha(tmp_path / "last.pt") == before  # epoch 1's checkpoint, untouched
     assert (tmp_path / "metrics.jsonl").read_text() == lines
+
+
+# -- EMA --------------------------------------------------------------------------------------------
+
+
+class Recording(Loss):
+    """Records the live weights each step starts from (= the weights after the previous step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[dict] = []
+
+    def __call__(self, model, batch, device):
+        self.seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return super().__call__(model, batch, device)
+
+
+def test_ema_is_what_gets_evaluated_and_saved(tmp_path):
+    decay = 0.6
+    rec = Recording()
+    Trainer(model(), rec, data(), collate, setup(tmp_path, epochs=2, ema=decay), DistInfo(), evaluate).fit()
+    last = load_checkpoint(tmp_path / "last.pt")
+    live = last["train_state"]["ema"]["live"]
+    # The weights after steps 1..6: what steps 2..6 started from, then the final live weights.
+    after = rec.seen[1:] + [live]
+    assert len(after) == 6 and last["train_state"]["ema"]["updates"] == 6
+    ema = dict(after[0])
+    for w in after[1:]:
+        ema = {k: decay * ema[k] + (1 - decay) * w[k] for k in ema}
+    for k in ema:
+        torch.testing.assert_close(last["model"][k], ema[k], atol=1e-6, rtol=0)
+        assert not torch.allclose(last["model"][k], live[k], atol=1e-3)  # the average, not the live weights
+
+    # Validation scored the averaged weights, and best.pt is the epoch whose average scored best.
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    m = model()
+    m.load_state_dict(last["model"])
+    assert rows[-1]["AP"] == pytest.approx(evaluate(m)["AP"], abs=1e-9)
+    m.load_state_dict(live)
+    assert rows[-1]["AP"] != pytest.approx(evaluate(m)["AP"], abs=1e-4)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["meta"]["metrics"]["AP"] == max(r["AP"] for r in rows)
+
+
+def test_ema_resumes_exactly(tmp_path):
+    Trainer(model(), Loss(), data(), collate, setup(tmp_path / "a", epochs=3, ema=0.7), DistInfo(), evaluate).fit()
+    Trainer(model(), Loss(), data(), collate, setup(tmp_path / "b", epochs=1, ema=0.7), DistInfo(), evaluate).fit()
+    Trainer(model(), Loss(), data(), collate, setup(tmp_path / "b", epochs=3, ema=0.7), DistInfo(), evaluate).fit(
+        resume=True
+    )
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert b["train_state"]["ema"]["updates"] == 9
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(b["train_state"]["ema"]["live"][k], a["train_state"]["ema"]["live"][k],
+                                   atol=1e-6, rtol=0)  # fmt: skip
+
+
+def test_resume_refuses_a_different_ema_setting(tmp_path):
+    Trainer(model(), Loss(), data(), collate, setup(tmp_path / "on", epochs=1, ema=0.9), DistInfo(), evaluate).fit()
+    Trainer(model(), Loss(), data(), collate, setup(tmp_path / "off", epochs=1), DistInfo(), evaluate).fit()
+    with pytest.raises(KacliError, match="written with train.ema: 0.9"):
+        Trainer(model(), Loss(), data(), collate, setup(tmp_path / "on", epochs=2), DistInfo(), evaluate).fit(resume=True)
+    with pytest.raises(KacliError, match="written without train.ema"):
+        Trainer(model(), Loss(), data(), collate, setup(tmp_path / "off", epochs=2, ema=0.9), DistInfo(),
+                evaluate).fit(resume=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1])
+def test_ema_outside_zero_one_is_a_config_error(bad):
+    from kacli.config import TrainConfig, from_dict
+
+    with pytest.raises(KacliError, match=r"'ema'.*\(0, 1\)"):
+        from_dict({"ema": bad}, TrainConfig, "run.yaml")
+    assert from_dict({"ema": 0.999}, TrainConfig).ema == 0.999 and from_dict({}, TrainConfig).ema is None
+
+
+@pytest.fixture(scope="module")
+def tiny_tasks(tmp_path_factory):
+    """6 demo images as train and val, split into the demo's two tasks, and a 2-epoch tiny run config."""
+    import yaml
+
+    from kacli.data.demo_data import make_demo_data
+    from kacli.data.split import split_tasks
+
+    root = tmp_path_factory.mktemp("engine")
+    make_demo_data(root / "data", train_images=6, val_images=2, seed=1, progress=False)
+    split_tasks(str(root / "data" / "train.json"), str(root / "data" / "train.json"),
+                str(root / "data" / "tasks-2.yaml"), root / "tasks")  # fmt: skip
+    cfg = {"model": {"backbone": "tiny", "d_model": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 1,
+                     "dim_feedforward": 64, "num_queries": 4, "dropout": 0.0, "tiny_widths": [8, 16, 16, 32]},
+           "aug": {"scales": [64], "max_size": 64, "crop_p": 0.0, "flip_p": 0.0, "eval_size": 64},
+           "train": {"epochs": 2, "batch_size": 3, "workers": 0, "lr": 1e-3}}  # fmt: skip
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_train_teacher_with_ema_saves_the_average(cli, tiny_tasks, tmp_path):
+    from kacli.models.checkpoint import build_model
+
+    run = tmp_path / "run"
+    r = cli("train-teacher", "--tasks", tiny_tasks / "tasks" / "tasks.yaml", "--task", "convex",
+            "--config", tiny_tasks / "run.yaml", "--ema", "0.5", "--device", "cpu", "--out", run)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    ck = load_checkpoint(run / "last.pt")
+    state = ck["train_state"]["ema"]
+    assert state["decay"] == 0.5 and state["updates"] == 4
+    changed = [k for k in ck["model"] if not torch.equal(ck["model"][k], state["live"][k])]
+    assert any(k.startswith("class_embed") for k in changed)
+    build_model(ck)  # the averaged weights are a complete model
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "1.5"])
+def test_train_teacher_refuses_ema_outside_zero_one(cli, tiny_tasks, tmp_path, bad):
+    from conftest import assert_one_line_error
+
+    run = tmp_path / "run"
+    r = cli("train-teacher", "--tasks", tiny_tasks / "tasks" / "tasks.yaml", "--task", "convex",
+            "--config", tiny_tasks / "run.yaml", "--ema", bad, "--out", run)  # fmt: skip
+    assert_one_line_error(r, "train.ema", "(0, 1)")
+    assert not run.exists()
