@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     )(predict)
     app.command(
         "export",
-        epilog="Example: kacli export --model runs/student/best.pt --format onnx --out student.onnx",
+        epilog="Example: kacli export --model runs/student/best.pt --format export --out student.pt2",
     )(export)
 
 
@@ -136,14 +136,19 @@ def predict(
 @cli_errors
 def export(
     model: Path = typer.Option(..., "--model", metavar="CKPT", show_default=False, help="kacli checkpoint or run folder."),
-    fmt: str = typer.Option(..., "--format", metavar="torchscript|onnx", show_default=False, help="Output format."),
+    fmt: str = typer.Option(
+        ..., "--format", metavar="export|torchscript|onnx", show_default=False,
+        help="export: a torch.export program (.pt2; load with torch.export.load(FILE).module()); "
+        "torchscript (deprecated in PyTorch, kept while it ships); onnx.",
+    ),
     out: Path = typer.Option(..., "--out", metavar="FILE", show_default=False, help="File to write."),
 ):  # fmt: skip
-    """Export a model as TorchScript or ONNX: (images (B,3,H,W) normalised, mask (B,H,W) bool) →
-    (scores (B,Q), labels (B,Q) category ids, boxes (B,Q,4) xyxy normalised to each unpadded image).
+    """Export a model as a torch.export program, TorchScript or ONNX: (images (B,3,H,W) normalised,
+    mask (B,H,W) bool) → (scores (B,Q), labels (B,Q) category ids, boxes (B,Q,4) xyxy normalised to
+    each unpadded image); batch, height and width are dynamic.
 
-    The label map goes inside the TorchScript file (label_map.json) or beside the ONNX file
-    (FILE.labels.json)."""
+    The label map goes inside the .pt2 and TorchScript files (label_map.json) or beside the ONNX
+    file (FILE.labels.json)."""
     from kacli.export import export_model
 
     res = export_model(model, fmt, out)
