@@ -206,6 +206,8 @@ def test_train_teacher_with_ema_saves_the_average(cli, tiny_tasks, tmp_path):
     changed = [k for k in ck["model"] if not torch.equal(ck["model"][k], state["live"][k])]
     assert any(k.startswith("class_embed") for k in changed)
     build_model(ck)  # the averaged weights are a complete model
+    with open(run / "metrics.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
 
 
 @pytest.mark.parametrize("bad", ["0", "1", "1.5"])
@@ -217,3 +219,70 @@ def test_train_teacher_refuses_ema_outside_zero_one(cli, tiny_tasks, tmp_path, b
             "--config", tiny_tasks / "run.yaml", "--ema", bad, "--out", run)  # fmt: skip
     assert_one_line_error(r, "train.ema", "(0, 1)")
     assert not run.exists()
+
+
+# -- logs -------------------------------------------------------------------------------------------
+
+
+def jsonl_rows(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_csv_holds_every_number_of_metrics_jsonl(tmp_path):
+    def evaluate_per_task(m):
+        return {**evaluate(m), "per_task": {"t1": {"AP": 0.25}}}
+
+    s = setup(tmp_path, epochs=3)
+    s.eval_every = 2  # epoch 1 without validation: blank cells, not a shorter row
+    Trainer(model(), Loss(), data(), collate, s, DistInfo(), evaluate_per_task).fit()
+    rows = jsonl_rows(tmp_path)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3
+    assert list(table[0])[:5] == ["epoch", "lr", "steps", "loss_mse", "loss_l1"]
+    assert {"total", "train_seconds", "AP", "AP50", "per_task/t1/AP"} <= set(table[0])
+    for row, line in zip(table, rows):
+        for key, value in line.items():
+            if key == "per_task":
+                assert float(row["per_task/t1/AP"]) == value["t1"]["AP"]
+            else:
+                assert float(row[key]) == value, key  # repr round-trips: the same float
+    assert table[0]["AP"] == "" and float(table[1]["AP"]) == rows[1]["AP"]
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl_across_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(model(), Loss(), data(), collate, setup(tmp_path, epochs=2, tensorboard=True), DistInfo(), evaluate).fit()
+    # A crash after epoch 2 was logged but before last.pt was written: resume from epoch 1's.
+    keep = tmp_path / "keep.pt"
+    Trainer(model(), Loss(), data(), collate, setup(tmp_path / "one", epochs=1), DistInfo(), evaluate).fit()
+    (tmp_path / "one" / "last.pt").replace(keep)
+    import shutil
+
+    shutil.copy(keep, tmp_path / "last.pt")
+    rows = jsonl_rows(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n")
+    s = setup(tmp_path, epochs=3, tensorboard=True)
+    Trainer(model(), Loss(), data(), collate, s, DistInfo(), evaluate).fit(resume=True)
+
+    rows = jsonl_rows(tmp_path)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/total", "train/loss_mse", "train/loss_l1", "train/lr", "val/AP", "val/AP50"} <= tags
+    for tag, key in [("train/total", "total"), ("train/loss_l1", "loss_l1"), ("train/lr", "lr"), ("val/AP", "AP")]:
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [1, 2, 3], tag  # epoch 2 once: the resumed run's
+        assert [e.value for e in events] == pytest.approx([r[key] for r in rows], rel=1e-6), tag
+
+
+def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
+    import kacli.engine.runlog as runlog
+    from kacli.config import TrainConfig, from_dict
+
+    monkeypatch.setattr(runlog, "tensorboard_available", lambda: False)
+    with pytest.raises(KacliError, match=r"'tensorboard'.*pip install 'kacli\[tensorboard\]'"):
+        from_dict({"tensorboard": True}, TrainConfig, "run.yaml")
+    assert from_dict({"tensorboard": False}, TrainConfig).tensorboard is False

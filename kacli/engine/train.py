@@ -3,13 +3,14 @@
 One :class:`Trainer` runs epochs of ``loss_fn`` over a dataset with AdamW (a separate learning
 rate for the backbone), a step schedule, gradient clipping, AMP on CUDA, DDP under torchrun,
 a rich progress bar (loss, rate, ETA), ``metrics.jsonl`` (one line per epoch with every loss term
-and the validation metrics), ``last.pt`` every epoch, ``best.pt`` on the best validation AP, and
+and the validation metrics; mirrored in ``metrics.csv`` and, optionally, TensorBoard), ``last.pt`` every epoch, ``best.pt`` on the best validation AP, and
 ``--resume`` from ``last.pt`` of the same run. Optional: a moving average of the weights
 (``ema``, :mod:`kacli.engine.ema`), which is then what is validated and saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from kacli.engine.distributed import DistInfo, all_reduce_mean, barrier
 from kacli.engine.ema import WeightEMA, refuse_ema_state
+from kacli.engine.runlog import RunLogs
 from kacli.engine.guards import check_finite
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_file
@@ -106,6 +108,7 @@ class TrainSetup:
     extra_modules: list[nn.Module] = field(default_factory=list)
     log_name: str = "train"
     ema: float | None = None  # decay of the weights' moving average (kacli/engine/ema.py); None: off
+    tensorboard: bool = False  # TensorBoard scalars beside metrics.jsonl/metrics.csv (kacli/engine/runlog.py)
 
 
 class Trainer:
@@ -250,7 +253,8 @@ class Trainer:
             )
         self.out.mkdir(parents=True, exist_ok=True)
         last_metrics: dict = {}
-        with make_progress(unit="step") as progress:
+        logs = RunLogs(self.out, s.tensorboard, start_epoch, self.dist.is_main)
+        with make_progress(unit="step") as progress, contextlib.closing(logs):
             for epoch in range(start_epoch, s.epochs):
                 loader = self._loader(epoch)
                 if hasattr(self.loss_fn, "set_epoch"):
@@ -312,6 +316,7 @@ class Trainer:
                 if self.dist.is_main:
                     with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                         f.write(json.dumps(record) + "\n")
+                    logs.epoch(record, sums)
                 self._save("last.pt", epoch + 1, best, train_seconds, record)
                 if is_best or (self.evaluate is None) or (best is None and epoch + 1 == s.epochs):
                     self._save("best.pt", epoch + 1, best, train_seconds, record)
