@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.kacli-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m kacli.bench --out BENCHMARKS.md
+
+# On a CUDA machine: the pipeline at detr-r50 size (AMP, torchrun/NCCL, the GPU step-time ratio) in a
+# few minutes, one table; without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) -m kacli.bench.gpu_check
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info

@@ -609,7 +609,7 @@ def amalgamate(
     setup = TrainSetup(
         out_dir=out, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, lr_backbone=t.lr_backbone,
         weight_decay=t.weight_decay, lr_drop=t.lr_drop, clip_max_norm=t.clip_max_norm, seed=t.seed,
-        workers=t.workers, eval_every=t.eval_every, amp=t.amp,
+        workers=t.workers, eval_every=t.eval_every, amp=t.amp, ema=t.ema, tensorboard=t.tensorboard,
         checkpoint_base={"kind": kind, "arch": arch, "label_map": label_map, "task": None,
                          "config": config_to_dict(cfg), "inputs": inputs, "meta": meta},
         signature={"method": cfg.method, "cache": cache_sha, "tasks.yaml": manifest.sha256,

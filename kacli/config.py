@@ -50,6 +50,11 @@ class TrainConfig:
         eval_every: validate every this many epochs (0: never during training).
         amp: mixed precision on CUDA (ignored on CPU).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (or ``cuda:N``).
+        ema: decay in (0, 1) of an exponential moving average of the weights, updated every step;
+            the average is validated and saved as the checkpoint's weights. None (default): off.
+        tensorboard: write TensorBoard scalars (every loss term, the learning rate, the validation
+            metrics) to ``<run>/tensorboard`` beside ``metrics.jsonl`` and ``metrics.csv``; needs
+            the ``tensorboard`` extra.
     """
 
     epochs: int = 150
@@ -64,6 +69,8 @@ class TrainConfig:
     eval_every: int = 1
     amp: bool = True
     device: str = "auto"
+    ema: float | None = None
+    tensorboard: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "lr_drop"):
@@ -75,6 +82,13 @@ class TrainConfig:
         for name in ("lr", "lr_backbone", "weight_decay", "clip_max_norm"):
             if getattr(self, name) < 0:
                 raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ConfigValueError("ema", f"must be in (0, 1) (a decay such as 0.9998), got {self.ema}")
+        if self.tensorboard:
+            from kacli.engine.runlog import tensorboard_available
+
+            if not tensorboard_available():
+                raise ConfigValueError("tensorboard", "needs the tensorboard package (pip install 'kacli[tensorboard]')")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigValueError("device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 

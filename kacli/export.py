@@ -1,4 +1,4 @@
-"""Export a kacli checkpoint as a self-contained TorchScript or ONNX model.
+"""Export a kacli checkpoint as a self-contained ``torch.export`` program, TorchScript or ONNX model.
 
 The exported model (:class:`ExportWrapper`) takes
 
@@ -13,10 +13,18 @@ and returns, per query,
 - ``boxes (B,Q,4)`` float32: **normalised xyxy** in [0, 1] relative to each image's unpadded
   region; multiply by ``(w, h, w, h)`` of the original image to get pixels.
 
-The label map goes with the model: TorchScript files carry ``label_map.json`` as an extra file
-(``torch.jit.load(path, _extra_files={"label_map.json": ""})``) and the category ids as the
-``category_ids`` buffer; ONNX files get a sidecar ``<out>.labels.json``. ONNX export uses
-``torch.onnx.export(dynamo=False)`` (opset 17) with dynamic batch, height and width.
+The label map goes with the model: ``export`` (.pt2) and TorchScript files carry
+``label_map.json`` as an extra file (``torch.export.load(path, extra_files={"label_map.json": ""})``,
+``torch.jit.load(path, _extra_files=...)``) and the category ids as the ``category_ids`` buffer;
+ONNX files get a sidecar ``<out>.labels.json``.
+
+- ``export``: :func:`torch.export.export` → an ``ExportedProgram`` saved with
+  :func:`torch.export.save`; batch, height and width are dynamic (height and width from
+  ``MIN_SIDE`` pixels: each side must give the backbone at least two feature rows/columns).
+  Run it with ``torch.export.load(path).module()(images, mask)``. This is the format for today's
+  PyTorch (AOTInductor, ExecuTorch); TorchScript is deprecated there and kept while torch ships it.
+- ``torchscript``: ``torch.jit.trace``.
+- ``onnx``: ``torch.onnx.export(dynamo=False)`` (opset 17) with dynamic batch, height and width.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from torchvision.ops import box_convert
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_path
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("export", "torchscript", "onnx")
 ONNX_OPSET = 17
+MIN_SIDE, MAX_SIDE = 64, 16384  # pixels; the exported program's dynamic height and width range
 
 
 class ExportWrapper(nn.Module):
@@ -99,7 +108,7 @@ def export_model(ckpt_path: str | Path, fmt: str, out_path: str | Path) -> dict[
     """Export the checkpoint at ``ckpt_path`` (file or run folder) to ``out_path``.
 
     Args:
-        fmt: ``torchscript`` (``torch.jit.trace``) or ``onnx``.
+        fmt: ``export`` (``torch.export``, a .pt2 file), ``torchscript`` (``torch.jit.trace``) or ``onnx``.
 
     Returns:
         ``{"format", "out", "labels" (ONNX sidecar or None), "classes", "queries", "kind"}``.
@@ -111,7 +120,7 @@ def export_model(ckpt_path: str | Path, fmt: str, out_path: str | Path) -> dict[
     from kacli.models.checkpoint import load_checkpoint
 
     if fmt not in FORMATS:
-        raise KacliError(f"unknown export format {fmt!r} (use {' or '.join(FORMATS)})")
+        raise KacliError(f"unknown export format {fmt!r} (use {', '.join(FORMATS)})")
     out = Path(out_path)
     if out.is_dir():
         raise KacliError("output is a folder, expected a file name", out)
@@ -119,7 +128,11 @@ def export_model(ckpt_path: str | Path, fmt: str, out_path: str | Path) -> dict[
     wrapper = build_wrapper(ckpt)
     inputs = example_inputs()
     labels_path = None
-    if fmt == "torchscript":
+    if fmt == "export":
+        program = export_program(wrapper, inputs)
+        with atomic_path(out) as tmp:
+            torch.export.save(program, str(tmp), extra_files={"label_map.json": label_map_json(ckpt)})
+    elif fmt == "torchscript":
         traced = _trace(wrapper, inputs)
         with atomic_path(out) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
@@ -137,6 +150,20 @@ def export_model(ckpt_path: str | Path, fmt: str, out_path: str | Path) -> dict[
         "queries": int(ckpt["arch"].get("num_queries", 0)),
         "kind": ckpt["kind"],
     }
+
+
+def export_program(wrapper: ExportWrapper, inputs) -> torch.export.ExportedProgram:
+    """``torch.export`` of the wrapper with dynamic batch, height and width (module docstring)."""
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=4096)
+    height = Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+    width = Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    with torch.no_grad():
+        return torch.export.export(
+            wrapper, inputs,
+            dynamic_shapes={"images": {0: batch, 2: height, 3: width}, "mask": {0: batch, 1: height, 2: width}},
+        )  # fmt: skip
 
 
 def _export_onnx(wrapper: ExportWrapper, inputs, path: Path) -> None:

@@ -5,6 +5,10 @@
 - ``OUT/predictions.json``: ``{image path as given: [{"box": [x0, y0, x1, y1] (pixels of the
   original image, clipped to it), "score", "category_id", "name"}, ...]}``, best first, only
   detections with ``score >= threshold``;
+  with ``fmt="coco"`` it is instead a COCO results file (:mod:`kacli.eval.results`):
+  ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]``, the best 100 detections
+  of each image scoring at least ``threshold``, image ids from ``image_ids`` (a COCO json, matched
+  by file name) or the image's numeric file name, boxes unclipped as ``kacli eval`` writes them;
 - ``OUT/<image stem>.png`` per image (``_2``, ``_3``… appended on name clashes) with the boxes
   drawn and labelled ``"<name> <score>"``.
 
@@ -25,6 +29,8 @@ from kacli.fsutil import atomic_dir
 
 DEFAULT_SIZE = 800
 DEFAULT_MAX_SIZE = 1333
+FORMATS = ("kacli", "coco")
+MAX_PER_IMAGE = 100  # COCO's maxDets: what pycocotools and leaderboards read per image
 
 
 def default_sizes(ckpt: dict[str, Any]) -> tuple[int, int]:
@@ -50,7 +56,8 @@ def _png_names(images: Sequence[Path]) -> list[str]:
 @torch.inference_mode()
 def detect(model: torch.nn.Module, image: torch.Tensor, size: int, max_size: int, device: torch.device) -> dict:
     """One uint8 image (3,H,W) → ``scores (Q,)``, ``labels (Q,)`` (class indices), ``boxes (Q,4)``
-    pixel xyxy in the original image, clipped to it."""
+    pixel xyxy in the original image, clipped to it, and ``unclipped (Q,4)`` the same before
+    clipping (what ``kacli eval`` and DETR's own post-processing report)."""
     from kacli.data.transforms import apply_view, eval_view
     from kacli.models.postprocess import postprocess
 
@@ -59,10 +66,11 @@ def detect(model: torch.nn.Module, image: torch.Tensor, size: int, max_size: int
     mask = torch.zeros(1, img.shape[1], img.shape[2], dtype=torch.bool, device=device)
     out = model(img[None].to(device), mask)
     res = postprocess(out, torch.tensor([[H, W]], device=device))[0]
-    boxes = res["boxes"].cpu()
+    unclipped = res["boxes"].cpu()
+    boxes = unclipped.clone()
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
-    return {"scores": res["scores"].cpu(), "labels": res["labels"].cpu(), "boxes": boxes}
+    return {"scores": res["scores"].cpu(), "labels": res["labels"].cpu(), "boxes": boxes, "unclipped": unclipped}
 
 
 def predict_images(
@@ -74,12 +82,15 @@ def predict_images(
     out_dir: str | Path,
     device: str | torch.device = "auto",
     force: bool = False,
+    fmt: str = "kacli",
+    image_ids: str | Path | None = None,
 ) -> dict[str, Any]:
     """Predict on ``images`` with the checkpoint at ``ckpt_path`` (teacher, raw or student).
 
     Returns ``{"predictions": {path: [...]}, "pngs": {path: png path}, "size", "max_size",
     "threshold", "out"}``. Raises KacliError — before anything is written — for a missing or
-    unreadable image, an unreadable checkpoint, or a threshold outside [0, 1].
+    unreadable image, an unreadable checkpoint, a threshold outside [0, 1], an unknown ``fmt``, or
+    (``fmt="coco"``) an image whose id cannot be found.
     """
     from kacli.data.transforms import load_image
     from kacli.draw import draw_detections
@@ -91,7 +102,16 @@ def predict_images(
         raise KacliError("no images given")
     if not 0.0 <= threshold <= 1.0:
         raise KacliError(f"threshold must be in [0, 1], got {threshold}")
+    if fmt not in FORMATS:
+        raise KacliError(f"unknown --format {fmt!r} (use {' or '.join(FORMATS)})")
     paths = [Path(p) for p in images]
+    coco_ids: list[int] = []
+    if fmt == "coco":
+        from kacli.eval.results import image_id_for, image_ids_by_name
+        from kacli.fsutil import load_json
+
+        lookup = image_ids_by_name(load_json(image_ids), image_ids) if image_ids is not None else None
+        coco_ids = [image_id_for(p, lookup) for p in paths]
     decoded = [load_image(p) for p in paths]  # every image checked before any work
     ckpt = load_checkpoint(ckpt_path)
     d_size, d_max = default_sizes(ckpt)
@@ -104,11 +124,12 @@ def predict_images(
     model_name = Path(ckpt["path"]).stem if ckpt.get("task") is None else str(ckpt["task"])
 
     predictions: dict[str, list[dict]] = {}
+    results: list[dict] = []
     pngs: dict[str, str] = {}
     out = Path(out_dir)
     with atomic_dir(out, force=force) as tmp, make_progress(unit="img", transient=True) as prog:
         task = prog.add_task("predict", total=len(paths), info="")
-        for p, image, png in zip(paths, decoded, _png_names(paths)):
+        for k, (p, image, png) in enumerate(zip(paths, decoded, _png_names(paths))):
             det = detect(model, image, size, max_size, dev)
             keep = (det["scores"] >= threshold).nonzero().flatten()
             keep = keep[det["scores"][keep].argsort(descending=True)]
@@ -122,6 +143,11 @@ def predict_images(
                 for i in keep.tolist()
             ]
             predictions[str(p)] = rows
+            if fmt == "coco":
+                for i, r in zip(keep.tolist()[:MAX_PER_IMAGE], rows):
+                    x0, y0, x1, y1 = det["unclipped"][i].tolist()
+                    results.append({"image_id": coco_ids[k], "category_id": r["category_id"],
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "score": r["score"]})
             drawn = draw_detections(
                 image,
                 [{
@@ -134,11 +160,18 @@ def predict_images(
             drawn.save(tmp / png, format="PNG")
             pngs[str(p)] = str(out / png)
             prog.update(task, advance=1)
-        with open(tmp / "predictions.json", "w", encoding="utf-8") as f:
-            json.dump(predictions, f, indent=2)
-            f.write("\n")
+        if fmt == "coco":
+            from kacli.eval.results import write_results
+
+            write_results(tmp / "predictions.json", results)
+        else:
+            with open(tmp / "predictions.json", "w", encoding="utf-8") as f:
+                json.dump(predictions, f, indent=2)
+                f.write("\n")
     return {
         "predictions": predictions,
+        "results": results,
+        "format": fmt,
         "pngs": pngs,
         "size": size,
         "max_size": max_size,

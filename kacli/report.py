@@ -10,7 +10,11 @@ Each input becomes one row::
 AP values are fractions in [0, 1] (shown as percentages); ``gflops`` is in the paper's convention
 (multiply-adds, ``gflops_mac`` of ``kacli.eval.flops``). A run directory's metrics come from its
 ``eval.json`` when present, otherwise from the last evaluation line of ``metrics.jsonl``; its
-validation curve (AP against epoch) comes from the evaluation lines of ``metrics.jsonl``.
+validation curve (AP against epoch) comes from the evaluation lines of ``metrics.jsonl``, and its
+training curves (every loss term and the learning rate against epoch) from all its lines.
+
+A run still training can be reported: a last line still being written (no newline yet) is left
+out, and a run with no validation yet gives a row without AP and its training curves.
 """
 
 from __future__ import annotations
@@ -90,12 +94,15 @@ def read_metrics(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise KacliError("not a UTF-8 text file", path) from None
-    for n, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                break  # the line a running training is writing right now
             raise KacliError(f"malformed JSON on line {n}: {e.msg} at column {e.colno}", path) from None
         if not isinstance(rec, dict):
             raise KacliError(f"line {n} is not a JSON object", path)
@@ -108,7 +115,22 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def _load_run_dir(path: Path) -> tuple[dict, list[tuple[float, float]]]:
+def is_training_term(key: str) -> bool:
+    """Keys of a metrics line drawn as training curves: the loss terms and the learning rate."""
+    return key in ("total", "loss", "lr") or key.startswith("loss_")
+
+
+def training_curves(records: Sequence[Mapping]) -> dict[str, list[tuple[float, float]]]:
+    """Loss term or ``lr`` → [(epoch, value)] over the lines of a ``metrics.jsonl``."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        for k, v in r.items():
+            if is_training_term(k) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out.setdefault(k, []).append((float(r["epoch"]), float(v)))
+    return out
+
+
+def _load_run_dir(path: Path) -> tuple[dict, list[tuple[float, float]], dict]:
     metrics_path, eval_path = path / "metrics.jsonl", path / "eval.json"
     if not metrics_path.is_file() and not eval_path.is_file():
         raise KacliError("not a run directory (no metrics.jsonl or eval.json)", path)
@@ -128,20 +150,30 @@ def _load_run_dir(path: Path) -> tuple[dict, list[tuple[float, float]]]:
             "gflops": None,
             "train_seconds": None,
         }
+    elif records:  # still training, not validated yet
+        row = {"model": path.name, **{k: None for k in METRIC_KEYS}, "per_task": {}, "params": None,
+               "gflops": None, "train_seconds": None}  # fmt: skip
     else:
-        raise KacliError('no evaluation in metrics.jsonl (no line with "AP") and no eval.json', path)
+        raise KacliError("no epoch finished yet (metrics.jsonl holds no line) and no eval.json", path)
     if row["train_seconds"] is None and seconds:
         row["train_seconds"] = float(seconds[-1])
-    return row, curve
+    return row, curve, training_curves(records)
 
 
 def load_inputs(paths: Iterable[str | Path]) -> tuple[list[dict], dict[str, list[tuple[float, float]]]]:
     """Rows (one per input, in order) and validation curves (run name → [(epoch, AP)], for run
     directories with evaluation lines). Model names that repeat get " (2)", " (3)"... appended."""
-    rows, curves, seen = [], {}, {}
+    rows, curves, _ = load_all(paths)
+    return rows, curves
+
+
+def load_all(paths: Iterable[str | Path]) -> tuple[list[dict], dict, dict[str, dict[str, list[tuple[float, float]]]]]:
+    """:func:`load_inputs` plus the training curves: run name → {loss term or ``lr`` → [(epoch, value)]}."""
+    rows, curves, training, seen = [], {}, {}, {}
     for p in map(Path, paths):
+        train: dict = {}
         if p.is_dir():
-            row, curve = _load_run_dir(p)
+            row, curve, train = _load_run_dir(p)
         elif p.is_file() and p.suffix.lower() == ".json":
             row, curve = _row_from_eval(load_json(p), p, p.stem), []
         elif p.exists():
@@ -154,7 +186,9 @@ def load_inputs(paths: Iterable[str | Path]) -> tuple[list[dict], dict[str, list
         rows.append(row)
         if curve:
             curves[row["model"]] = curve
-    return rows, curves
+        if train:
+            training[row["model"]] = train
+    return rows, curves, training
 
 
 def load_rows(paths: Iterable[str | Path]) -> list[dict]:
@@ -308,9 +342,50 @@ def plot_curves(runs: Mapping[str, Sequence[tuple[float, float]]], path: str | P
     return path
 
 
-def write_report(rows: Sequence[Mapping], curves: Mapping[str, Sequence], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.json`` (the rows), ``report.md`` and ``curves.png`` into ``out_dir``, each
-    under a temporary name and renamed when complete. Returns name → path."""
+def plot_training(runs: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str | Path) -> Path:
+    """Training curves, one panel per run: every loss term against epoch (log scale when all are
+    positive; ``total`` drawn thicker) and the learning rate (dashed, right axis). PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(runs) or ["(no runs)"]
+    fig = Figure(figsize=(7, 2.8 * len(names)), dpi=110)
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(len(names), 1, i + 1)
+        terms = runs.get(name, {})
+        losses = {k: sorted(v) for k, v in terms.items() if k != "lr" and v}
+        for k, pts in losses.items():
+            ax.plot([e for e, _ in pts], [y for _, y in pts], label=k, linewidth=2.2 if k == "total" else 1.0,
+                    marker="o" if len(pts) < 30 else None, markersize=2)  # fmt: skip
+        if losses and all(y > 0 for pts in losses.values() for _, y in pts):
+            ax.set_yscale("log")
+        if terms.get("lr"):
+            lr = sorted(terms["lr"])
+            ax2 = ax.twinx()
+            ax2.plot([e for e, _ in lr], [y for _, y in lr], color="grey", linestyle="--", linewidth=1)
+            ax2.set_ylabel("learning rate (dashed)")
+        if losses:
+            ax.legend(loc="upper right", fontsize=6, ncol=2)
+        else:
+            ax.text(0.5, 0.5, "no training lines", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def write_report(
+    rows: Sequence[Mapping], curves: Mapping[str, Sequence], out_dir: str | Path, training: Mapping | None = None
+) -> dict[str, Path]:
+    """Write ``report.json`` (the rows), ``report.md`` and ``curves.png`` into ``out_dir`` (and
+    ``training.png`` when ``training`` curves are given), each under a temporary name and renamed
+    when complete. Returns name → path."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise KacliError("output exists and is not a folder", out)
@@ -322,4 +397,6 @@ def write_report(rows: Sequence[Mapping], curves: Mapping[str, Sequence], out_di
     with atomic_file(files["report.md"], encoding="utf-8") as f:
         f.write(rows_markdown(rows))
     plot_curves(curves, files["curves.png"])
+    if training:
+        files["training.png"] = plot_training(training, out / "training.png")
     return files

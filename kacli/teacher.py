@@ -157,6 +157,8 @@ def train_teacher(
         workers=cfg.train.workers,
         eval_every=cfg.train.eval_every,
         amp=cfg.train.amp,
+        ema=cfg.train.ema,
+        tensorboard=cfg.train.tensorboard,
         checkpoint_base={
             "kind": "detr",
             "arch": cfg.model.to_dict(),

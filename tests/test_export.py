@@ -36,13 +36,14 @@ R18 = ModelConfig(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_l
                   num_queries=4, dropout=0.0, pre_norm=False)  # fmt: skip
 
 
-def batch(h: int, w: int, seed: int):
-    """Two images; the second one padded bottom/right."""
+def batch(h: int, w: int, seed: int, n: int = 2):
+    """``n`` images; every one after the first padded bottom/right (by varying amounts)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, h, w, generator=g)
-    mask = torch.zeros(2, h, w, dtype=torch.bool)
-    mask[1, h - h // 4 :, :] = True
-    mask[1, :, w - w // 3 :] = True
+    x = torch.randn(n, 3, h, w, generator=g)
+    mask = torch.zeros(n, h, w, dtype=torch.bool)
+    for i in range(1, n):
+        mask[i, h - h // (3 + i) :, :] = True
+        mask[i, :, w - w // (2 + i) :] = True
     return x, mask
 
 
@@ -86,7 +87,11 @@ def test_torchscript_equals_the_checkpoint_model(tmp_path, cli, cfg, sizes, stud
         torch.testing.assert_close(boxes[0] * torch.tensor([w, h, w, h]), px, atol=1e-4, rtol=0)
 
 
-def test_onnx_equals_the_checkpoint_model(tmp_path, cli):
+# Dynamic axes: two batch sizes × two image sizes, none of them the trace example's (2, 128×160).
+DYNAMIC = [(n, size) for n in (1, 3) for size in SIZES]
+
+
+def test_onnx_has_dynamic_batch_and_size_and_equals_the_checkpoint_model(tmp_path, cli):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     model = make_ckpt(tmp_path / "m.pt", TINY, seed=1)
@@ -96,13 +101,36 @@ def test_onnx_equals_the_checkpoint_model(tmp_path, cli):
     assert lm["ids"] == IDS and lm["names"] == NAMES
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["images", "mask"]
-    for i, (h, w) in enumerate(SIZES):
-        x, mask = batch(h, w, 10 + i)
+    for i, (n, (h, w)) in enumerate(DYNAMIC):
+        x, mask = batch(h, w, 10 + i, n)
         scores, labels, boxes = sess.run(None, {"images": x.numpy(), "mask": mask.numpy()})
         e_scores, e_labels, e_boxes, _ = expected(model, x, mask)
+        assert scores.shape == (n, TINY.num_queries)
         torch.testing.assert_close(torch.from_numpy(scores), e_scores, atol=1e-4, rtol=0)
         assert torch.equal(torch.from_numpy(labels), e_labels)
         torch.testing.assert_close(torch.from_numpy(boxes), e_boxes, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cfg, student", [(TINY, False), (R18, False), (TINY, True)],
+                         ids=["tiny-prenorm", "resnet18-postnorm", "student-compressed"])  # fmt: skip
+def test_torch_export_program_has_dynamic_batch_and_size_and_equals_the_checkpoint_model(tmp_path, cli, cfg, student):
+    model = make_ckpt(tmp_path / "m.pt", cfg, seed=2, student=student)
+    res = cli("export", "--model", tmp_path / "m.pt", "--format", "export", "--out", tmp_path / "m.pt2")
+    assert res.exit_code == 0, res.stderr
+    extra = {"label_map.json": ""}
+    program = torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra)
+    lm = json.loads(extra["label_map.json"])
+    assert lm["ids"] == IDS and lm["names"] == NAMES
+    run = program.module()
+    for i, (n, (h, w)) in enumerate(DYNAMIC):
+        x, mask = batch(h, w, 20 + i, n)
+        with torch.no_grad():
+            scores, labels, boxes = run(x, mask)
+        e_scores, e_labels, e_boxes, _ = expected(model, x, mask)
+        assert scores.shape == (n, cfg.num_queries) and boxes.shape == (n, cfg.num_queries, 4)
+        torch.testing.assert_close(scores, e_scores, atol=1e-5, rtol=0)
+        assert torch.equal(labels, e_labels)
+        torch.testing.assert_close(boxes, e_boxes, atol=1e-5, rtol=0)
 
 
 def test_export_bad_input(tmp_path, cli):
@@ -115,5 +143,6 @@ def test_export_bad_input(tmp_path, cli):
         cli("export", "--model", tmp_path / "foreign.pt", "--format", "torchscript", "--out", out), "import-checkpoint"
     )
     make_ckpt(tmp_path / "m.pt", TINY)
-    assert_one_line_error(cli("export", "--model", tmp_path / "m.pt", "--format", "tflite", "--out", out), "tflite")
+    assert_one_line_error(cli("export", "--model", tmp_path / "m.pt", "--format", "tflite", "--out", out), "tflite", "export")
     assert not out.exists() and not (tmp_path / "m.ts.labels.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.pt", "junk.pt", "m.pt"]

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
+from torchvision.ops import box_convert
 
 from kacli.errors import KacliError
 from kacli.models import DETR, ModelConfig
 from kacli.models.checkpoint import build_model, load_checkpoint, save_checkpoint
+from kacli.models.postprocess import postprocess
 from kacli.models.import_detr import COCO_NAMES, import_checkpoint, init_from_checkpoint, read_safetensors
 from conftest import assert_one_line_error
 
@@ -161,10 +164,14 @@ def with_classes(state: dict, k: int) -> dict:
 
 
 def assert_same(got, ref, kept):
-    torch.testing.assert_close(got["pred_logits"], ref["pred_logits"][..., kept], atol=1e-5, rtol=0)
-    torch.testing.assert_close(got["pred_boxes"], ref["pred_boxes"], atol=1e-5, rtol=0)
-    for a, b in zip(got["aux_outputs"], ref["aux_outputs"]):
-        torch.testing.assert_close(a["pred_logits"], b["pred_logits"][..., kept], atol=1e-5, rtol=0)
+    """The kept classes' logits, their probabilities (the softmax over *all* the original logits,
+    unnamed slots included) and every box are the original model's; ``kept`` ends with "no object"."""
+    for a, b in [(got, ref), *zip(got["aux_outputs"], ref["aux_outputs"])]:
+        assert a["pred_logits"].shape[-1] == len(kept)
+        torch.testing.assert_close(a["pred_logits"][..., :-1], b["pred_logits"][..., kept[:-1]], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            a["pred_logits"].softmax(-1)[..., :-1], b["pred_logits"].softmax(-1)[..., kept[:-1]], atol=1e-6, rtol=0
+        )
         torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], atol=1e-5, rtol=0)
 
 
@@ -194,6 +201,72 @@ def test_detr_layout_with_coco_label_map_gives_the_same_outputs(tmp_path, post91
     assert len([n for n in COCO_NAMES if n != "N/A"]) == 80
     # Class index k is COCO id k; 91 is "no object". Dropping the unused slots keeps every other logit.
     assert_same(outputs(build_model(ck)), ref, ck["label_map"]["ids"] + [91])
+
+
+def detr_postprocess(outputs, target_sizes):
+    """facebookresearch/detr's PostProcess (models/detr.py), verbatim in substance: softmax over all
+    logits, drop the last ("no object"), max; boxes cxcywh → xyxy scaled to the image."""
+    prob = F.softmax(outputs["pred_logits"], -1)
+    scores, labels = prob[..., :-1].max(-1)
+    boxes = box_convert(outputs["pred_boxes"], "cxcywh", "xyxy")
+    img_h, img_w = target_sizes.unbind(1)
+    boxes = boxes * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
+    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+def test_imported_coco_scores_equal_detrs_postprocess(tmp_path):
+    """With --label-map coco the 11 unnamed slots stay in the softmax: every query DETR labels with
+    a COCO category gets DETR's own score, label and box; no unnamed id is ever predicted."""
+    model = random_detr(small_cfg(num_queries=40), 91, seed=5)
+    seen = {}
+    hook = model.class_embed.register_forward_hook(lambda m, i, o: seen.setdefault("hs", i[0][-1].flatten(0, 1)))
+    outputs(model)
+    hook.remove()
+    hs = seen["hs"]  # (B·Q, d): the last decoder layer's states, nearly alike across queries
+    with torch.no_grad():  # a class head that tells the queries apart: varied labels and scores up to 0.9
+        w = torch.randn(92, hs.shape[1], generator=torch.Generator().manual_seed(0)) * 2 / hs.std(0) / hs.shape[1] ** 0.5
+        model.class_embed.weight.copy_(w)
+        model.class_embed.bias.copy_(-w @ hs.mean(0))
+    torch.save({"model": to_detr_layout(model.state_dict())}, tmp_path / "detr.pth")
+    import_checkpoint(tmp_path / "detr.pth", tmp_path / "coco.pt", "coco", heads=4)
+    ck = load_checkpoint(tmp_path / "coco.pt")
+    ids = torch.tensor(ck["label_map"]["ids"])
+    sizes = torch.tensor([[480, 640], [333, 500]])
+
+    def both(detr_model, ours):
+        ref = detr_postprocess(outputs(detr_model), sizes)
+        got = postprocess(outputs(ours), sizes)
+        return ref, got
+
+    ref, got = both(model, build_model(ck))
+    named = 0
+    for r, g in zip(ref, got):
+        g_ids = ids[g["labels"]]
+        assert not set(g_ids.tolist()) & set(COCO_UNUSED)
+        hit = ~torch.isin(r["labels"], torch.tensor(COCO_UNUSED))
+        named += int(hit.sum())
+        assert torch.equal(g_ids[hit], r["labels"][hit])
+        torch.testing.assert_close(g["scores"][hit], r["scores"][hit], atol=1e-6, rtol=0)
+        torch.testing.assert_close(g["boxes"], r["boxes"], atol=1e-3, rtol=0)
+        # DETR's best slot was unnamed: reported here as the best named class, at its own probability.
+        assert (g["scores"][~hit] < r["scores"][~hit]).all()
+    assert 60 <= named < 80  # both kinds of query occur
+
+    # --init from the imported checkpoint into an 80-class DETR keeps its named classes' head.
+    student = DETR(small_cfg(num_queries=40), 80)
+    assert init_from_checkpoint(student, tmp_path / "coco.pt", 80)["class_head"] == "loaded"
+    assert torch.equal(student.class_embed.weight, ck["model"]["class_embed.weight"][:81])
+
+    # A trained DETR never puts a query's best probability on an unused id: then every detection,
+    # hence AP, is DETR's.
+    with torch.no_grad():
+        model.class_embed.bias[COCO_UNUSED] -= 30
+    torch.save({"model": to_detr_layout(model.state_dict())}, tmp_path / "detr.pth")
+    import_checkpoint(tmp_path / "detr.pth", tmp_path / "coco.pt", "coco", heads=4)
+    ref, got = both(model, build_model(load_checkpoint(tmp_path / "coco.pt")))
+    for r, g in zip(ref, got):
+        assert torch.equal(ids[g["labels"]], r["labels"])
+        torch.testing.assert_close(g["scores"], r["scores"], atol=1e-6, rtol=0)
 
 
 def test_pre_norm_detected_and_default_heads(tmp_path):

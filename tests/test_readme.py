@@ -51,5 +51,5 @@ def test_readme_pipeline_commands_run(cli, tmp_path, monkeypatch):
         r = cli(*c, *TOY.get(c[0], []))
         assert r.exit_code == 0, (c, r.stdout[-1500:], r.stderr[-1500:])
     assert (tmp_path / "report" / "report.md").exists()
-    assert (tmp_path / "student.ts").exists()
+    assert (tmp_path / "student.pt2").exists()
     assert (tmp_path / "pred" / "predictions.json").exists()

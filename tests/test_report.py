@@ -12,7 +12,7 @@ from rich.text import Text
 
 from conftest import assert_one_line_error
 from kacli.errors import KacliError
-from kacli.report import load_inputs, load_rows, plot_curves, rows_markdown, rows_table, write_report
+from kacli.report import load_all, load_inputs, load_rows, plot_curves, rows_markdown, rows_table, write_report
 
 
 def write_jsonl(path: Path, records: list) -> None:
@@ -142,6 +142,7 @@ def test_cli_prints_table_and_writes_files(cli, inputs, tmp_path, monkeypatch):
     for text in ("TABLE I", "teacher-t1", "46.15", "25.34", "(+5.34)", "41.3M", "1:02:05"):
         assert text in result.stdout, text
     assert (out / "report.json").is_file() and (out / "report.md").is_file() and (out / "curves.png").is_file()
+    assert (out / "training.png").is_file()  # the raw run's loss curve
     assert "Example: kacli report" in cli("report", "--help").stdout
 
 
@@ -172,8 +173,36 @@ def test_bad_inputs_give_one_line_errors(cli, inputs, tmp_path):
     assert not out.exists()
 
 
-def test_run_dir_without_any_evaluation_is_an_error(tmp_path):
+def test_run_dir_without_a_finished_epoch_is_an_error(tmp_path):
     run = tmp_path / "run"
-    write_jsonl(run / "metrics.jsonl", [{"epoch": 0, "loss": 1.0}])
-    with pytest.raises(KacliError, match="no evaluation"):
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "lo')  # the first line, being written
+    with pytest.raises(KacliError, match="no epoch finished yet"):
         load_rows([run])
+
+
+def test_a_run_still_training_is_reported_with_its_curves(cli, tmp_path):
+    """Validated every 2nd epoch, its 4th line half written: the row has the last validation, the
+    training curves every finished epoch's losses and learning rate."""
+    run = tmp_path / "runs" / "student"
+    lines = [{"epoch": e, "lr": 1e-4 if e < 3 else 1e-5, "steps": 10, "loss_seq": 2.0 / e, "loss_task": 1.0 / e,
+              "total": 3.0 / e, "train_seconds": 10.0 * e} for e in (1, 2, 3)]  # fmt: skip
+    lines[1].update(AP=0.125, AP50=0.25)
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"epoch": 4, "lr": 1e-5, "loss_s')
+    rows, curves, training = load_all([run])
+    assert rows[0]["AP"] == 0.125 and rows[0]["train_seconds"] == 30.0
+    assert curves == {"student": [(2.0, 0.125)]}
+    assert training["student"]["total"] == [(1.0, 3.0), (2.0, 1.5), (3.0, 1.0)]
+    assert set(training["student"]) == {"lr", "loss_seq", "loss_task", "total"}
+    assert training["student"]["lr"][-1] == (3.0, 1e-5)
+
+    lines[1].pop("AP"), lines[1].pop("AP50")  # not validated yet: a row without AP, still curves
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "report"
+    r = cli("report", run, "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((out / "report.json").read_text())[0]["AP"] is None
+    png = np.asarray(Image.open(out / "training.png").convert("RGB")).astype(int)
+    for colour in [(31, 119, 180), (255, 127, 14), (44, 160, 44)]:  # one line per loss term
+        assert (np.abs(png - colour).sum(-1) < 10).sum() > 50, colour

@@ -13,7 +13,11 @@
    the allocation events recorded by ``torch.profiler`` with ``profile_memory=True``).
 
 Timings alternate between the compared variants in rounds and report medians, so that load from
-other processes hits every variant alike.
+other processes hits every variant alike. A ratio is the median of the per-round ratios (the two
+variants of a round ran back to back); its spread is the 95 % half-width of that median
+(1.96 × 1.858 × MAD / √rounds, MAD the median absolute deviation of the per-round ratios), and
+rounds are added until every spread is at most ``TARGET_SPREAD`` (or ``max_rounds`` is reached),
+so that repeated runs of ``make bench`` agree within about twice that.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ BATCH = 8
 # what the fixed per-step costs of training from the cache weigh against a real DETR step.
 R50 = {"preset": "detr-r50", "images": 8, "image_size": 256, "batch": 2}
 NUM_TEACHERS = 2
+TARGET_SPREAD = 0.015  # relative 95 % half-width of every ratio's median: runs agree within ~3 %
 
 
 def _log(msg: str) -> None:
@@ -150,25 +155,55 @@ def online_teacher_batch(teachers: list, images: torch.Tensor, mask: torch.Tenso
     return {"seqs": torch.stack(seqs, dim=1), "token_mask": token_mask, "logits": logits, "boxes": boxes}
 
 
+def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float]:
+    """``(median, spread)`` of the per-round ratios a[i] / b[i]; ``spread`` is the relative 95 %
+    half-width of the median (module docstring), inf with fewer than 3 rounds."""
+    r = [x / y for x, y in zip(a, b)]
+    med = statistics.median(r)
+    if len(r) < 3:
+        return med, float("inf")
+    mad = statistics.median(abs(x - med) for x in r)
+    return med, 1.96 * 1.858 * mad / len(r) ** 0.5 / med
+
+
+def ratio_of(times: dict, a: str, b: str) -> tuple[float, float]:
+    """``paired_ratio`` of two variants' per-round step times in :func:`time_variants`' result."""
+    return paired_ratio(times[a]["rounds"], times[b]["rounds"])
+
+
 def time_variants(variants: list[Variant], rounds: int, steps: int, warmup: int,
-                  clock: Callable[[], float]) -> dict[str, dict[str, float]]:
-    """Per variant and phase, the median over rounds of the mean seconds per step; rounds
-    alternate between the variants."""
+                  clock: Callable[[], float], pairs: tuple[tuple[str, str], ...] = (),
+                  max_rounds: int | None = None) -> dict[str, dict]:
+    """Per variant and phase, the median over rounds of the mean seconds per step, and ``rounds``:
+    the per-round step times. Rounds alternate between the variants; after ``rounds`` of them,
+    more are run (up to ``max_rounds``) while the spread of a ratio in ``pairs`` exceeds
+    ``TARGET_SPREAD``."""
     for v in variants:
         for _ in range(warmup):
             v.step(clock)
     times: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
-    for _ in range(rounds):
+
+    def spread() -> float:
+        return max((paired_ratio([r["total"] for r in times[a]], [r["total"] for r in times[b]])[1]
+                    for a, b in pairs), default=0.0)  # fmt: skip
+
+    done = 0
+    while done < rounds or (done < (max_rounds or rounds) and spread() > TARGET_SPREAD):
         for v in variants:
             phases = [v.step(clock) for _ in range(steps)]
             times[v.name].append({k: sum(p[k] for p in phases) / steps for k in phases[0]})
-    return {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in times.items()}
+        done += 1
+    return {
+        name: {**{k: statistics.median(r[k] for r in rows) for k in rows[0]}, "rounds": [r["total"] for r in rows]}
+        for name, rows in times.items()
+    }
 
 
 def step_benchmark(setup: dict, device: torch.device, rounds: int, steps: int, warmup: int,
                    workers: int, clock: Callable[[], float],
                    names: tuple[str, ...] = ("raw", "raw-ext", "ka", "ka-compressed", "ka-online"),
-                   ) -> dict[str, dict[str, float]]:
+                   pairs: tuple[tuple[str, str], ...] = (), max_rounds: int | None = None,
+                   ) -> dict[str, dict]:
     import functools
 
     from kacli.amalgamate import (
@@ -210,7 +245,25 @@ def step_benchmark(setup: dict, device: torch.device, rounds: int, steps: int, w
         "ka-online": ("ka", "none", False, online),
     }
     variants = [variant(name, *plans[name]) for name in names]
-    return time_variants(variants, rounds, steps, warmup, clock)
+    return time_variants(variants, rounds, steps, warmup, clock, pairs, max_rounds)
+
+
+TINY_PAIRS = (("ka-compressed", "raw"), ("ka", "raw-ext"), ("ka", "raw"), ("ka-online", "ka"))
+R50_PAIRS = (("ka-compressed", "raw"),)
+
+
+def r50_step_ratio(device: torch.device, image_size: int, batch: int, images: int, rounds: int, steps: int,
+                   workers: int, clock: Callable[[], float], max_rounds: int) -> dict:
+    """The detr-r50 step times of raw and ``ka --compress redundancy`` from the cache at one image
+    size and batch (random weights), with their ratio and its spread."""
+    with tempfile.TemporaryDirectory(prefix="kacli-bench-amalgamate-r50-") as tmp:
+        t0 = time.perf_counter()
+        setup = make_setup(Path(tmp), device, R50["preset"], images, image_size, batch)
+        _log(f"amalgamate bench (detr-r50, {image_size} px, batch {batch}): setup {time.perf_counter() - t0:.1f} s")
+        times = step_benchmark(setup, device, rounds, steps, 1, workers, clock, names=("raw", "ka-compressed"),
+                               pairs=R50_PAIRS, max_rounds=max_rounds)  # fmt: skip
+    ratio, spread = ratio_of(times, "ka-compressed", "raw")
+    return {"steps": times, "ratio": ratio, "spread": spread, "rounds": len(times["raw"]["rounds"])}
 
 
 # -- decoupled vs dense encoder ---------------------------------------------------------------------
@@ -309,14 +362,12 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
             t0 = time.perf_counter()
             setup = make_setup(Path(tmp), device)
             _log(f"amalgamate bench: setup {time.perf_counter() - t0:.1f} s")
-            step = step_benchmark(setup, device, rounds, steps, warmup, workers, clock)
+            step = step_benchmark(setup, device, rounds, steps, warmup, workers, clock, pairs=TINY_PAIRS,
+                                  max_rounds=4 * rounds)  # fmt: skip
         _log("step times: " + ", ".join(f"{k} {1000 * v['total']:.1f} ms" for k, v in step.items()))
-        with tempfile.TemporaryDirectory(prefix="kacli-bench-amalgamate-r50-") as tmp:
-            t0 = time.perf_counter()
-            setup = make_setup(Path(tmp), device, R50["preset"], R50["images"], R50["image_size"], R50["batch"])
-            _log(f"amalgamate bench (detr-r50): setup {time.perf_counter() - t0:.1f} s")
-            r50_rounds = rounds if device.type == "cuda" else 3
-            r50 = step_benchmark(setup, device, r50_rounds, 2, 1, workers, clock, names=("raw", "ka-compressed"))
+        r50_res = r50_step_ratio(device, R50["image_size"], R50["batch"], R50["images"], 5, 2, workers, clock,
+                                 max_rounds=40)  # fmt: skip
+        r50, r50_rounds = r50_res["steps"], r50_res["rounds"]
         _log("detr-r50 step times: " + ", ".join(f"{k} {1000 * v['total']:.1f} ms" for k, v in r50.items()))
         enc = encoder_benchmark(device, clock)
     finally:
@@ -326,7 +377,7 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
                "the peak of the running sum of `torch.profiler` allocation events (`profile_memory=True`)")
 
     def ratio(a, b):
-        return step[a]["total"] / step[b]["total"]
+        return ratio_of(step, a, b)
 
     lines = [
         "## Amalgamation: training from the cache, decoupled encoder",
@@ -334,8 +385,8 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
         f"Device: {device.type}. Model: the `tiny` preset (d 64, 3+3 layers, 10 queries, stride 16), "
         f"{IMAGE_SIZE}-px demo images (8×8 tokens), batch {BATCH}, N = {NUM_TEACHERS} random teachers, cache in "
         "float16 with every layer. A step: next batch (cache read, or image decode), forward with the losses, "
-        f"backward with clipping and AdamW. Clock: {how}; median of {rounds} rounds of {steps} steps, "
-        "variants alternating. The `detr-r50` rows: the paper's model (ResNet-50, d 256, 6 + 6 layers, "
+        f"backward with clipping and AdamW. Clock: {how}; median of {len(step['raw']['rounds'])} rounds of "
+        f"{steps} steps, variants alternating. The `detr-r50` rows: the paper's model (ResNet-50, d 256, 6 + 6 layers, "
         f"100 queries, random weights) on {R50['image_size']}-px images, batch {R50['batch']}, "
         f"median of {r50_rounds} rounds of 2 steps: the same fixed costs against a real DETR step.",
         "",
@@ -358,18 +409,25 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
     checks = [
         ("ka (compressed) from the cache ÷ raw (equal model cost), tiny", ratio("ka-compressed", "raw"), "≤ 1.10"),
         (f"the same with detr-r50 ({R50['image_size']} px, batch {R50['batch']})",
-         r50["ka-compressed"]["total"] / r50["raw"]["total"], "≤ 1.10"),
+         (r50_res["ratio"], r50_res["spread"]), "≤ 1.10"),
         ("ka from the cache ÷ raw-ext (the same extended model)", ratio("ka", "raw-ext"), "≤ 1.10"),
         ("ka (uncompressed) from the cache ÷ raw", ratio("ka", "raw"), "(includes the extension's own cost)"),
         (f"ka with online teachers ÷ ka from the cache, N = {NUM_TEACHERS}", ratio("ka-online", "ka"),
          "(> 1: what the cache saves)"),
     ]
-    lines += ["", "| ratio | value | target |", "|---|---:|---|"]
-    for name, value, target in checks:
+    lines += [
+        "",
+        "Each ratio is the median of the per-round ratios; ± is the 95 % half-width of that median "
+        f"(rounds were added until it was at most {100 * TARGET_SPREAD:.1f} % or the round cap was reached).",
+        "",
+        "| ratio | value | spread | target |",
+        "|---|---:|---:|---|",
+    ]
+    for name, (value, spread), target in checks:
         verdict = ""
         if target.startswith("≤"):
             verdict = " (met)" if value <= float(target.split()[1]) else " (missed)"
-        lines.append(f"| {name} | {value:.2f} | {target}{verdict} |")
+        lines.append(f"| {name} | {value:.2f} | ± {100 * spread:.1f} % | {target}{verdict} |")
     lines += [
         "",
         "Decoupled (parts folded into the batch) vs dense masked encoder (one sequence of N·n tokens, "
@@ -388,7 +446,7 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
         )
     lines.append("")
     out_lines.extend(lines)
-    return {"steps": step, "r50_steps": r50, "encoder": enc}
+    return {"steps": step, "r50_steps": r50, "r50": r50_res, "encoder": enc}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,6 +57,11 @@ def amalgamate_cmd(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr."),
+    ema: Optional[float] = typer.Option(
+        None, "--ema", metavar="DECAY", show_default=False,
+        help="Override train.ema: keep a moving average of the weights (decay in (0, 1), e.g. 0.9998); "
+        "it is validated and saved as the checkpoint's weights.",
+    ),
     backbone_weights: Optional[Path] = typer.Option(
         None, "--backbone-weights", metavar="FILE", show_default=False,
         help="torchvision ResNet (or DETR) state_dict file for the student's backbone.",
@@ -80,6 +85,7 @@ def amalgamate_cmd(
         "train.epochs": epochs,
         "train.batch_size": batch_size,
         "train.lr": lr,
+        "train.ema": ema,
     }
     result = amalgamate(
         cache, tasks, None, out, resume=resume, backbone_weights=backbone_weights, device=device,

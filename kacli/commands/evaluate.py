@@ -45,6 +45,12 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, "--batch-size"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
+        detections: Optional[Path] = typer.Option(
+            None, "--detections", metavar="FILE",
+            help="Write every detection as a COCO results file ([{image_id, category_id, bbox, score}], "
+            "the dataset's ids; what pycocotools' loadRes reads).",
+        ),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --detections file."),
     ):
         """Bbox AP (pycocotools) per category and per task, params and GFLOPs; several --model
         are scored one by one and as the teachers' ensemble.
@@ -55,7 +61,8 @@ def register(app: typer.Typer) -> None:
         from kacli.fsutil import write_json
 
         result = evaluate_checkpoints(model, tasks, split=split, size=size, max_size=max_size,
-                                      device_pref=device, batch_size=batch_size)
+                                      device_pref=device, batch_size=batch_size,
+                                      detections_out=detections, force=force)
         console.print(metrics_table(result))
         conv = result.get("flops_convention")
         if conv:
@@ -63,3 +70,5 @@ def register(app: typer.Typer) -> None:
         if json_out:
             write_json(json_out, result)
             console.print(f"metrics written to {json_out}")
+        if detections:
+            console.print(f"detections written to {detections} (COCO results format)", highlight=False)

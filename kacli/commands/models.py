@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     )(predict)
     app.command(
         "export",
-        epilog="Example: kacli export --model runs/student/best.pt --format onnx --out student.onnx",
+        epilog="Example: kacli export --model runs/student/best.pt --format export --out student.pt2",
     )(export)
 
 
@@ -71,7 +71,7 @@ def import_checkpoint(
                   f"FFN {a['dim_feedforward']}, {'pre' if a['pre_norm'] else 'post'}-norm")  # fmt: skip
     table.add_row("queries", str(a["num_queries"]))
     lm = report["label_map"]
-    table.add_row("classes", f"{len(lm['ids'])} from {lm['source']} ({len(report['dropped_slots'])} unnamed slots dropped)")
+    table.add_row("classes", f"{len(lm['ids'])} from {lm['source']} ({len(report['dropped_slots'])} unnamed slots: in the softmax, never predicted)")
     table.add_row("tensors", f"{len(report['loaded'])} loaded, {len(report['ignored'])} ignored")
     console.print(table)
     if report["ignored"]:
@@ -93,18 +93,34 @@ def predict(
     max_size: Optional[int] = typer.Option(
         None, "--max-size", min=1, show_default=False, help="Cap on the longer side (default: the model's, else 1333)."
     ),
-    threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0, help="Keep detections scoring at least this."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", min=0.0, max=1.0, show_default=False,
+        help="Keep detections scoring at least this (default 0.5; 0 with --format coco, as AP needs every detection).",
+    ),
+    fmt: str = typer.Option(
+        "kacli", "--format", metavar="kacli|coco",
+        help="predictions.json layout: kacli ({image: [{box xyxy, score, category_id, name}]}) or coco "
+        "(a COCO results list [{image_id, category_id, bbox xywh, score}]).",
+    ),
+    image_ids: Optional[Path] = typer.Option(
+        None, "--image-ids", metavar="COCO.json", show_default=False,
+        help="With --format coco: take image ids from this COCO json (matched by file name); "
+        "default: the number the file name is (000000397133.jpg → 397133).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON instead of a table."),
 ):  # fmt: skip
-    """Detect objects in images: DIR/predictions.json (pixel xyxy boxes, score, category id and name)
-    and one PNG per image with the boxes drawn and labelled."""
+    """Detect objects in images: DIR/predictions.json (pixel xyxy boxes, score, category id and name;
+    or, with --format coco, a COCO results list) and one PNG per image with the boxes drawn and labelled."""
     from kacli.predict import predict_images
 
-    res = predict_images(model, images, size, max_size, threshold, out, device=device, force=force)
+    if threshold is None:
+        threshold = 0.0 if fmt == "coco" else 0.5
+    res = predict_images(model, images, size, max_size, threshold, out, device=device, force=force,
+                         fmt=fmt, image_ids=image_ids)
     if as_json:
-        console.print_json(json.dumps(res["predictions"]))
+        console.print_json(json.dumps(res["results"] if fmt == "coco" else res["predictions"]))
         return
     table = Table(title=f"predictions (score ≥ {threshold:g}, size {res['size']}/{res['max_size']})")
     table.add_column("image", style="bold")
@@ -120,14 +136,19 @@ def predict(
 @cli_errors
 def export(
     model: Path = typer.Option(..., "--model", metavar="CKPT", show_default=False, help="kacli checkpoint or run folder."),
-    fmt: str = typer.Option(..., "--format", metavar="torchscript|onnx", show_default=False, help="Output format."),
+    fmt: str = typer.Option(
+        ..., "--format", metavar="export|torchscript|onnx", show_default=False,
+        help="export: a torch.export program (.pt2; load with torch.export.load(FILE).module()); "
+        "torchscript (deprecated in PyTorch, kept while it ships); onnx.",
+    ),
     out: Path = typer.Option(..., "--out", metavar="FILE", show_default=False, help="File to write."),
 ):  # fmt: skip
-    """Export a model as TorchScript or ONNX: (images (B,3,H,W) normalised, mask (B,H,W) bool) →
-    (scores (B,Q), labels (B,Q) category ids, boxes (B,Q,4) xyxy normalised to each unpadded image).
+    """Export a model as a torch.export program, TorchScript or ONNX: (images (B,3,H,W) normalised,
+    mask (B,H,W) bool) → (scores (B,Q), labels (B,Q) category ids, boxes (B,Q,4) xyxy normalised to
+    each unpadded image); batch, height and width are dynamic.
 
-    The label map goes inside the TorchScript file (label_map.json) or beside the ONNX file
-    (FILE.labels.json)."""
+    The label map goes inside the .pt2 and TorchScript files (label_map.json) or beside the ONNX
+    file (FILE.labels.json)."""
     from kacli.export import export_model
 
     res = export_model(model, fmt, out)

@@ -29,15 +29,17 @@ def report(
         show_default=False,
     ),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Folder for report.json, report.md and curves.png (created if missing).", show_default=False
+        None, "--out", help="Folder for report.json, report.md, curves.png and training.png (created if missing).",
+        show_default=False
     ),
 ):
     """Print the paper's Table I for the given runs (AP, AP50, AP75, per-task AP, #param., FLOPs,
-    training time) and write it with the validation-AP curves (Fig. 4) to --out."""
-    from kacli.report import load_inputs, rows_table, write_report
+    training time) and write it with the validation-AP curves (Fig. 4) and the training curves
+    (every loss term and the learning rate) to --out. A run still training can be reported."""
+    from kacli.report import load_all, rows_table, write_report
 
-    rows, curves = load_inputs(inputs)
+    rows, curves, training = load_all(inputs)
     console.print(rows_table(rows))
     if out is not None:
-        files = write_report(rows, curves, out)
+        files = write_report(rows, curves, out, training)
         console.print("wrote " + ", ".join(str(p) for p in files.values()), highlight=False)

@@ -29,6 +29,11 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr."),
+        ema: Optional[float] = typer.Option(
+            None, "--ema", metavar="DECAY", show_default=False,
+            help="Override train.ema: keep a moving average of the weights (decay in (0, 1), e.g. 0.9998); "
+            "it is validated and saved as the checkpoint's weights.",
+        ),
         workers: Optional[int] = typer.Option(None, "--workers", help="Override train.workers."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Override train.seed."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (override train.device)."),
@@ -45,6 +50,7 @@ def register(app: typer.Typer) -> None:
             "train.epochs": epochs,
             "train.batch_size": batch_size,
             "train.lr": lr,
+            "train.ema": ema,
             "train.workers": workers,
             "train.seed": seed,
             "train.device": device,

@@ -3,12 +3,14 @@
 One :class:`Trainer` runs epochs of ``loss_fn`` over a dataset with AdamW (a separate learning
 rate for the backbone), a step schedule, gradient clipping, AMP on CUDA, DDP under torchrun,
 a rich progress bar (loss, rate, ETA), ``metrics.jsonl`` (one line per epoch with every loss term
-and the validation metrics), ``last.pt`` every epoch, ``best.pt`` on the best validation AP, and
-``--resume`` from ``last.pt`` of the same run.
+and the validation metrics; mirrored in ``metrics.csv`` and, optionally, TensorBoard), ``last.pt`` every epoch, ``best.pt`` on the best validation AP, and
+``--resume`` from ``last.pt`` of the same run. Optional: a moving average of the weights
+(``ema``, :mod:`kacli.engine.ema`), which is then what is validated and saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -24,6 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from kacli.engine.distributed import DistInfo, all_reduce_mean, barrier
+from kacli.engine.ema import WeightEMA, refuse_ema_state
+from kacli.engine.runlog import RunLogs
+from kacli.engine.guards import check_finite
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_file
 from kacli.models.checkpoint import load_checkpoint, save_checkpoint
@@ -102,6 +107,8 @@ class TrainSetup:
     metric: str = "AP"
     extra_modules: list[nn.Module] = field(default_factory=list)
     log_name: str = "train"
+    ema: float | None = None  # decay of the weights' moving average (kacli/engine/ema.py); None: off
+    tensorboard: bool = False  # TensorBoard scalars beside metrics.jsonl/metrics.csv (kacli/engine/runlog.py)
 
 
 class Trainer:
@@ -151,6 +158,8 @@ class Trainer:
             {k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.s.extra_modules
         ]
         base["train_state"] = self._train_state(epoch, best, train_seconds)
+        if self.ema is not None:  # the average is the model; the trained weights resume from train_state
+            base["model"], base["train_state"]["ema"] = self.ema.checkpoint_fields(base["model"])
         save_checkpoint(self.out / name, base)
 
     def _bare_model(self) -> nn.Module:
@@ -173,6 +182,10 @@ class Trainer:
                 path,
             )
         self._bare_model().load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.restore(self._bare_model(), ckpt, path)
+        else:
+            refuse_ema_state(ckpt, path)
         for m, sd in zip(self.s.extra_modules, ckpt.get("extra_modules", [])):
             m.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -229,6 +242,7 @@ class Trainer:
         amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
         self.run_id = uuid.uuid4().hex
+        self.ema = WeightEMA(self._bare_model(), s.ema) if s.ema else None
         start_epoch, best, train_seconds = 0, None, 0.0
         if resume:
             start_epoch, best, train_seconds = self._resume()
@@ -239,7 +253,8 @@ class Trainer:
             )
         self.out.mkdir(parents=True, exist_ok=True)
         last_metrics: dict = {}
-        with make_progress(unit="step") as progress:
+        logs = RunLogs(self.out, s.tensorboard, start_epoch, self.dist.is_main)
+        with make_progress(unit="step") as progress, contextlib.closing(logs):
             for epoch in range(start_epoch, s.epochs):
                 loader = self._loader(epoch)
                 if hasattr(self.loss_fn, "set_epoch"):
@@ -249,15 +264,11 @@ class Trainer:
                 sums: dict[str, float] = defaultdict(float)
                 n = 0
                 t0 = time.perf_counter()
-                for batch in loader:
+                for i, batch in enumerate(loader):
                     with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                         losses = self.loss_fn(self.model, batch, self.device)
                     total = losses["total"]
-                    if not torch.isfinite(total):
-                        raise KacliError(
-                            f"training diverged at epoch {epoch + 1}: loss is {total.item()} "
-                            "(lower the learning rate or check the data)", self.out
-                        )
+                    check_finite(losses, epoch * len(loader) + i + 1, epoch + 1, self.out)
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.scaler is not None:
                         self.scaler.scale(total).backward()
@@ -273,6 +284,8 @@ class Trainer:
                         self.scaler.update()
                     else:
                         self.optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update(self._bare_model())
                     for k, v in losses.items():
                         sums[k] += float(v.detach())
                     n += 1
@@ -285,7 +298,7 @@ class Trainer:
                 metrics: dict = {}
                 if self.evaluate is not None and ((epoch + 1) % max(s.eval_every, 1) == 0 or epoch + 1 == s.epochs):
                     if self.dist.is_main:
-                        metrics = self.evaluate(self._bare_model())
+                        metrics = self.evaluate(self._bare_model() if self.ema is None else self.ema.module)
                     barrier()
                     record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None})
                     if "per_task" in metrics:
@@ -303,6 +316,7 @@ class Trainer:
                 if self.dist.is_main:
                     with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                         f.write(json.dumps(record) + "\n")
+                    logs.epoch(record, sums)
                 self._save("last.pt", epoch + 1, best, train_seconds, record)
                 if is_best or (self.evaluate is None) or (best is None and epoch + 1 == s.epochs):
                     self._save("best.pt", epoch + 1, best, train_seconds, record)

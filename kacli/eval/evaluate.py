@@ -119,12 +119,18 @@ def evaluate_checkpoints(
     max_size: int | None = None,
     device_pref: str = "auto",
     batch_size: int = 8,
+    detections_out: str | Path | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """``kacli eval``: score each checkpoint on ``split``; with several, also their ensemble
     (predictions mapped to dataset ids, pooled per image, best 100 kept).
 
     Returns the ensemble's metrics (or the single model's) with ``members`` listing each model's.
     Params and GFLOPs are measured on one evaluation-sized input (multiply-adds, see flops.py).
+
+    ``detections_out``: also write the scored detections (the ensemble's with several models) as
+    a COCO results file (:mod:`kacli.eval.results`); checked before any work, replaced only with
+    ``force``.
     """
     from kacli.data.manifest import TaskManifest
     from kacli.engine.distributed import pick_device
@@ -132,6 +138,10 @@ def evaluate_checkpoints(
     from kacli.fsutil import load_json
     from kacli.models.checkpoint import build_model, load_checkpoint
 
+    from kacli.eval.results import check_results_target, write_results
+
+    if detections_out is not None:
+        check_results_target(detections_out, force)
     manifest = TaskManifest(tasks_path)
     gt_path = manifest.split_json(split)
     gt = load_json(gt_path)
@@ -173,9 +183,14 @@ def evaluate_checkpoints(
     if len(ckpts) == 1:
         result = dict(members[0])
         result["members"] = []
+        if detections_out is not None:
+            write_results(detections_out, all_dets[0])
         return result
     union = sorted({c for ck in ckpts for c in ck["label_map"]["ids"]})
-    result = evaluate_detections(gt, ensemble_detections(all_dets), union, tasks)
+    pooled = ensemble_detections(all_dets)
+    result = evaluate_detections(gt, pooled, union, tasks)
+    if detections_out is not None:
+        write_results(detections_out, pooled)
     result.update(
         {
             "model": "ensemble",

@@ -32,6 +32,10 @@ class ModelConfig:
         pre_norm: LayerNorm before each sub-layer (DETR's ``normalize_before``).
         aux_loss: predict from every decoder layer (``aux_outputs``) for auxiliary losses.
         tiny_widths: channel widths of the tiny backbone's 4 stages (unused by ResNets).
+        unnamed_classes: extra outputs of the class head after "no object": class slots of an
+            imported checkpoint that name no category (COCO's 11 unused ids in DETR's 91). They stay
+            in the softmax's normalisation, folded into "no object", and are never predicted
+            (:meth:`kacli.models.detr.DETR.decode`). 0 for every model kacli trains.
     """
 
     backbone: str = "resnet50"
@@ -46,11 +50,15 @@ class ModelConfig:
     pre_norm: bool = False
     aux_loss: bool = True
     tiny_widths: tuple[int, int, int, int] = field(default=(16, 32, 64, 128))
+    unnamed_classes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON/YAML-able dict (``tiny_widths`` as a list)."""
+        """JSON/YAML-able dict (``tiny_widths`` as a list; ``unnamed_classes`` only when not 0, so
+        the architecture of every trained model reads as before)."""
         d = dataclasses.asdict(self)
         d["tiny_widths"] = list(self.tiny_widths)
+        if not self.unnamed_classes:
+            d.pop("unnamed_classes")
         return d
 
     @classmethod
@@ -86,6 +94,9 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(f"{name} must be a positive integer, got {v!r}")
+        u = self.unnamed_classes
+        if isinstance(u, bool) or not isinstance(u, int) or u < 0:
+            bad(f"unnamed_classes must be a non-negative integer, got {u!r}")
         if self.d_model % self.nheads:
             bad(f"d_model {self.d_model} is not divisible by nheads {self.nheads}")
         if self.d_model % 4:

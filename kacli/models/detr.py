@@ -70,7 +70,8 @@ class DETR(nn.Module):
             pre_norm=cfg.pre_norm,
         )
         self.query_embed = nn.Embedding(cfg.num_queries, d)
-        self.class_embed = nn.Linear(d, num_classes + 1)
+        # K classes, "no object", then cfg.unnamed_classes slots folded into "no object" (decode)
+        self.class_embed = nn.Linear(d, num_classes + 1 + cfg.unnamed_classes)
         self.bbox_embed = MLP(d, d, 4, 3)
 
     # -- pieces -------------------------------------------------------------------------------
@@ -101,12 +102,26 @@ class DETR(nn.Module):
         query_pos = self.query_embed.weight[None].expand(B, -1, -1)
         tgt = torch.zeros_like(query_pos)
         hs = self.transformer.decoder(tgt, memory, memory_mask, memory_pos, query_pos)  # (L,B,Q,d)
-        logits = self.class_embed(hs)
+        logits = self.class_logits(hs)
         boxes = self.bbox_embed(hs).sigmoid()
         aux = (
             [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])] if self.cfg.aux_loss else []
         )
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
+
+    def class_logits(self, hs: torch.Tensor) -> torch.Tensor:
+        """Decoder states (..., d) → logits (..., K+1).
+
+        With ``cfg.unnamed_classes`` = E > 0 the head has K+1+E outputs (an imported checkpoint's
+        slots that name no category come last); "no object" becomes the logsumexp of itself and
+        those E, so a softmax over the K+1 gives every named class exactly the probability the
+        original head's softmax over all K+1+E gives it, and the unnamed slots are never predicted.
+        """
+        logits = self.class_embed(hs)
+        if logits.shape[-1] == self.num_classes + 1:
+            return logits
+        named, rest = logits[..., : self.num_classes], logits[..., self.num_classes :]
+        return torch.cat([named, rest.logsumexp(-1, keepdim=True)], dim=-1)
 
     # -- whole model --------------------------------------------------------------------------
 

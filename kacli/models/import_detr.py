@@ -51,8 +51,12 @@ Label maps follow DETR's convention: class index k of the checkpoint *is* catego
 ``config.json`` with ``id2label``) names the slots to keep; every id must be a class slot of the
 checkpoint (``id < K``, the head having K+1 outputs). Slots without a name (or named ``N/A``) are
 dropped from the class head — for COCO the 11 unused ids of DETR's 91 — so the kacli label map
-holds real categories only. Logits of kept classes and all boxes are unchanged; a score differs
-from DETR's only by the (near-zero) probability DETR gave to the dropped slots.
+holds real categories only. The unnamed slots' outputs stay in the head, after "no object"
+(``ModelConfig.unnamed_classes``): they count in the softmax's normalisation, folded into "no
+object", so every score (and AP) equals DETR's own post-processing (softmax over all K+1
+logits, "no object" dropped, max), and no unnamed slot is ever predicted. (A query whose best
+slot is unnamed, which DETR reports under an id no dataset has, is reported here as its best named
+class at that class's probability.) Boxes are unchanged.
 """
 
 from __future__ import annotations
@@ -552,7 +556,8 @@ def import_checkpoint(
     checkpoint (kind ``detr``) at ``dst``, written atomically.
 
     Returns a report: ``source``, ``out``, ``layout``, ``arch`` (dict), ``label_map`` (ids, names,
-    source), ``dropped_slots`` (class indices without a name, removed from the head), ``loaded``
+    source), ``dropped_slots`` (class indices without a name: never predicted, kept in the
+    softmax's normalisation after "no object"), ``loaded``
     (kacli keys written), ``ignored`` (source keys not used, e.g. UP-DETR's ``patch2query.*``).
 
     Raises KacliError (nothing written) for a file that is no checkpoint, needs code to unpickle,
@@ -577,15 +582,16 @@ def import_checkpoint(
     if num_slots < 1:
         raise KacliError("class head has no class besides 'no object'", path)
     lm = resolve_label_map(label_map_spec, num_slots, hf_config)
-    keep = lm["ids"] + [num_slots]  # the named slots, then "no object"
+    dropped = [k for k in range(num_slots) if k not in set(lm["ids"])]
+    keep = lm["ids"] + [num_slots] + dropped  # the named slots, "no object", the unnamed slots
     state = dict(state)
     state["class_embed.weight"] = state["class_embed.weight"][keep]
     state["class_embed.bias"] = state["class_embed.bias"][keep]
+    cfg.unnamed_classes = len(dropped)
 
     model = DETR(cfg, len(lm["ids"]))
     _load_into(model, state, path)
     label_map = {"ids": lm["ids"], "names": lm["names"]}
-    dropped = [k for k in range(num_slots) if k not in set(lm["ids"])]
     save_checkpoint(
         dst,
         {
@@ -622,7 +628,9 @@ def init_from_checkpoint(model: nn.Module, path_or_ckpt: str | Path | Mapping, n
     or a foreign DETR checkpoint (path, or an already loaded dict), for ``train-teacher --init``.
 
     Every tensor whose (converted) name and shape match is loaded. The class head (``class_embed``)
-    is loaded when its class count equals ``num_classes`` and re-initialised otherwise.
+    is loaded when its class count equals ``num_classes`` and re-initialised otherwise (an imported
+    checkpoint's unnamed slots are not part of that count: the head keeps its named classes and
+    "no object").
 
     Returns ``{"source", "layout", "loaded": [keys], "skipped": [{"key", "reason"}],
     "missing": [model keys the checkpoint lacks], "ignored": [source keys not DETR's],
@@ -641,6 +649,10 @@ def init_from_checkpoint(model: nn.Module, path_or_ckpt: str | Path | Mapping, n
         if not isinstance(obj.get("model"), Mapping):
             raise KacliError("checkpoint lacks 'model'", where)
         state, layout = dict(obj["model"]), LAYOUT_KACLI
+        unnamed = (obj.get("arch") or {}).get("unnamed_classes") or 0
+        if unnamed and "class_embed.weight" in state:  # an imported head: its named classes and "no object"
+            for k in ("class_embed.weight", "class_embed.bias"):
+                state[k] = state[k][: state[k].shape[0] - int(unnamed)]
     else:
         sd, _ = extract_state_dict(obj, where)
         try:
