@@ -48,6 +48,8 @@ class TrainConfig:
         seed: seed of the model init and of the augmentation.
         workers: DataLoader worker processes.
         eval_every: validate every this many epochs (0: never during training).
+        checkpoint_every: also save ``last.pt`` every this many steps, for long epochs (0: at the
+            end of each epoch only); ``--resume`` continues from the middle of the epoch.
         amp: mixed precision on CUDA (ignored on CPU).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (or ``cuda:N``).
     """
@@ -62,6 +64,7 @@ class TrainConfig:
     seed: int = 42
     workers: int = 2
     eval_every: int = 1
+    checkpoint_every: int = 0
     amp: bool = True
     device: str = "auto"
 
@@ -69,7 +72,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_drop"):
             if getattr(self, name) < 1:
                 raise ConfigValueError(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("workers", "eval_every"):
+        for name in ("workers", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
         for name in ("lr", "lr_backbone", "weight_decay", "clip_max_norm"):
