@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -171,6 +172,8 @@ def _convert(value, tp, key: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _Bad(f"{_show(value)} is not a finite number", key)
             return float(value)
     elif tp is str:
         if isinstance(value, str):
