@@ -283,3 +283,104 @@ def test_a_kill_mid_epoch_resumes_from_the_step_checkpoint(world, tmp_path):
     assert [x["epoch"] for x in b] == [1, 2] and [x["steps"] for x in b] == [4, 4]
     assert [x["total"] for x in b] == pytest.approx([x["total"] for x in a], rel=1e-6)
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+
+
+# -- item: hostile flags and data end in one line, before anything is written --------------------------
+
+
+def _huge_png(path: Path, w: int = 20000, h: int = 20000) -> Path:
+    """A PNG whose header declares w×h pixels (its data is one pixel: nothing is ever decoded)."""
+    import io
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    b = bytearray(buf.getvalue())
+    b[16:20], b[20:24] = w.to_bytes(4, "big"), h.to_bytes(4, "big")  # IHDR width, height
+    b[29:33] = zlib.crc32(bytes(b[12:29])).to_bytes(4, "big")
+    path.write_bytes(bytes(b))
+    return path
+
+
+@pytest.mark.parametrize("lr, needle", [("nan", "finite"), ("inf", "finite"), ("1e12", "diverged")])
+def test_an_absurd_learning_rate_is_one_line(cli, world, runs, tmp_path, lr, needle):
+    out, before = existing(runs, "teacher", tmp_path)
+    one_line(cli(*teacher_args(world, out, "--force", "--lr", lr)), needle)
+    assert tree(out) == before and leftovers(out) == []
+
+
+def test_a_nan_weight_is_refused(cli, world, runs, tmp_path):
+    out, before = existing(runs, "student", tmp_path)
+    one_line(cli(*student_args(world, out, "--force", "--gt-weight", "nan")), "lambda_d", "finite")
+    assert tree(out) == before
+
+
+def test_a_split_without_images_is_refused_by_split_tasks(cli, world, tmp_path):
+    empty = tmp_path / "empty.json"
+    coco = json.loads((world["root"] / "data" / "val.json").read_text())
+    empty.write_text(json.dumps({**coco, "images": [], "annotations": []}))
+    out = tmp_path / "tasks"
+    one_line(cli("split-tasks", "--train", world["root"] / "data" / "train.json", "--val", empty,
+                 "--scheme", world["root"] / "data" / "tasks-2.yaml", "--out", out), "empty.json", "no images")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_oversized_image_is_named_even_from_a_worker(cli, world, runs, tmp_path, workers):
+    """A 20000×20000 PNG in the split (and, with --workers 2, read in a DataLoader worker)."""
+    w = _corrupt_image_world(world, tmp_path / "w")
+    _huge_png(w["image"])
+    out, before = existing(runs, "teacher", tmp_path)
+    err = one_line(cli(*teacher_args(w, out, "--force", "--workers", workers)), w["image"].name,
+                   "20000x20000", "KACLI_MAX_IMAGE_PIXELS")
+    assert "Caught" not in err and "worker" not in err
+    assert tree(out) == before
+
+
+def test_a_corrupt_image_in_a_cache_worker_is_one_line(cli, world, tmp_path):
+    """cache-teachers decodes in 2 worker processes by default."""
+    w = _corrupt_image_world(world, tmp_path / "w")
+    teachers = [tmp_path / "w" / "t-convex.pt", tmp_path / "w" / "t-concave.pt"]
+    out = tmp_path / "cache.h5"
+    out.write_bytes(b"an older file")
+    err = one_line(cli("cache-teachers", "--tasks", w["tasks"], *[a for t in teachers for a in ("--teacher", t)],
+                       "--out", out, "--device", "cpu", "--force"), w["image"].name, "not a readable image")
+    assert "Caught" not in err
+    assert out.read_bytes() == b"an older file"
+
+
+def test_predict_refuses_an_oversized_image_and_size(cli, runs, tmp_path):
+    big = _huge_png(tmp_path / "big.png")
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "predictions.json").write_text("{}")
+    model = runs / "teacher"
+    one_line(cli("predict", "--model", model, big, "--out", out, "--force"), "big.png", "KACLI_MAX_IMAGE_PIXELS")
+    small = tmp_path / "small.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(small)
+    one_line(cli("predict", "--model", model, small, "--out", out, "--force", "--size", 60000),
+             "--size", "KACLI_MAX_IMAGE_SIDE")
+    assert tree(out) == {"predictions.json": hashlib.sha256(b"{}").hexdigest()}
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--batch-size", 0, "--batch-size"), ("--size", 100000, "KACLI_MAX_IMAGE_SIDE"),
+                                                 ("--size", 0, "at least 1"), ("--max-size", 0, "at least 1")])
+def test_eval_refuses_absurd_sizes_before_running(cli, world, runs, tmp_path, flag, value, needle):
+    out = tmp_path / "eval.json"
+    out.write_text("{}")
+    one_line(cli("eval", "--model", runs / "teacher", "--tasks", world["tasks"], flag, value, "--json", out), flag, needle)
+    assert out.read_text() == "{}"
+
+
+def test_cache_teachers_refuses_absurd_views_before_allocating(cli, world, tmp_path):
+    teachers = [world["root"] / "t-convex.pt", world["root"] / "t-concave.pt"]
+    out = tmp_path / "cache.h5"
+    shutil.copy(world["cache"], out)
+    before = tree(tmp_path)
+    one_line(cli("cache-teachers", "--tasks", world["tasks"], *[a for t in teachers for a in ("--teacher", t)],
+                 "--out", out, "--views", 1_000_000_000, "--force"), "--views", "KACLI_MAX_VIEWS")
+    assert tree(tmp_path) == before
