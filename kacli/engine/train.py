@@ -196,6 +196,7 @@ class Trainer:
                 f"checkpoint belongs to another run ({k}: {theirs.get(k)!r} there, {self.s.signature.get(k)!r} here)",
                 path,
             )
+        self._check_resumable(ckpt, path)
         self._bare_model().load_state_dict(ckpt["model"])
         for m, sd in zip(self.s.extra_modules, ckpt.get("extra_modules", [])):
             m.load_state_dict(sd)
@@ -221,6 +222,24 @@ class Trainer:
             "partial": state.get("partial"),
             "rng": state.get("rng") or {},
         }
+
+    #: Settings the saved optimiser and schedule keep on --resume: a new value would be ignored.
+    FIXED_ON_RESUME = ("lr", "lr_backbone", "weight_decay", "lr_drop")
+
+    def _check_resumable(self, ckpt: dict, path: Path) -> None:
+        """Refuse a resume with settings it cannot honour (the optimiser's learning rates and
+        weight decay, the schedule, and mid-epoch the batch size) rather than record them unused."""
+        saved = (ckpt.get("config") or {}).get("train") or {}
+        names = list(self.FIXED_ON_RESUME)
+        if (ckpt.get("train_state") or {}).get("step"):
+            names.append("batch_size")
+        for name in names:
+            theirs, ours = saved.get(name), getattr(self.s, name)
+            if theirs is not None and theirs != ours:
+                raise KacliError(
+                    f"--resume cannot change train.{name} ({theirs} in the run, {ours} given): the saved "
+                    "optimiser and schedule keep theirs; start a new run to change it", path,
+                )
 
     @staticmethod
     def _set_rng(rng: dict) -> None:
