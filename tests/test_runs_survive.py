@@ -384,3 +384,32 @@ def test_cache_teachers_refuses_absurd_views_before_allocating(cli, world, tmp_p
     one_line(cli("cache-teachers", "--tasks", world["tasks"], *[a for t in teachers for a in ("--teacher", t)],
                  "--out", out, "--views", 1_000_000_000, "--force"), "--views", "KACLI_MAX_VIEWS")
     assert tree(tmp_path) == before
+
+
+def test_resume_refuses_settings_it_cannot_honour(cli, world, runs, tmp_path):
+    """The saved optimiser keeps its learning rate: --resume --lr 0.5 is refused, not recorded."""
+    out, before = existing(runs, "teacher", tmp_path)
+    one_line(cli(*teacher_args(world, out, "--resume", "--epochs", 3, "--lr", 0.5)), "last.pt", "train.lr", "0.5")
+    assert tree(out) == before
+
+
+def test_untrusted_files_are_named_for_what_they_are(cli, world, runs, tmp_path):
+    """A legacy pickle that names code, random bytes and a truncated file, as --backbone-weights:
+    one line of ours each (no torch warning first), and no code runs."""
+    out, before = existing(runs, "student", tmp_path)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("code ran",))
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"body.0.weight": torch.zeros(1), "x": Payload()}, legacy, _use_new_zipfile_serialization=False)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    for bad, needle in ((legacy, "needs code to unpickle"), (noise, "neither a zip archive nor a pickle"),
+                        (_truncated(runs / "teacher" / "best.pt", tmp_path / "cut.pt"), "truncated")):
+        err = one_line(cli(*student_args(world, out, "--force", "--backbone-weights", bad)), bad.name, needle)
+        assert "Warning" not in err
+    assert not marker.exists()
+    assert tree(out) == before
