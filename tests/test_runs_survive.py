@@ -413,3 +413,22 @@ def test_untrusted_files_are_named_for_what_they_are(cli, world, runs, tmp_path)
         assert "Warning" not in err
     assert not marker.exists()
     assert tree(out) == before
+
+
+def test_a_cache_names_its_teacher_batch_size(cli, world, tmp_path):
+    """The teachers' outputs depend (in the last bits) on the batch they ran in: a rerun with
+    another --batch-size is not the same cache, so it is neither 'up to date' nor one that a
+    student run made from the first can resume on."""
+    from kacli.cache import schema
+
+    teachers = [world["root"] / "t-convex.pt", world["root"] / "t-concave.pt"]
+    out = tmp_path / "cache.h5"
+    shutil.copy(world["cache"], out)
+    before = tree(tmp_path)
+    one_line(cli("cache-teachers", "--tasks", world["tasks"], *[a for t in teachers for a in ("--teacher", t)],
+                 "--out", out, "--batch-size", 2, "--dtype", "float32", "--workers", 0, "--device", "cpu"),
+             "cache.h5", "batch_size", "--force")
+    assert tree(tmp_path) == before
+    with h5py.File(out, "r") as f:
+        attrs = schema.validate(f, out, require_complete=True).attrs
+    assert schema.content_id(attrs, 100) != schema.content_id({**attrs, "batch_size": 2}, 100)
