@@ -730,7 +730,7 @@ def cache_teachers(
         "resumed_from": None,
     }
     if _existing_output(out, attrs, force):
-        log(f"{out} is up to date (same teachers, tasks.yaml, views, layers and dtype)")
+        log(f"{out} is up to date (same teachers, tasks.yaml, views, layers, dtype and batch size)")
         return summary | {"status": "up to date", "bytes": out.stat().st_size, "seconds": 0.0, "entries_per_s": None}
 
     out.parent.mkdir(parents=True, exist_ok=True)
