@@ -63,6 +63,8 @@ class RunDir:
 
     def __init__(self, out: str | Path, resume: bool = False, force: bool = False, is_main: bool | None = None):
         self.out = Path(out)
+        if self.out.name in ("", ".", ".."):  # "--out ." : name the staging folder after the real one
+            self.out = self.out.resolve()
         if is_main is None:  # under torchrun only rank 0 touches the folder
             is_main = int(os.environ.get("RANK", "0")) == 0
         self.resume = bool(resume)
