@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 from torch import nn
 
-from kacli.config import ConfigValueError, TrainConfig, apply_overrides, config_to_dict, load_config, save_config
+from kacli.config import ConfigValueError, TrainConfig, apply_overrides, config_to_dict, load_config
 from kacli.data.transforms import AugConfig
 from kacli.errors import KacliError
 from kacli.losses.criterion import SetCriterion
@@ -509,7 +509,8 @@ def amalgamate(
     from kacli.engine.distributed import init_distributed
     from kacli.engine.train import Trainer, TrainSetup
     from kacli.fsutil import sha256_file
-    from kacli.teacher import make_validator, prepare_run_dir
+    from kacli.engine.rundir import RunDir
+    from kacli.teacher import make_validator
 
     cache_path = Path(cache_path)
     with schema.open_h5(cache_path, "r") as f:
@@ -562,13 +563,13 @@ def amalgamate(
     cache = TeacherCache(cache_path, layers=layers, tasks=manifest.path)
 
     out = Path(out_dir)
-    prepare_run_dir(out, resume, force)
-    dist = init_distributed(cfg.train.device)
+    run_dir = RunDir(out, resume, force)  # checks only: out is replaced at the new run's first checkpoint
     if backbone_weights:
         from kacli.models.backbone import load_backbone_weights
 
         rep = load_backbone_weights(model.backbone, backbone_weights)
         log(f"backbone weights from {backbone_weights}: loaded {rep['loaded']} tensors")
+    dist = init_distributed(cfg.train.device)
 
     sag_proj = SAGProjection(num_teachers, d_model, len(layers), init=cfg.sag_init) if cfg.method == "sag" else None
     objective = AmalgamationObjective(cfg, num_classes, num_teachers, layers, list(cache.class_index), sag_proj)
@@ -616,9 +617,9 @@ def amalgamate(
                    **{f"arch.{k}": v for k, v in arch.items()}},
         extra_modules=[sag_proj] if sag_proj is not None else [],
         log_name=f"amalgamate {cfg.method}",
+        run_dir=run_dir,
+        checkpoint_every=t.checkpoint_every,
     )
-    if dist.is_main:
-        save_config(out / "config.yaml", cfg)
     trainer = Trainer(model, objective, train_set, collate_fn, setup, dist, evaluate=evaluate)
     result = trainer.fit(resume=resume)
     result.update(method=cfg.method, out=str(out))

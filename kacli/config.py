@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -48,6 +49,8 @@ class TrainConfig:
         seed: seed of the model init and of the augmentation.
         workers: DataLoader worker processes.
         eval_every: validate every this many epochs (0: never during training).
+        checkpoint_every: also save ``last.pt`` every this many steps, for long epochs (0: at the
+            end of each epoch only); ``--resume`` continues from the middle of the epoch.
         amp: mixed precision on CUDA (ignored on CPU).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (or ``cuda:N``).
         ema: decay in (0, 1) of an exponential moving average of the weights, updated every step;
@@ -67,6 +70,7 @@ class TrainConfig:
     seed: int = 42
     workers: int = 2
     eval_every: int = 1
+    checkpoint_every: int = 0
     amp: bool = True
     device: str = "auto"
     ema: float | None = None
@@ -76,7 +80,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_drop"):
             if getattr(self, name) < 1:
                 raise ConfigValueError(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("workers", "eval_every"):
+        for name in ("workers", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
         for name in ("lr", "lr_backbone", "weight_decay", "clip_max_norm"):
@@ -182,6 +186,8 @@ def _convert(value, tp, key: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _Bad(f"{_show(value)} is not a finite number", key)
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -12,6 +12,8 @@ The recipe (data, model, schedule) is the ``tiny`` preset; docs/DEMO.md says how
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -176,20 +178,35 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the demo into ``out``; returns ``{"rows": [...], "seconds": total, "stages": {...}}``."""
+    if minutes <= 0:
+        raise KacliError(f"--minutes must be positive, got {minutes}")
+    out = Path(out)
+    check_output_dir(out, force)
+    # --force: the old demo moves aside and comes back if this one fails; it is deleted only when
+    # this one is complete (the demo is built in place: its files record their absolute paths).
+    aside = out.with_name(f".{out.name}.old")
+    if out.exists() and force:
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(out, aside)
+    try:
+        out.mkdir(parents=True)
+        result = _run_demo(out, minutes, seed, train_images, val_images)
+    except BaseException:
+        if aside.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return result
+
+
+def _run_demo(out: Path, minutes: float, seed: int, train_images: int | None, val_images: int | None) -> dict:
     from kacli.amalgamate import amalgamate
     from kacli.data.manifest import TaskManifest
     from kacli.eval.evaluate import evaluate_checkpoints
     from kacli.report import load_curves, load_rows, write_report
 
-    if minutes <= 0:
-        raise KacliError(f"--minutes must be positive, got {minutes}")
-    out = Path(out)
-    check_output_dir(out, force)
-    if out.exists() and force:
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
     teacher_epochs = _scaled(RECIPE["teacher_epochs"], minutes)

@@ -6,6 +6,7 @@ makes the command exit with code 2, without a traceback.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -20,9 +21,30 @@ class KacliError(Exception):
     """
 
     def __init__(self, message: str, path: str | Path | None = None):
+        worker = _from_worker(str(message))
+        if worker is not None:  # re-raised by a DataLoader: the worker's error is its last line
+            message, path = worker, None
         self.message = " ".join(str(message).split())
         self.path = None if path is None else str(path)
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
+
+
+_WORKER = re.compile(r"^Caught KacliError in DataLoader worker process \d+\.")
+
+
+def _from_worker(message: str) -> str | None:
+    """The one line of a KacliError raised in a DataLoader worker process.
+
+    torch re-raises a worker's exception in the main process as ``KacliError(text)`` where the
+    text is ``Caught KacliError in DataLoader worker process N. Original Traceback ...`` and its
+    last line is ``kacli.errors.KacliError: <path>: <problem>``; that last part is the message."""
+    if not _WORKER.match(message):
+        return None
+    for line in reversed(message.strip().splitlines()):
+        head, sep, tail = line.partition("KacliError: ")
+        if sep and head.strip() in ("", "kacli.errors."):
+            return tail
+    return None

@@ -93,6 +93,7 @@ def predict_images(
     (``fmt="coco"``) an image whose id cannot be found.
     """
     from kacli.data.transforms import load_image
+    from kacli.limits import check_side
     from kacli.draw import draw_detections
     from kacli.engine.distributed import pick_device
     from kacli.models.checkpoint import build_model, load_checkpoint
@@ -104,6 +105,8 @@ def predict_images(
         raise KacliError(f"threshold must be in [0, 1], got {threshold}")
     if fmt not in FORMATS:
         raise KacliError(f"unknown --format {fmt!r} (use {' or '.join(FORMATS)})")
+    check_side("--size", size)
+    check_side("--max-size", max_size)
     paths = [Path(p) for p in images]
     coco_ids: list[int] = []
     if fmt == "coco":
@@ -115,9 +118,11 @@ def predict_images(
     decoded = [load_image(p) for p in paths]  # every image checked before any work
     ckpt = load_checkpoint(ckpt_path)
     d_size, d_max = default_sizes(ckpt)
-    size, max_size = int(size or d_size), int(max_size or d_max)
-    if size < 1 or max_size < 1:
-        raise KacliError(f"--size and --max-size must be positive, got {size} and {max_size}")
+    if size is None:
+        check_side("the checkpoint's aug.eval_size", d_size, ckpt["path"])
+    if max_size is None:
+        check_side("the checkpoint's aug.max_size", d_max, ckpt["path"])
+    size, max_size = int(size if size is not None else d_size), int(max_size if max_size is not None else d_max)
     dev = device if isinstance(device, torch.device) else pick_device(str(device))
     model = build_model(ckpt).to(dev).eval()
     ids, names = ckpt["label_map"]["ids"], ckpt["label_map"]["names"]

@@ -100,8 +100,17 @@ def make_progress(unit: str = "it", console: Console | None = None, transient: b
     return _new_progress(unit, console, transient, **extra)
 
 
+class _Progress(Progress):
+    """A display that vanishes when its stage fails, so the error line is all that is left."""
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.live.transient = True
+        return super().__exit__(exc_type, exc, tb)
+
+
 def _new_progress(unit: str, console: Console | None, transient: bool, **extra) -> Progress:
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from kacli.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
+from kacli.config import TrainConfig, apply_overrides, config_to_dict, load_config
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import AUG_PRESETS, AugConfig
 from kacli.engine.distributed import init_distributed
+from kacli.engine.rundir import RunDir
 from kacli.engine.train import Trainer, TrainSetup, to_device
 from kacli.errors import KacliError
 from kacli.eval.evaluate import evaluate_model, make_eval_dataset
@@ -23,9 +23,6 @@ from kacli.losses.matcher import HungarianMatcher
 from kacli.models.config import PRESETS as MODEL_PRESETS
 from kacli.models.config import ModelConfig
 from kacli.models.detr import DETR
-
-RUN_FILES = ("metrics.jsonl", "last.pt", "best.pt", "config.yaml", "eval.json")
-
 
 @dataclass
 class DetrRunConfig:
@@ -61,26 +58,6 @@ def load_run_config(source: str | Path | None, overrides: dict[str, Any]) -> Det
     return cfg
 
 
-def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
-    """A new run needs an empty folder (or ``--force``, which clears the run's files only);
-    ``--resume`` needs the folder of the run to continue."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KacliError("output exists and is not a folder", out)
-    if resume:
-        return
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise KacliError("run folder exists and is not empty (use --resume to continue it, --force to start over)", out)
-        for name in RUN_FILES:
-            p = out / name
-            if p.is_file():
-                p.unlink()
-        if (out / "eval").is_dir():
-            shutil.rmtree(out / "eval")
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def detr_loss_fn(criterion: SetCriterion) -> Callable:
     """Loss callable for :class:`Trainer`: DETR's set criterion on a collated batch."""
 
@@ -109,12 +86,16 @@ def train_teacher(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Fine-tune one DETR on ``task`` of the manifest ``tasks``; writes ``out/{best,last}.pt``,
-    ``metrics.jsonl`` and ``config.yaml``. Returns the trainer's summary."""
+    ``metrics.jsonl`` and ``config.yaml``. Returns the trainer's summary.
+
+    Every input is read and checked before the run folder is touched; a new run (``force`` over
+    an old one included) replaces ``out`` only when it has saved its first checkpoint
+    (:mod:`kacli.engine.rundir`)."""
     manifest = TaskManifest(tasks)
     info = manifest.task(task)
     cfg = load_run_config(config, overrides or {})
     out = Path(out)
-    prepare_run_dir(out, resume, force)
+    run_dir = RunDir(out, resume, force)
     dist = init_distributed(cfg.train.device)
 
     label_map = info.label_map()
@@ -170,9 +151,9 @@ def train_teacher(
         },
         signature={"task": info.name, "tasks.yaml": manifest.sha256, "arch": cfg.model.to_dict()},
         log_name=f"teacher {info.name}",
+        run_dir=run_dir,
+        checkpoint_every=cfg.train.checkpoint_every,
     )
-    if dist.is_main:
-        save_config(out / "config.yaml", cfg)
     trainer = Trainer(model, detr_loss_fn(criterion), train_set, collate, setup, dist, evaluate=evaluate)
     return trainer.fit(resume=resume)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+import kacli.errors
 from PIL import Image
 
 from conftest import assert_one_line_error
@@ -45,3 +47,22 @@ def test_demo_end_to_end_at_toy_size(cli, tmp_path):
     r = cli("demo", "--out", out, "--train-images", 48, "--val-images", 12, "--minutes", 0.5)
     assert_one_line_error(r, "not empty")
     assert (out / "report.json").read_bytes() == before
+
+
+def test_demo_force_keeps_the_old_demo_when_the_new_one_fails(cli, tmp_path, monkeypatch):
+    """--force moves the old demo aside and puts it back when the new one fails."""
+    import kacli.data.demo_data
+
+    out = tmp_path / "demo"
+    (out / "runs").mkdir(parents=True)
+    (out / "report.md").write_text("the old report\n")
+    (out / "runs" / "last.pt").write_bytes(b"old weights")
+
+    def fail(path, **kw):
+        raise kacli.errors.KacliError("disk full", path)
+
+    monkeypatch.setattr(kacli.data.demo_data, "make_demo_data", fail)
+    assert_one_line_error(cli("demo", "--out", out, "--force"), "disk full")
+    assert (out / "report.md").read_text() == "the old report\n"
+    assert (out / "runs" / "last.pt").read_bytes() == b"old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]

@@ -53,3 +53,12 @@ def test_readme_pipeline_commands_run(cli, tmp_path, monkeypatch):
     assert (tmp_path / "report" / "report.md").exists()
     assert (tmp_path / "student.pt2").exists()
     assert (tmp_path / "pred" / "predictions.json").exists()
+
+
+def test_readme_and_architecture_name_every_limit_and_how_to_raise_it():
+    from kacli.limits import DEFAULTS
+
+    arch = (README.parent / "docs" / "ARCHITECTURE.md").read_text()
+    for text in (README.read_text(), arch):
+        for var, default in DEFAULTS.items():
+            assert var in text and f"{default:,}" in text, var

@@ -189,11 +189,19 @@ class TeacherCache(Dataset):
                     if b > a:
                         d.read_direct(seqs, np.s_[a:b], np.s_[k, j])
         h, w = (int(v) for v in self.hw[e])
+        logits = [np.array(d[e]) for d in ds["logits"]]
+        boxes = [np.array(d[e]) for d in ds["boxes"]]
+        for what, arrays in (("sequences", [seqs]), ("logits", logits), ("boxes", boxes)):
+            for k, arr in enumerate(arrays):
+                if not np.isfinite(arr).all():
+                    who = f"teacher {k}'s " if what != "sequences" else ""
+                    raise KacliError(f"entry {e}: {who}cached {what} hold NaN or inf (kacli cache-info --verify checks "
+                                     "the whole file; recompute it with cache-teachers --force)", self.path)
         return {
             "seqs": torch.from_numpy(seqs).to(self.seq_dtype),
             "hw": (h, w),
-            "logits": [torch.from_numpy(np.array(d[e])) for d in ds["logits"]],
-            "boxes": [torch.from_numpy(np.array(d[e])) for d in ds["boxes"]],
+            "logits": [torch.from_numpy(x) for x in logits],
+            "boxes": [torch.from_numpy(x) for x in boxes],
             "stride": self.stride,
             "entry": int(e),
         }

@@ -62,7 +62,8 @@ ROOT_ATTRS = {
 JSON_ATTRS = ("teachers", "label_map", "layers", "aug", "shard")
 
 #: Attributes that define the content: two files agreeing on these hold the same entries.
-CONTENT_KEYS = ("tasks_sha256", "split", "teacher_sha256", "layers", "dtype", "views", "seed", "aug")
+# batch_size is content too: the teachers' outputs differ in the last bits with the batch they ran in.
+CONTENT_KEYS = ("tasks_sha256", "split", "teacher_sha256", "layers", "dtype", "views", "seed", "aug", "batch_size")
 
 VIEW_POLICY = (
     "entry e = i*K + v; view 0 = eval_view(H, W, aug.eval_size, aug.max_size); view v > 0 = "
@@ -178,14 +179,15 @@ def content_signature(attrs: dict) -> dict:
         "views": attrs.get("views"),
         "seed": attrs.get("seed"),
         "aug": attrs.get("aug"),
+        "batch_size": attrs.get("batch_size"),
     }
 
 
 def content_id(attrs: dict, size: int) -> str:
     """sha256 of a complete cache's :func:`content_signature` and its size in bytes.
 
-    The writer is deterministic (the same teachers, tasks, layers, dtype, views, seed and
-    augmentation give the same bytes), so this names the content without reading it: hashing the
+    The writer is deterministic (the same teachers, tasks, layers, dtype, views, seed,
+    augmentation and teacher batch size give the same bytes), so this names the content without reading it: hashing the
     file itself would read every byte (tens to hundreds of GiB for VOC or COCO) on every run.
     """
     payload = json.dumps({"signature": content_signature(attrs), "bytes": int(size)}, sort_keys=True)

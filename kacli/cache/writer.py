@@ -206,11 +206,13 @@ def image_size(coco: CocoDetection, index: int) -> tuple[int, int]:
         return h, w
     from PIL import Image
 
+    from kacli.data.transforms import open_image
+
     path = coco.image_path(index)
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             w, h = im.size
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise KacliError(f"not a readable image ({type(e).__name__})", path) from None
     return int(h), int(w)
 
@@ -654,6 +656,11 @@ def cache_teachers(
     """
     if views < 1:
         raise KacliError(f"--views must be at least 1, got {views}")
+    from kacli.limits import max_views
+
+    if views > max_views():
+        raise KacliError(f"--views {views} is over the limit of {max_views()} views per image "
+                         "(set KACLI_MAX_VIEWS to raise it)")
     if batch_size < 1:
         raise KacliError(f"--batch-size must be at least 1, got {batch_size}")
     if workers < 0:
@@ -723,7 +730,7 @@ def cache_teachers(
         "resumed_from": None,
     }
     if _existing_output(out, attrs, force):
-        log(f"{out} is up to date (same teachers, tasks.yaml, views, layers and dtype)")
+        log(f"{out} is up to date (same teachers, tasks.yaml, views, layers, dtype and batch size)")
         return summary | {"status": "up to date", "bytes": out.stat().st_size, "seconds": 0.0, "entries_per_s": None}
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,8 @@ def amalgamate_cmd(
     ),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (override train.device)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
-    force: bool = typer.Option(False, "--force", help="Start over in a non-empty run folder."),
+    force: bool = typer.Option(False, "--force", help="Start over in a non-empty run folder (replaced when the new "
+                               "run saves its first checkpoint)."),
 ):  # fmt: skip
     """Train one student from the teacher cache (no teacher runs): SA + TA + ground truth, or a baseline.
 

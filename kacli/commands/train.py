@@ -38,7 +38,9 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="Override train.seed."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (override train.device)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
-        force: bool = typer.Option(False, "--force", help="Start over in a non-empty run folder."),
+        force: bool = typer.Option(
+            False, "--force", help="Start over in a non-empty run folder (replaced when the new run saves its first checkpoint)."
+        ),
     ):
         """Fine-tune one DETR on one task of a manifest.
 

@@ -65,8 +65,10 @@ def detect_format(path: Path) -> str:
 
 def image_size(path: Path, source: str | Path | None = None) -> tuple[int, int]:
     """``(width, height)`` of an image file, read from its header without decoding pixels."""
+    from kacli.data.transforms import open_image
+
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.size
     except FileNotFoundError:
         raise KacliError("image file not found", path) from None

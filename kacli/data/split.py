@@ -66,6 +66,9 @@ def split_tasks(
     check_output_dir(out, force)
     specs = {"train": train_spec} | ({"val": val_spec} if val_spec is not None else {})
     data = {split: read_source(spec, images) for split, spec in specs.items()}
+    for split, d in data.items():
+        if not d["images"]:  # nothing to train or validate on: refuse it here, not at train time
+            raise KacliError(f"the {split} source has no images", d["info"]["source"]["path"])
     train = data["train"]
     categories = train["categories"]
     for split, d in data.items():

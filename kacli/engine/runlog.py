@@ -100,10 +100,13 @@ class RunLogs:
                     old.unlink()
             self.writer = SummaryWriter(str(log_dir), purge_step=start_epoch + 1 if start_epoch else None)
 
-    def epoch(self, record: Mapping[str, Any], loss_terms: Iterable[str]) -> None:
-        """Call after the epoch's line was appended to ``metrics.jsonl``."""
+    def epoch(self, record: Mapping[str, Any], loss_terms: Iterable[str], out: str | Path | None = None) -> None:
+        """Call after the epoch's line was appended to ``metrics.jsonl``; ``out``: the run folder
+        now, when it has moved since (a new run's staging folder is renamed at its first checkpoint)."""
         if not self.is_main:
             return
+        if out is not None:
+            self.out = Path(out)
         write_csv(self.out / "metrics.jsonl", self.out / CSV_NAME)
         if self.writer is not None:
             step = int(record["epoch"])

@@ -3,9 +3,14 @@
 One :class:`Trainer` runs epochs of ``loss_fn`` over a dataset with AdamW (a separate learning
 rate for the backbone), a step schedule, gradient clipping, AMP on CUDA, DDP under torchrun,
 a rich progress bar (loss, rate, ETA), ``metrics.jsonl`` (one line per epoch with every loss term
-and the validation metrics; mirrored in ``metrics.csv`` and, optionally, TensorBoard), ``last.pt`` every epoch, ``best.pt`` on the best validation AP, and
-``--resume`` from ``last.pt`` of the same run. Optional: a moving average of the weights
-(``ema``, :mod:`kacli.engine.ema`), which is then what is validated and saved.
+and the validation metrics; mirrored in ``metrics.csv`` and, optionally, TensorBoard), ``best.pt``
+on the best validation AP, ``last.pt`` every epoch (and every ``checkpoint_every`` steps), and
+``--resume`` from ``last.pt`` of the same run, mid-epoch too. Optional: a moving average of the
+weights (``ema``, :mod:`kacli.engine.ema`), which is then what is validated and saved.
+
+Files go through a :class:`~kacli.engine.rundir.RunDir`: a new run is written beside the old one
+and swapped in when its first ``last.pt`` is saved. ``best.pt`` is saved before ``last.pt``, so a
+run killed between the two redoes that epoch on ``--resume`` and saves both again.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import time
 import uuid
 from collections import defaultdict
@@ -30,7 +36,8 @@ from kacli.engine.ema import WeightEMA, refuse_ema_state
 from kacli.engine.runlog import RunLogs
 from kacli.engine.guards import check_finite
 from kacli.errors import KacliError
-from kacli.fsutil import atomic_file
+from kacli.engine.rundir import RunDir, kill_point
+from kacli.fsutil import atomic_file, atomic_path, write_yaml
 from kacli.models.checkpoint import load_checkpoint, save_checkpoint
 from kacli.progress import make_progress
 
@@ -87,7 +94,9 @@ class TrainSetup:
     ``checkpoint_base`` holds the checkpoint fields that do not change during the run (kind, arch,
     label_map, task, config, inputs, meta); ``signature`` identifies the run for ``--resume``
     (e.g. task, manifest sha256, architecture): resuming from a ``last.pt`` whose signature differs
-    is refused.
+    is refused. ``run_dir`` decides where files go (default: ``out_dir`` in place); the trainer
+    writes ``checkpoint_base["config"]`` there as ``config.yaml``. ``checkpoint_every`` > 0 also
+    saves ``last.pt`` every that many steps (0: at epoch ends only).
     """
 
     out_dir: Path
@@ -109,6 +118,8 @@ class TrainSetup:
     log_name: str = "train"
     ema: float | None = None  # decay of the weights' moving average (kacli/engine/ema.py); None: off
     tensorboard: bool = False  # TensorBoard scalars beside metrics.jsonl/metrics.csv (kacli/engine/runlog.py)
+    run_dir: RunDir | None = None
+    checkpoint_every: int = 0
 
 
 class Trainer:
@@ -130,34 +141,47 @@ class Trainer:
         self.dist = dist_info
         self.device = dist_info.device
         self.evaluate = evaluate
-        self.out = Path(setup.out_dir)
+
+    @property
+    def out(self) -> Path:
+        """The folder files go to now (a new run's staging folder until its first checkpoint)."""
+        return self.s.run_dir.path if self.s.run_dir is not None else Path(self.s.out_dir)
 
     # ---------------------------------------------------------------- state
-    def _train_state(self, epoch: int, best: float | None, train_seconds: float) -> dict:
+    def _train_state(self, epoch: int, step: int, best: float | None, best_epoch: int | None,
+                     train_seconds: float, partial: dict | None) -> dict:
+        """``epoch`` epochs done, and ``step`` steps of the next one (0 at an epoch's end; then
+        ``partial`` holds that epoch's loss sums so far)."""
         return {
             "epoch": epoch,
+            "step": step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "run_id": self.run_id,
             "best": best,
+            "best_epoch": best_epoch,
             "train_seconds": train_seconds,
             "signature": self.s.signature,
+            "partial": partial,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_v": random.getstate()[0]},
         }
 
-    def _save(self, name: str, epoch: int, best: float | None, train_seconds: float, metrics: dict) -> None:
+    def _save(self, name: str, epoch: int, best: float | None, train_seconds: float, metrics: dict, *,
+              step: int = 0, best_epoch: int | None = None, partial: dict | None = None) -> None:
         if not self.dist.is_main:
             return
         base = dict(self.s.checkpoint_base)
         meta = dict(base.get("meta") or {})
         meta.update({"epoch": epoch, "metrics": metrics, "train_seconds": train_seconds})
+        if step:
+            meta["step"] = step
         base["meta"] = meta
         base["model"] = {k: v.detach().cpu() for k, v in self._bare_model().state_dict().items()}
         base["extra_modules"] = [
             {k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.s.extra_modules
         ]
-        base["train_state"] = self._train_state(epoch, best, train_seconds)
+        base["train_state"] = self._train_state(epoch, step, best, best_epoch, train_seconds, partial)
         if self.ema is not None:  # the average is the model; the trained weights resume from train_state
             base["model"], base["train_state"]["ema"] = self.ema.checkpoint_fields(base["model"])
         save_checkpoint(self.out / name, base)
@@ -165,7 +189,7 @@ class Trainer:
     def _bare_model(self) -> nn.Module:
         return self.model.module if hasattr(self.model, "module") else self.model
 
-    def _resume(self) -> tuple[int, float | None, float]:
+    def _resume(self) -> dict:
         path = self.out / "last.pt"
         if not path.is_file():
             raise KacliError("nothing to resume: no last.pt in the run folder", self.out)
@@ -181,6 +205,7 @@ class Trainer:
                 f"checkpoint belongs to another run ({k}: {theirs.get(k)!r} there, {self.s.signature.get(k)!r} here)",
                 path,
             )
+        self._check_resumable(ckpt, path)
         self._bare_model().load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema.restore(self._bare_model(), ckpt, path)
@@ -193,11 +218,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.run_id = state["run_id"]
-        rng = state.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "python" in rng:
-            random.setstate((rng["python_v"], tuple(rng["python"]), None))
+        self._set_rng(state.get("rng") or {})
         # metrics.jsonl: keep the lines of the epochs the checkpoint has seen
         log = self.out / "metrics.jsonl"
         if log.exists() and self.dist.is_main:
@@ -205,10 +226,67 @@ class Trainer:
             kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= state["epoch"]]
             with atomic_file(log) as f:
                 f.write("".join(ln + "\n" for ln in kept))
-        return int(state["epoch"]), state.get("best"), float(state.get("train_seconds", 0.0))
+        return {
+            "epoch": int(state["epoch"]),
+            "step": int(state.get("step") or 0),
+            "best": state.get("best"),
+            "best_epoch": state.get("best_epoch"),
+            "train_seconds": float(state.get("train_seconds", 0.0)),
+            "partial": state.get("partial"),
+            "rng": state.get("rng") or {},
+        }
+
+    #: Settings the saved optimiser and schedule keep on --resume: a new value would be ignored.
+    FIXED_ON_RESUME = ("lr", "lr_backbone", "weight_decay", "lr_drop")
+
+    def _check_resumable(self, ckpt: dict, path: Path) -> None:
+        """Refuse a resume with settings it cannot honour (the optimiser's learning rates and
+        weight decay, the schedule, and mid-epoch the batch size) rather than record them unused."""
+        saved = (ckpt.get("config") or {}).get("train") or {}
+        names = list(self.FIXED_ON_RESUME)
+        if (ckpt.get("train_state") or {}).get("step"):
+            names.append("batch_size")
+        for name in names:
+            theirs, ours = saved.get(name), getattr(self.s, name)
+            if theirs is not None and theirs != ours:
+                raise KacliError(
+                    f"--resume cannot change train.{name} ({theirs} in the run, {ours} given): the saved "
+                    "optimiser and schedule keep theirs; start a new run to change it", path,
+                )
+
+    @staticmethod
+    def _set_rng(rng: dict) -> None:
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "python" in rng:
+            random.setstate((rng["python_v"], tuple(rng["python"]), None))
+
+    def _restore_best(self, st: dict) -> None:
+        """Make ``best.pt`` agree with the resumed ``last.pt``: it must hold the recorded best epoch
+        (or a later one, when a kill fell between the two saves and that epoch is redone). Missing
+        or older, it is rewritten from ``last.pt`` when that is the best epoch; otherwise the recorded
+        best is forgotten, so that the next validation saves ``best.pt`` again."""
+        best_epoch = st["best_epoch"]
+        if best_epoch is None:  # nothing saved as best yet (or a checkpoint that predates the record)
+            return
+        have = None
+        path = self.out / "best.pt"
+        if path.is_file():
+            with contextlib.suppress(KacliError):
+                ts = load_checkpoint(path).get("train_state") or {}
+                if ts.get("run_id") == self.run_id:
+                    have = int(ts.get("epoch") or 0)
+        if have is not None and have >= best_epoch:
+            return
+        if best_epoch == st["epoch"] and st["step"] == 0:
+            with atomic_path(path) as tmp:
+                shutil.copyfile(self.out / "last.pt", tmp)
+        else:
+            st["best"], st["best_epoch"] = None, None
 
     # ---------------------------------------------------------------- loop
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self, epoch: int, skip: int = 0) -> DataLoader:
+        """The epoch's batches; ``skip`` leaves out its first ``skip`` batches (a mid-epoch resume)."""
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(epoch)
         if self.dist.distributed:
@@ -217,6 +295,8 @@ class Trainer:
         else:
             g = torch.Generator().manual_seed(self.s.seed * 1000 + epoch)
             sampler = RandomSampler(self.train_set, generator=g)
+        if skip:
+            sampler = _Skip(sampler, skip * self.s.batch_size)
         return DataLoader(
             self.train_set,
             batch_size=self.s.batch_size,
@@ -243,32 +323,49 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
         self.run_id = uuid.uuid4().hex
         self.ema = WeightEMA(self._bare_model(), s.ema) if s.ema else None
-        start_epoch, best, train_seconds = 0, None, 0.0
+        st = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "train_seconds": 0.0, "partial": None, "rng": {}}
         if resume:
-            start_epoch, best, train_seconds = self._resume()
+            st = self._resume()
+        best, best_epoch, train_seconds = st["best"], st["best_epoch"], st["train_seconds"]
         if self.dist.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
-        self.out.mkdir(parents=True, exist_ok=True)
+        writing = s.run_dir.writing(self.dist.is_main) if s.run_dir is not None else contextlib.nullcontext()
         last_metrics: dict = {}
-        logs = RunLogs(self.out, s.tensorboard, start_epoch, self.dist.is_main)
-        with make_progress(unit="step") as progress, contextlib.closing(logs):
-            for epoch in range(start_epoch, s.epochs):
-                loader = self._loader(epoch)
+        with writing, make_progress(unit="step") as progress, contextlib.ExitStack() as stack:
+            if self.dist.is_main:
+                self._start_files(st, resume)
+                best, best_epoch = st["best"], st["best_epoch"]
+            logs = stack.enter_context(contextlib.closing(RunLogs(self.out, s.tensorboard, st["epoch"], self.dist.is_main)))
+            for epoch in range(st["epoch"], s.epochs):
+                skip = st["step"] if epoch == st["epoch"] else 0
+                loader = self._loader(epoch, skip)
                 if hasattr(self.loss_fn, "set_epoch"):
                     self.loss_fn.set_epoch(epoch, s.epochs)
-                task = progress.add_task(f"{s.log_name} epoch {epoch + 1}/{s.epochs}", total=len(loader), info="")
-                self.model.train()
+                batches = iter(loader)
                 sums: dict[str, float] = defaultdict(float)
                 n = 0
+                if skip:  # continue the epoch exactly: its loss sums so far, and the random state
+                    sums.update((st.get("partial") or {}).get("sums") or {})
+                    n = skip
+                    self._set_rng(st["rng"])  # after the loader drew its seed, as the straight run had
+                steps = n + len(loader)
+                task = progress.add_task(f"{s.log_name} epoch {epoch + 1}/{s.epochs}", total=steps, completed=n, info="")
+                self.model.train()
                 t0 = time.perf_counter()
-                for i, batch in enumerate(loader):
-                    with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
-                        losses = self.loss_fn(self.model, batch, self.device)
+                for batch in batches:
+                    try:
+                        with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+                            losses = self.loss_fn(self.model, batch, self.device)
+                    except (FloatingPointError, ValueError) as e:
+                        if not _non_finite(e):
+                            raise
+                        raise KacliError(f"training diverged at epoch {epoch + 1}, step {n + 1}: the model's outputs "
+                                         "are not finite (lower the learning rate)", s.out_dir) from None
                     total = losses["total"]
-                    check_finite(losses, epoch * len(loader) + i + 1, epoch + 1, self.out)
+                    check_finite(losses, epoch * steps + n + 1, epoch + 1, s.out_dir)
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.scaler is not None:
                         self.scaler.scale(total).backward()
@@ -290,6 +387,13 @@ class Trainer:
                         sums[k] += float(v.detach())
                     n += 1
                     progress.update(task, advance=1, info=f"loss {sums['total'] / n:.4f}")
+                    kill_point(f"step@{epoch + 1}.{n}")
+                    if s.checkpoint_every > 0 and n % s.checkpoint_every == 0 and n < steps:
+                        secs = train_seconds + time.perf_counter() - t0
+                        self._save("last.pt", epoch, best, secs, {}, step=n, best_epoch=best_epoch,
+                                   partial={"sums": dict(sums)})
+                        self._checkpointed()
+                        kill_point(f"checkpoint@{epoch + 1}.{n}")
                 self.scheduler.step()
                 train_seconds += time.perf_counter() - t0
                 record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "steps": n}
@@ -316,9 +420,49 @@ class Trainer:
                 if self.dist.is_main:
                     with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                         f.write(json.dumps(record) + "\n")
-                    logs.epoch(record, sums)
-                self._save("last.pt", epoch + 1, best, train_seconds, record)
+                    logs.epoch(record, sums, self.out)
+                # best.pt before last.pt: a kill between the two redoes this epoch on --resume
                 if is_best or (self.evaluate is None) or (best is None and epoch + 1 == s.epochs):
-                    self._save("best.pt", epoch + 1, best, train_seconds, record)
+                    best_epoch = epoch + 1
+                    self._save("best.pt", epoch + 1, best, train_seconds, record, best_epoch=best_epoch)
+                    kill_point(f"between-checkpoints@{epoch + 1}")
+                self._save("last.pt", epoch + 1, best, train_seconds, record, best_epoch=best_epoch)
+                self._checkpointed()
+                kill_point(f"checkpoint@{epoch + 1}")
                 barrier()
         return {"best": best, "last": last_metrics, "train_seconds": train_seconds}
+
+    def _start_files(self, st: dict, resume: bool) -> None:
+        """Main process, before the first step: the run folder, a consistent ``best.pt`` on resume,
+        and ``config.yaml``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._restore_best(st)
+        if self.s.checkpoint_base.get("config") is not None:
+            write_yaml(self.out / "config.yaml", self.s.checkpoint_base["config"])
+
+    def _checkpointed(self) -> None:
+        """A ``last.pt`` was saved: a new run now replaces the old one in its folder."""
+        if self.dist.is_main and self.s.run_dir is not None:
+            self.s.run_dir.commit()
+
+
+def _non_finite(e: Exception) -> bool:
+    """The Hungarian matchers' complaint about NaN or inf costs (ours, or scipy's)."""
+    return isinstance(e, FloatingPointError) or "invalid numeric entries" in str(e)
+
+
+class _Skip(torch.utils.data.Sampler):
+    """``sampler`` without its first ``skip`` indices (the batches a mid-epoch checkpoint has done)."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it, None)
+        return it
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)

@@ -139,7 +139,11 @@ def evaluate_checkpoints(
     from kacli.models.checkpoint import build_model, load_checkpoint
 
     from kacli.eval.results import check_results_target, write_results
+    from kacli.limits import check_positive, check_side
 
+    check_side("--size", size)
+    check_side("--max-size", max_size)
+    check_positive("--batch-size", batch_size)
     if detections_out is not None:
         check_results_target(detections_out, force)
     manifest = TaskManifest(tasks_path)
@@ -154,8 +158,10 @@ def evaluate_checkpoints(
     members, all_dets = [], []
     for ck in ckpts:
         aug = (ck.get("config") or {}).get("aug") or {}
-        s = size or aug.get("eval_size") or 800
-        ms = max_size or aug.get("max_size") or 1333
+        s = size if size is not None else aug.get("eval_size") or 800
+        ms = max_size if max_size is not None else aug.get("max_size") or 1333
+        check_side("the checkpoint's aug.eval_size", s, ck["path"])
+        check_side("the checkpoint's aug.max_size", ms, ck["path"])
         model = build_model(ck).to(device).eval()
         dataset = make_eval_dataset(gt_path, root, ck["label_map"]["ids"], s, ms)
         name = ck.get("task") and f"teacher-{ck['task']}" or Path(ck["path"]).parent.name or Path(ck["path"]).stem

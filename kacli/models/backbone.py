@@ -12,7 +12,6 @@ map to ours by dropping the ``0.``.
 
 from __future__ import annotations
 
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -120,18 +119,9 @@ _PREFIXES = ("backbone.0.body.", "backbone.body.", "body.")
 
 
 def _read_weights_file(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
-            raise KacliError(
-                "refusing to load: the file needs code to unpickle (only tensors and plain data are accepted)", path
-            ) from None
-        raise KacliError("not a PyTorch weights file", path) from None
-    except Exception as e:  # untrusted bytes: the unpickler may fail in many ways
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise KacliError(f"not a readable PyTorch weights file ({first[:120]})", path) from None
+    from kacli.models.checkpoint import torch_load_untrusted
+
+    return torch_load_untrusted(path, "weights")
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, Any]:

@@ -19,6 +19,9 @@ Everything loads with ``torch.load(weights_only=True)``: a checkpoint is untrust
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -56,26 +59,43 @@ def resolve_checkpoint_path(path: str | Path, prefer: str = "best.pt") -> Path:
     return p
 
 
-def torch_load_untrusted(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` with one-line errors for files that are not
-    checkpoints or that need code to load."""
+def torch_load_untrusted(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with one line of ours for every file that is not a
+    readable PyTorch file of tensors and plain data (``what`` names it: checkpoint, weights file).
+
+    The first bytes say what the file is before torch reads it: a zip archive (torch's format;
+    a truncated one is said to be so), a pickle (torch's legacy format, read by the same safe
+    unpickler, with its warnings silenced), or neither (random bytes, text). A pickle that names
+    code (``GLOBAL module.name``) is refused without running anything."""
     p = Path(path)
+    if not p.exists():
+        raise KacliError(f"{what} not found", p)
+    if p.is_dir():
+        raise KacliError(f"is a folder, expected a {what} file", p)
+    with open(p, "rb") as f:
+        head = f.read(4)
+    zipped = head.startswith(b"PK\x03\x04")
+    pickled = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    if not (zipped or pickled):
+        kind = "an empty file" if not head else "neither a zip archive nor a pickle"
+        raise KacliError(f"not a PyTorch {what} file ({kind})", p)
+    if zipped and not zipfile.is_zipfile(p):
+        raise KacliError(f"truncated or damaged {what} file (its zip archive has no central directory)", p)
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise KacliError("checkpoint not found", p) from None
-    except IsADirectoryError:
-        raise KacliError("is a folder, expected a checkpoint file", p) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if code:
             raise KacliError(
-                "refusing to load: the file needs code to unpickle (only tensors and plain data are accepted)", p
+                f"refusing to load: the file needs code to unpickle ({code.group(1)}); "
+                "only tensors and plain data are accepted", p,
             ) from None
-        raise KacliError(f"not a checkpoint file ({first[:120]})", p) from None
-    except Exception as e:  # untrusted bytes: the unpickler fails in many ways (struct.error, KeyError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KacliError(f"not a readable checkpoint file ({first[:120]})", p) from None
+        fmt = "pickle" if pickled else "zip archive"
+        raise KacliError(f"not a PyTorch {what} file (a {fmt} the safe unpickler cannot read)", p) from None
+    except Exception as e:  # untrusted bytes: the reader fails in many ways (struct.error, KeyError, ...)
+        raise KacliError(f"truncated or damaged {what} file ({type(e).__name__} while reading it)", p) from None
 
 
 def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
