@@ -109,7 +109,7 @@ def _print_estimate(summary: dict, as_json: bool) -> None:
     from kacli.cache.schema import human_bytes
 
     E = max(summary["entries"], 1)
-    table = Table(title=f"cache-teachers --estimate: {summary['out']} (nothing written)")
+    table = Table(title="cache-teachers --estimate")
     for col in ("dtype", "bytes", "per entry", ""):
         table.add_column(col, justify="left" if col in ("dtype", "") else "right")
     for dt, n in summary["estimates"].items():
@@ -119,7 +119,7 @@ def _print_estimate(summary: dict, as_json: bool) -> None:
         table.add_row(dt, f"{human_bytes(n)} ({n} B)", human_bytes(n / E), mark)
     console.print(table)
     console.print(
-        f"{summary['entries']} entries ({summary['images']} images × {summary['views']} views), {summary['tokens']} tokens, "
+        f"nothing written; {summary['out']} would hold {summary['entries']} entries ({summary['images']} images × {summary['views']} views), {summary['tokens']} tokens, "
         f"{len(summary['teachers'])} teachers × {len(summary['layers'])} layers ({', '.join(summary['layers'])}); "
         f"free disk: {human_bytes(summary['free_bytes'])} ({summary['free_bytes']} B)",
         soft_wrap=True, highlight=False, markup=False,
