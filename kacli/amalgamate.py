@@ -351,12 +351,14 @@ class AmalgamationObjective(nn.Module):
         return self.use_seq or self.use_task or picks
 
     def forward(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
+        from kacli.cache.quant import dequantize_teacher
         from kacli.engine.train import to_device
 
         images, mask, targets, teacher = batch
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         targets = to_device([{"boxes": t["boxes"], "labels": t["labels"]} for t in targets], device)
         teacher = to_device(teacher, device) if (teacher is not None and self.needs_teacher) else None
+        teacher = dequantize_teacher(teacher)  # int8 caches: float sequences, made on the device
         bare = model.module if hasattr(model, "module") else model
         compressed = getattr(bare, "compress", "none") != "none"
         if compressed and self.guided and teacher is not None and self.proj_layer is not None:
@@ -560,7 +562,7 @@ def amalgamate(
         layers = ["proj"]
     else:
         layers = cached_layers[:1]
-    cache = TeacherCache(cache_path, layers=layers, tasks=manifest.path)
+    cache = TeacherCache(cache_path, layers=layers, tasks=manifest.path, dequantize=False)  # int8 travels as int8
 
     out = Path(out_dir)
     run_dir = RunDir(out, resume, force)  # checks only: out is replaced at the new run's first checkpoint

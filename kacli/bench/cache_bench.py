@@ -10,6 +10,9 @@ On demo-sized data (128-px images of the synthetic shapes, two tasks) with two `
 3. Bytes per entry: the tiny file as measured, and detr-r50 from the size formula for an
    800×1066 view (25×34 tokens, d 256, proj + 6 encoder layers, 2 teachers, fp16), with the
    totals it implies for VOC07+12 trainval (16,551 images) and COCO train2017 (118,287 images).
+4. The int8 storage scheme on the same entries: its file against the fp16 file (target ≤ 0.55×),
+   and its read from the file, int8 dequantised per batch as training does, against the student's
+   consumption (target ≥ 5×).
 """
 
 from __future__ import annotations
@@ -104,16 +107,20 @@ def _read_rate(cache: Path, passes: int = 2, workers: int = 2, in_memory: bool |
 
 def _teacher_read_rate(cache: Path, in_memory: bool, passes: int = 3) -> float:
     """Entries per second of the cache's own part: the teacher outputs of shuffled entries
-    (``teacher_entry``), batched as ``collate_cached`` batches them; no image is decoded."""
+    (``teacher_entry``), batched as ``collate_cached`` batches them; no image is decoded. An int8
+    cache is read as training reads it: int8 and scales per entry, dequantised per batch."""
+    from kacli.cache.quant import dequantize
     from kacli.cache.reader import TeacherCache
 
-    ds = TeacherCache(cache, in_memory=in_memory)
+    ds = TeacherCache(cache, in_memory=in_memory, dequantize=False)
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
     t0 = time.perf_counter()
     for _ in range(passes):
         for i in range(0, len(order), BATCH):
             entries = [ds.teacher_entry(e) for e in order[i:i + BATCH]]
-            torch.cat([t["seqs"] for t in entries], dim=2)
+            seqs = torch.cat([t["seqs"] for t in entries], dim=2)
+            if ds.scaled:
+                dequantize(seqs, torch.cat([t["seq_scale"] for t in entries], dim=2))
             [torch.stack([t["logits"][k] for t in entries]) for k in range(ds.num_teachers)]
     return passes * len(order) / (time.perf_counter() - t0)
 
@@ -173,8 +180,14 @@ def run(out_lines: list[str]) -> None:
         pure_s, cache_s = min(pure), min(cached)
         read = {w: _read_rate(out, workers=w) for w in (0, 2)}
         own = {m: _teacher_read_rate(out, in_memory=m) for m in (True, False)}
+        out8 = root / "cache-int8.h5"
+        t0 = time.perf_counter()
+        cache_teachers(tasks, teachers, out8, dtype="int8", **kw)
+        int8_s = time.perf_counter() - t0
+        own8 = {m: _teacher_read_rate(out8, in_memory=m) for m in (True, False)}
         consume = _student_rate()
         tiny_bpe = out.stat().st_size / entries
+        tiny_bpe8 = out8.stat().st_size / entries
         tiny_tokens = summary["tokens"] / entries
 
     # detr-r50 from the formula: an 800x1066 view → 25x34 tokens at stride 32
@@ -183,6 +196,10 @@ def run(out_lines: list[str]) -> None:
     for name, classes in (("VOC (voc-2: 10 + 10 classes)", (10, 10)), ("COCO (coco-2: 40 + 40 classes)", (40, 40))):
         r50[name] = schema.estimate_bytes(h * w, 1, 256, 7, [(100, c) for c in classes], "float16")
     r50_two = schema.estimate_bytes(h * w, 1, 256, 2, [(100, 40), (100, 40)], "float16")
+    r50_8 = {name: schema.estimate_bytes(h * w, 1, 256, 7, [(100, c) for c in classes], "int8")
+             for name, classes in (("voc", (10, 10)), ("coco", (40, 40)))}
+    r50_two8 = schema.estimate_bytes(h * w, 1, 256, 2, [(100, 40), (100, 40)], "int8")
+    size_ratio = tiny_bpe8 / tiny_bpe
 
     ratio = cache_s / pure_s
     lines = [
@@ -206,6 +223,13 @@ def run(out_lines: list[str]) -> None:
         f"{read[0]:.0f} / {read[2]:.0f} entries/s | |",
         f"| the same ÷ student consumption | {read[0] / consume:.1f}× / {read[2] / consume:.1f}× | "
         "(bound by PNG decoding, which training on images pays anyway) |",
+        f"| `cache-teachers --dtype int8` (one run, after the fp16 ones) | {int8_s:.2f} s ({entries / int8_s:.0f} entries/s) | |",
+        f"| int8 file ÷ fp16 file ({_fmt_bytes(tiny_bpe8)} / {_fmt_bytes(tiny_bpe)} per entry) | **{size_ratio:.3f}×** | "
+        f"≤ 0.55× {'✓' if size_ratio <= 0.55 else '✗'} |",
+        f"| int8 cache's own read, dequantised per batch (in memory / from the file) | "
+        f"{own8[True]:.0f} / {own8[False]:.0f} entries/s | |",
+        f"| **int8 cache read / student consumption** (from the file, dequantised) | **{own8[False] / consume:.1f}×** | "
+        f"≥ 5× {'✓' if own8[False] / consume >= 5 else '✗'} |",
         "",
         "Bytes per entry (file size / entries for tiny; the size formula of docs/CACHE.md for detr-r50, "
         "one 800×1066 view = 25×34 tokens, d 256, proj + 6 encoder layers, 2 teachers, fp16):",
@@ -221,6 +245,13 @@ def run(out_lines: list[str]) -> None:
         f"{_fmt_bytes(voc * 16551)} | {_fmt_bytes(coco * 118287)} |",
         f"| detr-r50, `--layers proj,6` | {_fmt_bytes(r50_two)} | {_fmt_bytes(r50_two * 16551)} | "
         f"{_fmt_bytes(r50_two * 118287)} |",
+        f"| tiny, 128-px views, `--dtype int8` (measured) | {_fmt_bytes(tiny_bpe8)} | {_fmt_bytes(tiny_bpe8 * 16551)} | "
+        f"{_fmt_bytes(tiny_bpe8 * 118287)} |",
+        f"| detr-r50, all 7 layers, `--dtype int8` (voc-2 / coco-2 heads) | {_fmt_bytes(r50_8['voc'])} / "
+        f"{_fmt_bytes(r50_8['coco'])} ({r50_8['coco'] / coco:.2f}× fp16) | {_fmt_bytes(r50_8['voc'] * 16551)} | "
+        f"{_fmt_bytes(r50_8['coco'] * 118287)} |",
+        f"| detr-r50, `--layers proj,6 --dtype int8` | {_fmt_bytes(r50_two8)} | {_fmt_bytes(r50_two8 * 16551)} | "
+        f"{_fmt_bytes(r50_two8 * 118287)} |",
         "",
         "Each further view (`--views K`) multiplies these totals by K (training views are smaller on average "
         "than the 800×1066 evaluation view).",

@@ -17,7 +17,7 @@ def cache_summary(path: str | Path) -> dict:
 
     Returns ``{"path", "complete", "done_entries", "entries", "images", "views", "seed", "split",
     "tasks_path", "tasks_sha256", "d_model", "enc_layers", "stride", "layers", "dtype", "batch_size",
-    "teachers": [{task, checkpoint, sha256, num_classes, num_queries, sequence_bytes, head_bytes}],
+    "teachers": [{task, checkpoint, sha256, num_classes, num_queries, sequence_bytes (int8: with the scales), head_bytes}],
     "tokens": {"total", "min", "mean", "max"}, "bytes", "bytes_per_entry", "created", "kacli_version"}``.
     """
     p = Path(path)
@@ -27,6 +27,8 @@ def cache_summary(path: str | Path) -> dict:
         teachers = []
         for k, t in enumerate(a["teachers"]):
             seq = sum(f[schema.seq_path(k, n)].id.get_storage_size() for n in layout.layers)
+            if layout.dtype in schema.SCALED:
+                seq += f[schema.scale_path(k)].id.get_storage_size()
             head = f[f"teachers/{k}/logits"].id.get_storage_size() + f[f"teachers/{k}/boxes"].id.get_storage_size()
             teachers.append(
                 {
@@ -78,7 +80,8 @@ def verify_cache(
 ) -> dict:
     """Check a cache fully: structure (:func:`schema.validate`), the entry tables (image indices in
     range, entry ``e = i·K + v``, token grids equal ``ceil(view size / stride)``), every stored
-    value finite, and the teachers' sha256 against the given checkpoint files (in order).
+    value finite, int8 values in ``[-127, 127]`` with finite scales ``>= 0``, and the teachers'
+    sha256 against the given checkpoint files (in order).
 
     Returns ``{"ok": bool, "problems": [str], "values_checked": int}``; a file that is not a
     readable complete cache raises KacliError.
@@ -112,6 +115,8 @@ def verify_cache(
 
         names = [schema.seq_path(k, n) for k in range(layout.num_teachers) for n in layout.layers]
         names += [f"teachers/{k}/{x}" for k in range(layout.num_teachers) for x in ("logits", "boxes")]
+        if layout.dtype in schema.SCALED:
+            names += [schema.scale_path(k) for k in range(layout.num_teachers)]
         total = sum(int(np.prod(f[n].shape)) for n in names)
         with make_progress("value", disable=not progress, transient=True) as bar:
             task = bar.add_task("verify", total=total, info="")
@@ -119,14 +124,18 @@ def verify_cache(
                 ds = f[n]
                 row = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
                 step = max(1, block_bytes // max(row, 1))
-                bad = 0
+                bad = out_of_range = 0
                 for s in range(0, ds.shape[0], step):
                     block = ds[s : s + step]
                     bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+                    out_of_range += _out_of_range(n, block)
                     checked += block.size
                     bar.update(task, advance=block.size)
                 if bad:
                     problems.append(f"/{n} holds {bad} non-finite values")
+                if out_of_range:
+                    what = "negative scales" if n.endswith("/scale") else "int8 values of -128 (outside [-127, 127])"
+                    problems.append(f"/{n} holds {out_of_range} {what}")
     stored = a["teachers"]
     if teachers:
         if len(teachers) != len(stored):
@@ -136,6 +145,15 @@ def verify_cache(
             if sha != t["sha256"]:
                 problems.append(f"teacher {k + 1} ({Path(given).name}) is not the checkpoint the cache was made from ({t['checkpoint']})")
     return {"ok": not problems, "problems": problems, "values_checked": checked}
+
+
+def _out_of_range(name: str, block: np.ndarray) -> int:
+    """Values an int8 cache never holds: -128 in a sequence, a negative scale."""
+    if block.dtype == np.int8:
+        return int(np.count_nonzero(block == -128))
+    if name.endswith("/scale"):
+        return int(np.count_nonzero(block < 0))
+    return 0
 
 
 def require_verified(path: str | Path, result: dict) -> None:

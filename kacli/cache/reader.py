@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kacli.cache import schema
+from kacli.cache.quant import dequantize as dequantize_int8
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import View
@@ -37,6 +38,10 @@ class TeacherCache(Dataset):
         layers: cached layers to return (``'all'``, ``'proj,1,3'`` or a list of names); default all cached.
         tasks: tasks.yaml to use instead of the path stored in the cache (sha256 must match).
         seq_dtype: dtype of the returned sequences (float32 by default).
+        dequantize: for an int8 cache, return float sequences ``q · scale`` in ``seq_dtype`` (True,
+            default), or the stored int8 ``seqs`` with their ``seq_scale`` (False) so that they travel
+            at one byte a value and :func:`kacli.cache.quant.dequantize_teacher` turns the batch into
+            floats on the training device. Float caches ignore it.
         in_memory: read the selected layers, logits and boxes into memory once (True), or read
             every entry from the file (False). None (default): in memory when they take at most
             :data:`IN_MEMORY_BYTES`. A small cache read per entry costs N·L + 2N HDF5 calls, a
@@ -45,7 +50,9 @@ class TeacherCache(Dataset):
     Item ``e``: ``(image (3,h,w) float32, target, teacher)`` where ``target`` is
     :class:`CocoDetection`'s (labels index :attr:`label_map`) and ``teacher`` is
     ``{"seqs": (N, L, n_e, d), "hw": (h_tok, w_tok), "logits": [(Q_t, C_t+1)] * N,
-    "boxes": [(Q_t, 4)] * N, "stride": int, "entry": e}`` with ``n_e = h_tok·w_tok`` tokens row-major.
+    "boxes": [(Q_t, 4)] * N, "stride": int, "entry": e}`` with ``n_e = h_tok·w_tok`` tokens row-major;
+    an int8 cache read with ``dequantize=False`` gives ``seqs`` (N, L, n_e, d) int8 and
+    ``seq_scale`` (N, L, n_e) float32 instead.
 
     Attributes: ``label_map`` (union ``{ids, names}``: all tasks' categories in task order),
     ``teacher_label_maps``, ``class_index`` (per teacher, a LongTensor of its classes' positions in
@@ -60,6 +67,7 @@ class TeacherCache(Dataset):
         tasks: str | Path | None = None,
         seq_dtype: torch.dtype = torch.float32,
         in_memory: bool | None = None,
+        dequantize: bool = True,
     ):
         self.path = Path(path)
         with schema.open_h5(self.path, "r") as f:
@@ -76,6 +84,9 @@ class TeacherCache(Dataset):
         self.stride = layout.stride
         self.num_teachers = layout.num_teachers
         self.seq_dtype = seq_dtype
+        self.storage = layout.dtype
+        self.scaled = layout.dtype in schema.SCALED
+        self.dequantize = bool(dequantize)
         cached = list(layout.layers)
         if layers is None:
             self.layer_names = cached
@@ -85,6 +96,7 @@ class TeacherCache(Dataset):
             if missing:
                 raise KacliError(f"layers {', '.join(missing)} are not in the cache (it has {', '.join(cached)})", self.path)
             self.layer_names = wanted
+        self._scale_cols = [cached.index(n) for n in self.layer_names]  # columns of /teachers/<k>/scale
         self.label_map = {"ids": [int(i) for i in a["label_map"]["ids"]], "names": list(a["label_map"]["names"])}
         self.teacher_label_maps = [t["label_map"] for t in a["teachers"]]
         pos = {c: k for k, c in enumerate(self.label_map["ids"])}
@@ -123,6 +135,8 @@ class TeacherCache(Dataset):
             ds = self._open()
             self._mem = {key: [[d[...] for d in row] for row in val] if key == "seqs" else [d[...] for d in val]
                          for key, val in ds.items()}
+            if self.scaled:  # only the selected layers' columns
+                self._mem["scale"] = [m[:, self._scale_cols] for m in self._mem["scale"]]
             self.close()
 
     def selected_bytes(self) -> int:
@@ -130,7 +144,7 @@ class TeacherCache(Dataset):
         ds = self._open()
         try:
             return sum(d.dtype.itemsize * int(np.prod(d.shape)) for row in ds["seqs"] for d in row) + sum(
-                d.dtype.itemsize * int(np.prod(d.shape)) for key in ("logits", "boxes") for d in ds[key])
+                d.dtype.itemsize * int(np.prod(d.shape)) for key in ("logits", "boxes", "scale") for d in ds.get(key, ()))
         finally:
             self.close()
 
@@ -158,6 +172,8 @@ class TeacherCache(Dataset):
                 "logits": [self._h5[f"teachers/{k}/logits"] for k in range(self.num_teachers)],
                 "boxes": [self._h5[f"teachers/{k}/boxes"] for k in range(self.num_teachers)],
             }
+            if self.scaled:
+                self._ds["scale"] = [self._h5[schema.scale_path(k)] for k in range(self.num_teachers)]
         return self._ds
 
     def close(self) -> None:
@@ -176,29 +192,39 @@ class TeacherCache(Dataset):
             raise IndexError(e)
         a, b = int(self.offsets[e]), int(self.offsets[e + 1])
         L, N = len(self.layer_names), self.num_teachers
-        seqs = np.empty((N, L, b - a, self.d_model), dtype=np.dtype(schema.DTYPES[self.attrs["dtype"]]))
+        seqs = np.empty((N, L, b - a, self.d_model), dtype=np.dtype(schema.DTYPES[self.storage]))
+        scale = np.empty((N, L, b - a), dtype=np.float32) if self.scaled else None
         if self._mem is not None:
             ds = self._mem
             for k in range(N):
                 for j, d in enumerate(ds["seqs"][k]):
                     seqs[k, j] = d[a:b]
+                if scale is not None:
+                    scale[k] = ds["scale"][k][a:b].T
         else:
             ds = self._open()
             for k in range(N):
                 for j, d in enumerate(ds["seqs"][k]):
                     if b > a:
                         d.read_direct(seqs, np.s_[a:b], np.s_[k, j])
+                if scale is not None:
+                    scale[k] = ds["scale"][k][a:b][:, self._scale_cols].T
         h, w = (int(v) for v in self.hw[e])
         logits = [np.array(d[e]) for d in ds["logits"]]
         boxes = [np.array(d[e]) for d in ds["boxes"]]
-        for what, arrays in (("sequences", [seqs]), ("logits", logits), ("boxes", boxes)):
+        values = [seqs] if scale is None else [scale]  # int8 values are finite; their scales may not be
+        for what, arrays in (("sequences", values), ("logits", logits), ("boxes", boxes)):
             for k, arr in enumerate(arrays):
                 if not np.isfinite(arr).all():
                     who = f"teacher {k}'s " if what != "sequences" else ""
                     raise KacliError(f"entry {e}: {who}cached {what} hold NaN or inf (kacli cache-info --verify checks "
                                      "the whole file; recompute it with cache-teachers --force)", self.path)
+        stored = {"seqs": torch.from_numpy(seqs).to(self.seq_dtype)}
+        if scale is not None:
+            q, s = torch.from_numpy(seqs), torch.from_numpy(scale)
+            stored = {"seqs": dequantize_int8(q, s, self.seq_dtype)} if self.dequantize else {"seqs": q, "seq_scale": s}
         return {
-            "seqs": torch.from_numpy(seqs).to(self.seq_dtype),
+            **stored,
             "hw": (h, w),
             "logits": [torch.from_numpy(x) for x in logits],
             "boxes": [torch.from_numpy(x) for x in boxes],
@@ -225,7 +251,10 @@ def collate_cached(batch):
       ``(hp, wp) = (ceil(H/stride), ceil(W/stride))`` grid, row-major; zeros at padding;
     - ``token_mask`` (B, hp·wp) bool, True at padding;
     - ``logits``: per teacher (B, Q_t, C_t+1); ``boxes``: per teacher (B, Q_t, 4);
-    - ``hw`` (B, 2) int64 valid token grid per entry; ``entries`` (B,) int64; ``grid`` (hp, wp).
+    - ``hw`` (B, 2) int64 valid token grid per entry; ``entries`` (B,) int64; ``grid`` (hp, wp);
+    - int8 items (``TeacherCache(dequantize=False)``): ``seqs`` is int8 and ``seq_scale``
+      (B, N, L, hp·wp) float32 holds the scales, zeros at padding;
+      :func:`kacli.cache.quant.dequantize_teacher` gives the float ``seqs``.
     """
     if not batch:
         raise ValueError("collate_cached needs at least one item")
@@ -236,11 +265,15 @@ def collate_cached(batch):
     first = batch[0][2]["seqs"]
     N, L, _, d = first.shape
     seqs = first.new_zeros((len(batch), N, L, hp * wp, d))
+    scaled = "seq_scale" in batch[0][2]
+    scale = torch.zeros((len(batch), N, L, hp * wp), dtype=torch.float32) if scaled else None
     token_mask = torch.ones((len(batch), hp * wp), dtype=torch.bool)
     for b, (_, _, t) in enumerate(batch):
         h, w = t["hw"]
         idx = (torch.arange(h)[:, None] * wp + torch.arange(w)[None, :]).reshape(-1)
         seqs[b][:, :, idx] = t["seqs"]
+        if scaled:
+            scale[b][:, :, idx] = t["seq_scale"]
         token_mask[b, idx] = False
     teacher = {
         "seqs": seqs,
@@ -251,4 +284,6 @@ def collate_cached(batch):
         "entries": torch.tensor([t["entry"] for _, _, t in batch], dtype=torch.int64),
         "grid": (hp, wp),
     }
+    if scaled:
+        teacher["seq_scale"] = scale
     return images, mask, targets, teacher

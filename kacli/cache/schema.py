@@ -9,7 +9,8 @@ description)::
     /entries/view_index         (E,)          int64    v in 0..K-1 (0 = evaluation view)
     /entries/view               (E, 7)        float64  View.to_list(): flip, top, left, height, width, out_h, out_w
     /entries/hw                 (E, 2)        int64    token grid (h, w) = (ceil(out_h/stride), ceil(out_w/stride))
-    /teachers/<k>/seq/<layer>   (T, d)        float16 | float32   valid tokens, row-major per entry
+    /teachers/<k>/seq/<layer>   (T, d)        float16 | float32 | int8   valid tokens, row-major per entry
+    /teachers/<k>/scale         (T, L)        float32  int8 only: column j scales layer j's tokens (q · scale)
     /teachers/<k>/logits        (E, Q_k, C_k+1) float32
     /teachers/<k>/boxes         (E, Q_k, 4)   float32  cxcywh in [0, 1]
 
@@ -31,7 +32,11 @@ from kacli.errors import KacliError
 
 FORMAT = "kacli-cache/1"
 
-DTYPES = {"float16": np.float16, "float32": np.float32}
+#: Storage schemes of the sequences (the ``dtype`` attribute) → the dtype of the ``seq`` datasets.
+DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
+
+#: Schemes that store a float32 scale per token per layer beside the sequences (``/teachers/<k>/scale``).
+SCALED = ("int8",)
 
 #: Root attributes (name → meaning); ``*`` marks JSON strings.
 ROOT_ATTRS = {
@@ -47,7 +52,7 @@ ROOT_ATTRS = {
     "enc_layers": "teachers' encoder depth",
     "stride": "teachers' backbone stride",
     "layers": "* names of the cached layers ('proj', 'enc1', ...)",
-    "dtype": "storage dtype of the sequences: 'float16' or 'float32'",
+    "dtype": "storage scheme of the sequences: 'float16', 'float32' or 'int8' (with a scale per token per layer)",
     "views": "K, views per image",
     "seed": "seed of the training views",
     "aug": "* the AugConfig the views were drawn with",
@@ -103,8 +108,10 @@ def token_grid(out_h: int, out_w: int, stride: int) -> tuple[int, int]:
 
 
 def sequence_bytes_per_token(d_model: int, num_layers: int, num_teachers: int, dtype: str) -> int:
-    """Bytes one token costs across all cached layers and teachers."""
-    return int(d_model) * int(num_layers) * int(num_teachers) * np.dtype(DTYPES[dtype]).itemsize
+    """Bytes one token costs across all cached layers and teachers: ``d·sizeof(dtype)`` per layer
+    and teacher, plus the float32 scale (4 bytes) for int8."""
+    per_layer = int(d_model) * np.dtype(DTYPES[dtype]).itemsize + (4 if dtype in SCALED else 0)
+    return per_layer * int(num_layers) * int(num_teachers)
 
 
 def head_bytes_per_entry(heads: Iterable[tuple[int, int]]) -> int:
@@ -119,10 +126,16 @@ ENTRY_META_BYTES = 3 * 8 + 7 * 8 + 2 * 8 + 8
 def estimate_bytes(tokens: int, entries: int, d_model: int, num_layers: int, heads: Sequence[tuple[int, int]], dtype: str) -> int:
     """The data bytes of a cache (HDF5 adds a little for its headers and chunk index):
 
-    ``tokens·d·L·N·sizeof(dtype) + E·Σ_t Q_t·(C_t+5)·4 + E·104``.
+    ``T·L·N·(d·sizeof(dtype) + s) + E·Σ_t Q_t·(C_t+5)·4 + E·104 + 8`` with ``s`` = 4 (the
+    float32 scale) for int8 and 0 otherwise.
     """
     seq = tokens * sequence_bytes_per_token(d_model, num_layers, len(heads), dtype)
     return int(seq + entries * (head_bytes_per_entry(heads) + ENTRY_META_BYTES) + 8)
+
+
+def size_estimates(tokens: int, entries: int, d_model: int, num_layers: int, heads: Sequence[tuple[int, int]]) -> dict[str, int]:
+    """:func:`estimate_bytes` for every storage scheme: ``{dtype: bytes}``."""
+    return {dt: estimate_bytes(tokens, entries, d_model, num_layers, heads, dt) for dt in DTYPES}
 
 
 def human_bytes(n: float) -> str:
@@ -135,10 +148,12 @@ def human_bytes(n: float) -> str:
 
 def chunk_rows(tokens_per_entry: np.ndarray, d_model: int, itemsize: int) -> int:
     """Rows per chunk of a sequence dataset: about one entry's tokens (the median), so reading one
-    entry touches one or two chunks; capped at 4 MiB per chunk."""
+    entry touches one or two chunks; capped at 4 MiB per chunk. int8 chunks hold two entries' rows,
+    the bytes of a float16 chunk: HDF5's chunk index costs about 70 bytes per chunk, which would
+    otherwise weigh twice as much against small int8 chunks."""
     if len(tokens_per_entry) == 0:
         return 1
-    rows = int(np.median(tokens_per_entry))
+    rows = int(np.median(tokens_per_entry)) * max(1, 2 // int(itemsize))
     cap = max(1, (4 << 20) // (d_model * itemsize))
     return max(1, min(rows, cap, int(tokens_per_entry.sum())))
 
@@ -202,6 +217,12 @@ def first_difference(a: dict, b: dict) -> str | None:
     return None
 
 
+def _version() -> str:
+    from kacli import __version__
+
+    return __version__
+
+
 # -- validation ----------------------------------------------------------------------------------
 
 
@@ -254,6 +275,11 @@ def seq_path(teacher: int, layer: str) -> str:
     return f"teachers/{teacher}/seq/{layer}"
 
 
+def scale_path(teacher: int) -> str:
+    """int8 caches: teacher's (T, L) float32 scales, column j for the j-th cached layer."""
+    return f"teachers/{teacher}/scale"
+
+
 def validate(h5, path: str | Path, require_complete: bool = True) -> CacheLayout:
     """Check an open cache's format, datasets and sizes; raise a one-line KacliError on the first problem.
 
@@ -287,7 +313,9 @@ def validate(h5, path: str | Path, require_complete: bool = True) -> CacheLayout
     for k in ("label_map", "views", "seed", "aug", "split", "tasks_sha256", "total_tokens", "done_entries", "images"):
         need(k)
     if dtype not in DTYPES:
-        raise KacliError(f"cache dtype {dtype!r} is not one of {', '.join(DTYPES)}", p)
+        raise KacliError(
+            f"cache storage scheme (dtype) {dtype!r} is not known to kacli {_version()} (it reads {', '.join(DTYPES)})", p
+        )
     done = int(attrs["done_entries"])
     if require_complete and done != entries:
         raise KacliError(f"incomplete cache: {done} of {entries} entries written", p)
@@ -329,6 +357,10 @@ def validate(h5, path: str | Path, require_complete: bool = True) -> CacheLayout
                 obj = ds(seq_path(k, layer), (total, d))
                 if obj.dtype != np.dtype(DTYPES[dtype]):
                     raise KacliError(f"/{seq_path(k, layer)} is {obj.dtype}, the cache says {dtype}", p)
+            if dtype in SCALED:
+                obj = ds(scale_path(k), (total, len(layers)))
+                if obj.dtype != np.float32:
+                    raise KacliError(f"/{scale_path(k)} is {obj.dtype}, expected float32", p)
     except (KeyError, TypeError) as e:
         raise KacliError(f"malformed cache attributes ({e})", p) from None
     except OSError as e:
@@ -353,5 +385,8 @@ __all__ = [
     "first_difference",
     "open_h5",
     "seq_path",
+    "scale_path",
+    "SCALED",
+    "size_estimates",
     "validate",
 ]

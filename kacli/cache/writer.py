@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from kacli import __version__
 from kacli.cache import schema
+from kacli.cache.quant import quantize_int8
 from kacli.config import config_to_dict, from_dict
 from kacli.data.dataset import CocoDetection, collate, item_seed
 from kacli.data.manifest import TaskManifest
@@ -298,6 +299,9 @@ def create_file(
                 tg.create_dataset(
                     f"seq/{layer}", shape=(T, d), dtype=schema.DTYPES[dtype], chunks=(max(1, min(chunk, T)), d)
                 )
+            if dtype in schema.SCALED:
+                tg.create_dataset("scale", shape=(T, len(layers)), dtype=np.float32,
+                                  chunks=(max(1, min(chunk, T)), len(layers)))
             q, c = t.num_queries, t.num_classes
             per = max(1, min(E, (64 << 10) // (q * (c + 1) * 4)))
             tg.create_dataset("logits", shape=(E, q, c + 1), dtype=np.float32, chunks=(per, q, c + 1))
@@ -345,6 +349,7 @@ class _BackgroundWriter:
         self.seq = [[f[schema.seq_path(k, layer)] for layer in layers] for k in range(num_teachers)]
         self.logits = [f[f"teachers/{k}/logits"] for k in range(num_teachers)]
         self.boxes = [f[f"teachers/{k}/boxes"] for k in range(num_teachers)]
+        self.scale = [f.get(schema.scale_path(k)) for k in range(num_teachers)]  # int8 only
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
@@ -392,6 +397,8 @@ class _BackgroundWriter:
         for k, out in enumerate(payload):
             for ds, arr in zip(self.seq[k], out["seqs"]):
                 ds[r0:r1] = arr
+            if out["scale"] is not None:
+                self.scale[k][r0:r1] = out["scale"]
             self.logits[k][a:b] = out["logits"]
             self.boxes[k][a:b] = out["boxes"]
         self.f.flush()
@@ -400,6 +407,15 @@ class _BackgroundWriter:
         self.batches += 1
         if self.kill_after and self.batches >= self.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stored_sequences(picked: Sequence[torch.Tensor], store_dtype: torch.dtype) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The cached layers' valid tokens ``[(n, d)] * L`` as stored: ``(seqs [(n, d)] * L, scale)``,
+    ``scale`` (n, L) float32 for int8 (:func:`quantize_int8`, computed where the teacher ran), else None."""
+    if store_dtype != torch.int8:
+        return [x.to(store_dtype).cpu().numpy() for x in picked], None
+    pairs = [quantize_int8(x) for x in picked]
+    return [q.cpu().numpy() for q, _ in pairs], torch.stack([s for _, s in pairs], 1).cpu().numpy()
 
 
 @torch.inference_mode()
@@ -413,8 +429,9 @@ def run_teacher(
     amp: bool,
     first_entry: int,
 ) -> dict:
-    """One teacher on one batch → ``{"seqs": [(Σ h·w, d) per layer], "logits" (B,Q,C+1), "boxes" (B,Q,4)}``
-    as numpy arrays; sequences keep each entry's valid tokens, row-major, entries in batch order.
+    """One teacher on one batch → ``{"seqs": [(Σ h·w, d) per layer], "scale": (Σ h·w, L) | None,
+    "logits" (B,Q,C+1), "boxes" (B,Q,4)}`` as numpy arrays; sequences keep each entry's valid
+    tokens, row-major, entries in batch order (``scale``: int8 storage only, see :func:`stored_sequences`).
 
     ``layer_index`` picks from ``[enc_proj, enc_layers[0], ...]``. The valid tokens are those the
     model's ``enc_mask`` marks; they must form the entry's top-left ``h × w`` grid (``hw`` (B, 2)).
@@ -433,9 +450,10 @@ def run_teacher(
                 teacher.path,
             )
     layers = [out["enc_proj"], *out["enc_layers"]]
-    seqs = [layers[i][valid].to(store_dtype).cpu().numpy() for i in layer_index]
+    seqs, scale = stored_sequences([layers[i][valid] for i in layer_index], store_dtype)
     return {
         "seqs": seqs,
+        "scale": scale,
         "logits": out["pred_logits"].float().cpu().numpy(),
         "boxes": out["pred_boxes"].float().cpu().numpy(),
     }
@@ -470,7 +488,7 @@ def write_range(
     first = start + done
     batches = [list(range(b, min(b + batch_size, end))) for b in range(first, end, batch_size)]
     stride = teachers[0].stride
-    store_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+    store_dtype = {"float16": torch.float16, "float32": torch.float32, "int8": torch.int8}[dtype]
     layer_index = [0 if n == "proj" else int(n[3:]) for n in layers]
     amp = device.type == "cuda"
     for t in teachers:
@@ -558,6 +576,14 @@ def wait_for_shards(shards: Sequence[dict], log: Callable[[str], None], poll: fl
             time.sleep(poll)
 
 
+def _copy_rows(src, dst, r0: int, rows_per_block: int) -> None:
+    """``dst[r0 : r0 + len(src)] = src``, a block of rows at a time."""
+    n = src.shape[0]
+    for a in range(0, n, rows_per_block):
+        b = min(n, a + rows_per_block)
+        dst[r0 + a : r0 + b] = src[a:b]
+
+
 def join_shards(out_partial: Path, shards: Sequence[dict], attrs: dict, plan: EntryPlan,
                 teachers: Sequence[Teacher], layers: Sequence[str], dtype: str, chunk: int,
                 block_bytes: int = 64 << 20) -> None:
@@ -576,11 +602,9 @@ def join_shards(out_partial: Path, shards: Sequence[dict], attrs: dict, plan: En
                 for k in range(len(teachers)):
                     for layer in layers:
                         name = schema.seq_path(k, layer)
-                        s, t = src[name], dst[name]
-                        n = s.shape[0]
-                        for a in range(0, n, rows_per_block):
-                            b = min(n, a + rows_per_block)
-                            t[r0 + a : r0 + b] = s[a:b]
+                        _copy_rows(src[name], dst[name], r0, rows_per_block)
+                    if dtype in schema.SCALED:
+                        _copy_rows(src[schema.scale_path(k)], dst[schema.scale_path(k)], r0, rows_per_block)
                     for name in (f"teachers/{k}/logits", f"teachers/{k}/boxes"):
                         dst[name][start:end] = src[name][...]
         dst.flush()
@@ -620,6 +644,14 @@ def _existing_output(out: Path, attrs: dict, force: bool) -> bool:
     return False
 
 
+def _nearest_folder(folder: Path) -> Path:
+    """``folder``, or its closest existing ancestor (where it would be created)."""
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def _check_disk(folder: Path, need: int, what: str) -> int:
     free = shutil.disk_usage(folder).free
     if need > free:
@@ -645,6 +677,7 @@ def cache_teachers(
     seed: int = 0,
     config: str | Path | None = None,
     force: bool = False,
+    estimate_only: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> dict:
@@ -652,7 +685,9 @@ def cache_teachers(
 
     Returns a summary: ``{"out", "status" ("written" | "up to date"), "entries", "images", "views",
     "tokens", "layers", "teachers", "dtype", "estimated_bytes", "bytes", "seconds", "entries_per_s",
-    "resumed_from"}``.
+    "resumed_from"}``. With ``estimate_only`` nothing runs and nothing is written: the summary has
+    ``status`` "estimate", ``estimates`` ({dtype: bytes} for every storage scheme) and
+    ``free_bytes`` (free disk where ``out`` would go), and ``bytes`` None.
     """
     if views < 1:
         raise KacliError(f"--views must be at least 1, got {views}")
@@ -729,6 +764,11 @@ def cache_teachers(
         "estimated_bytes": estimate,
         "resumed_from": None,
     }
+    if estimate_only:
+        estimates = schema.size_estimates(int(tokens.sum()), E, first.d_model, len(layer_list), heads)
+        free = shutil.disk_usage(_nearest_folder(out.parent)).free
+        return summary | {"status": "estimate", "estimates": estimates, "free_bytes": free, "bytes": None,
+                          "seconds": 0.0, "entries_per_s": None}
     if _existing_output(out, attrs, force):
         log(f"{out} is up to date (same teachers, tasks.yaml, views, layers, dtype and batch size)")
         return summary | {"status": "up to date", "bytes": out.stat().st_size, "seconds": 0.0, "entries_per_s": None}

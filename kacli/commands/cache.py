@@ -40,7 +40,10 @@ def cache_teachers(
     split: str = typer.Option("train", "--split", help="Split of tasks.yaml to cache."),
     views: int = typer.Option(1, "--views", metavar="K", help="Views per image: the evaluation view plus K-1 training augmentations."),
     layers: str = typer.Option("all", "--layers", help="Sequences to store: 'all', or e.g. 'proj,1,3' (encoder layers by number)."),
-    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of the sequences: float16 or float32."),
+    dtype: str = typer.Option(
+        "float16", "--dtype",
+        help="Storage of the sequences: float16, float32, or int8 (a float32 scale per token and layer; about half float16's bytes).",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", metavar="B", help="Entries per teacher batch."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     workers: int = typer.Option(2, "--workers", metavar="W", help="Image-decoding worker processes."),
@@ -50,6 +53,9 @@ def cache_teachers(
         help="Run config (YAML or preset: tiny, detr-r50) whose 'aug' section draws the views; default: the first teacher's.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing cache made otherwise (or recompute an up-to-date one)."),
+    estimate: bool = typer.Option(
+        False, "--estimate", help="Print the bytes the cache would take (per --dtype) and the free disk; write nothing.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):  # fmt: skip
     """Run the teachers once over every view of a split; store their sequences and predictions (HDF5).
@@ -63,11 +69,14 @@ def cache_teachers(
     try:
         summary = run(
             tasks, teacher, out, split=split, views=views, layers=layers, dtype=dtype, batch_size=batch_size,
-            device=device, workers=workers, seed=seed, config=config, force=force,
+            device=device, workers=workers, seed=seed, config=config, force=force, estimate_only=estimate,
             log=(lambda m: None) if as_json else _log, progress=not as_json,
         )
     finally:
         cleanup()
+    if summary["status"] == "estimate":
+        _print_estimate(summary, as_json)
+        return
     if summary["bytes"] is None:  # a rank other than 0
         return
     if as_json:
@@ -91,6 +100,30 @@ def cache_teachers(
         if summary["resumed_from"] is not None:
             table.add_row("resumed at entry", str(summary["resumed_from"]))
     console.print(table)
+
+
+def _print_estimate(summary: dict, as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    from kacli.cache.schema import human_bytes
+
+    E = max(summary["entries"], 1)
+    table = Table(title="cache-teachers --estimate")
+    for col in ("dtype", "bytes", "per entry", ""):
+        table.add_column(col, justify="left" if col in ("dtype", "") else "right")
+    for dt, n in summary["estimates"].items():
+        mark = "--dtype" if dt == summary["dtype"] else ""
+        if n > summary["free_bytes"]:
+            mark = (mark + ", " if mark else "") + "more than the free disk"
+        table.add_row(dt, f"{human_bytes(n)} ({n} B)", human_bytes(n / E), mark)
+    console.print(table)
+    console.print(
+        f"nothing written; {summary['out']} would hold {summary['entries']} entries ({summary['images']} images × {summary['views']} views), {summary['tokens']} tokens, "
+        f"{len(summary['teachers'])} teachers × {len(summary['layers'])} layers ({', '.join(summary['layers'])}); "
+        f"free disk: {human_bytes(summary['free_bytes'])} ({summary['free_bytes']} B)",
+        soft_wrap=True, highlight=False, markup=False,
+    )
 
 
 @cli_errors
