@@ -314,6 +314,15 @@ def rows_markdown(rows: Sequence[Mapping]) -> str:
 # ----------------------------------------------------------------------------------------- files
 
 
+def _save_png(fig, path: str | Path) -> Path:
+    """Lay out ``fig`` and write it as PNG to ``path`` under a temporary name, renamed when complete."""
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
 def plot_curves(runs: Mapping[str, Sequence[tuple[float, float]]], path: str | Path) -> Path:
     """Validation AP (in %) against epoch, one line per run, as the paper's Fig. 4; written as PNG
     (atomically) to ``path``. With no runs the figure says so."""
@@ -335,11 +344,7 @@ def plot_curves(runs: Mapping[str, Sequence[tuple[float, float]]], path: str | P
     ax.set_ylabel("validation AP (%)")
     ax.set_title("Average precision (COCO style) learning curves")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return _save_png(fig, path)
 
 
 def plot_training(runs: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str | Path) -> Path:
@@ -373,11 +378,7 @@ def plot_training(runs: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return _save_png(fig, path)
 
 
 def write_report(
