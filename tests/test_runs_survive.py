@@ -282,7 +282,7 @@ def test_a_kill_mid_epoch_resumes_from_the_step_checkpoint(world, tmp_path):
     a, b = _rows(straight), _rows(run)
     assert [x["epoch"] for x in b] == [1, 2] and [x["steps"] for x in b] == [4, 4]
     assert [x["total"] for x in b] == pytest.approx([x["total"] for x in a], rel=1e-6)
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.csv", "metrics.jsonl"]
 
 
 # -- item: hostile flags and data end in one line, before anything is written --------------------------
