@@ -329,15 +329,20 @@ def plot_curves(runs: Mapping[str, Sequence[tuple[float, float]]], path: str | P
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=120)
+    many = len(runs) > 6  # an ablation's rows: the legend goes beside the plot, styles vary too
+    fig = Figure(figsize=(8.5 if many else 6, 4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, points in runs.items():
+    for i, (name, points) in enumerate(runs.items()):
         pts = sorted(points)
         if pts:
-            ax.plot([e for e, _ in pts], [100 * ap for _, ap in pts], marker="o", markersize=3, label=name)
+            ax.plot([e for e, _ in pts], [100 * ap for _, ap in pts], marker="os^D"[i // 10 % 4], markersize=3,
+                    linestyle=("-", "--")[i // 10 % 2], label=name)
     if any(runs.values()):
-        ax.legend(loc="lower right")
+        if many:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        else:
+            ax.legend(loc="lower right")
     else:
         ax.text(0.5, 0.5, "no validation curves", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("epoch")
