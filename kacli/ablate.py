@@ -237,7 +237,8 @@ def run_ablation(
         KacliError: bad arguments, a folder of another ablation, a demo folder that is not one.
     """
     from kacli.amalgamate import amalgamate
-    from kacli.demo import DESIGN_MINUTES, RECIPE, _scaled, _train_seconds, prepare_base, run_finished, student_schedule
+    from kacli.demo import (DESIGN_MINUTES, RECIPE, prepare_base, run_finished, run_train_seconds, scaled_epochs,
+                            student_schedule)
     from kacli.eval.evaluate import evaluate_checkpoints
     from kacli.progress import shared_progress
     from kacli.report import load_curves, plot_curves
@@ -271,7 +272,7 @@ def run_ablation(
     write_yaml(marker, recorded)
 
     by_name = {r.name: r for r in ablation_rows()}
-    teacher_epochs = _scaled(RECIPE["teacher_epochs"], minutes)
+    teacher_epochs = scaled_epochs(RECIPE["teacher_epochs"], minutes)
     t_start = time.perf_counter()
     runs: list[dict] = []
     curves: dict[str, dict[int, list[float]]] = {}
@@ -317,7 +318,7 @@ def run_ablation(
                                overrides={**schedule, **row.overrides, **settings}, log=quiet)
                 if not result.is_file():
                     metrics = evaluate_checkpoints([run], tasks_path)
-                    metrics["train_seconds"] = _train_seconds(run)
+                    metrics["train_seconds"] = run_train_seconds(run)
                     write_json(result, metrics)
                 metrics = json.loads(result.read_text())
                 runs.append({"row": name, "seed": seed, **{k: metrics.get(k) for k in

@@ -44,7 +44,8 @@ RECIPE = {
 }
 
 
-def _scaled(epochs: int, minutes: float) -> int:
+def scaled_epochs(epochs: int, minutes: float) -> int:
+    """``epochs`` of the 12-minute design scaled to a ``minutes`` budget (at least 1)."""
     return max(1, round(epochs * minutes / DESIGN_MINUTES))
 
 
@@ -111,7 +112,7 @@ def student_schedule(minutes: float, seed: int) -> dict[str, Any]:
     """The students' and raw's training overrides at a ``minutes`` budget: the recipe's epochs
     scaled, the learning rate dropped for the same last fraction, validation every 2 epochs (the
     learning curves)."""
-    epochs = _scaled(RECIPE["student_epochs"], minutes)
+    epochs = scaled_epochs(RECIPE["student_epochs"], minutes)
     lr_drop = max(1, round(epochs * RECIPE["student_lr_drop"] / RECIPE["student_epochs"]))
     return {"train.epochs": epochs, "train.seed": seed, "train.eval_every": 2, "train.lr_drop": lr_drop}
 
@@ -209,8 +210,8 @@ def _run_demo(out: Path, minutes: float, seed: int, train_images: int | None, va
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
-    teacher_epochs = _scaled(RECIPE["teacher_epochs"], minutes)
-    student_epochs = _scaled(RECIPE["student_epochs"], minutes)
+    teacher_epochs = scaled_epochs(RECIPE["teacher_epochs"], minutes)
+    student_epochs = scaled_epochs(RECIPE["student_epochs"], minutes)
     n_train = train_images or RECIPE["train_images"]
     n_val = val_images or RECIPE["val_images"]
 
@@ -259,9 +260,9 @@ def _run_demo(out: Path, minutes: float, seed: int, train_images: int | None, va
                 r = results[name]
                 r["model"] = name
                 if name.startswith("teacher-"):
-                    r["train_seconds"] = _train_seconds(teachers[name[len("teacher-"):]])
+                    r["train_seconds"] = run_train_seconds(teachers[name[len("teacher-"):]])
                 elif name in ("raw", "student", "student-slim"):
-                    r["train_seconds"] = _train_seconds(runs / name)
+                    r["train_seconds"] = run_train_seconds(runs / name)
                 write_json(out / "eval" / f"{name}.json", r)
             rows = load_rows([out / "eval" / f"{name}.json" for name in order])
         curves = load_curves([runs / "raw", runs / "student", runs / "student-slim"])
@@ -274,7 +275,8 @@ def _run_demo(out: Path, minutes: float, seed: int, train_images: int | None, va
     return summary
 
 
-def _train_seconds(run: Path) -> float | None:
+def run_train_seconds(run: Path) -> float | None:
+    """The training seconds the last line of ``run``'s metrics.jsonl records (None without one)."""
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         return None
