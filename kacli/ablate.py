@@ -24,7 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from kacli.errors import KacliError
 from kacli.fsutil import load_yaml, write_json, write_yaml
@@ -187,28 +187,53 @@ def _fmt(mean: float | None, std: float | None, n: int) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if n > 1 and std is not None else "")
 
 
-def ablation_markdown(summary: Sequence[Mapping], claims: Sequence[Mapping], seeds: int) -> str:
+def summary_cells(summary: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+    """Headers and one row of cells per summary row (AP values in %, ``mean ± std`` over seeds):
+    what both the Markdown and the rich table show."""
     tasks = list(dict.fromkeys(t for r in summary for t in r["per_task"]))
     head = ["Row", "Group", "AP", "AP50", "AP75", *[f"AP {t}" for t in tasks], "train"]
+    rows = []
+    for r in summary:
+        n = len(r["seeds"])
+        rows.append([r["label"], r["group"], *(_fmt(r[k], r[f"{k}_std"], n) for k in ("AP", "AP50", "AP75")),
+                     *(_fmt(r["per_task"].get(t, {}).get("AP"), r["per_task"].get(t, {}).get("AP_std"), n)
+                       for t in tasks),
+                     "–" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"])
+    return head, rows
+
+
+def _claim_cells(c: Mapping) -> tuple[str, str]:
+    nums = "–" if c["difference"] is None else f"{c['AP_a']:.1f} vs {c['AP_b']:.1f} ({c['difference']:+.1f})"
+    return nums, {True: "✓", False: "✗", None: "–"}[c["holds"]]
+
+
+def ablation_markdown(summary: Sequence[Mapping], claims: Sequence[Mapping], seeds: int) -> str:
+    head, rows = summary_cells(summary)
     lines = [
         f"# Ablation on the demo data ({seeds} seed{'s' if seeds != 1 else ''}: mean ± standard deviation)",
         "",
         "| " + " | ".join(head) + " |",
         "|:---|:---|" + "---:|" * (len(head) - 2),
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+        "", "AP in %, pycocotools on the 300 validation images; LF = label-free (no ground truth).", "",
+        "| the paper's claim | AP | holds |", "|:---|---:|:---:|",
     ]
-    for r in summary:
-        n = len(r["seeds"])
-        cells = [r["label"], r["group"], *(_fmt(r[k], r[f"{k}_std"], n) for k in ("AP", "AP50", "AP75")),
-                 *(_fmt(r["per_task"].get(t, {}).get("AP"), r["per_task"].get(t, {}).get("AP_std"), n) for t in tasks),
-                 "–" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "AP in %, pycocotools on the 300 validation images; LF = label-free (no ground truth).", "",
-              "| the paper's claim | AP | holds |", "|:---|---:|:---:|"]
-    for c in claims:
-        nums = "–" if c["difference"] is None else f"{c['AP_a']:.1f} vs {c['AP_b']:.1f} ({c['difference']:+.1f})"
-        mark = {True: "✓", False: "✗", None: "–"}[c["holds"]]
-        lines.append(f"| {c['claim']} | {nums} | {mark} |")
+    lines += [f"| {c['claim']} | {' | '.join(_claim_cells(c))} |" for c in claims]
     return "\n".join(lines) + "\n"
+
+
+def ablation_table(result: Mapping):
+    """``run_ablation``'s result as a rich table, the paper's claims in its caption."""
+    from rich.table import Table
+
+    head, rows = summary_cells(result["rows"])
+    table = Table(title=f"Ablation ({result['seeds']} seed(s), mean ± std)")
+    for h in head:
+        table.add_column(h, justify="left" if h in ("Row", "Group") else "right")
+    for cells in rows:
+        table.add_row(*cells)
+    table.caption = "\n".join(f"{c['claim']}: {' '.join(_claim_cells(c))}" for c in result["claims"])
+    return table
 
 
 def run_ablation(
@@ -220,7 +245,6 @@ def run_ablation(
     demos: Sequence[str | Path] = (),
     train_images: int | None = None,
     val_images: int | None = None,
-    log: Callable[[str], None] = print,
 ) -> dict:
     """Run (or continue) the ablation into ``out``; returns what ablation.json holds.
 
@@ -345,5 +369,5 @@ def run_ablation(
     return result
 
 
-__all__ = ["ROW_NAMES", "Row", "ablation_markdown", "ablation_rows", "check_claims", "parse_rows",
-           "parse_settings", "run_ablation", "summarize"]
+__all__ = ["ROW_NAMES", "Row", "ablation_markdown", "ablation_rows", "ablation_table", "check_claims", "parse_rows",
+           "parse_settings", "run_ablation", "summarize", "summary_cells"]

@@ -33,32 +33,11 @@ def register(app: typer.Typer) -> None:
 
         Example: kacli ablate --out ablation --seeds 3
         """
-        from kacli.ablate import parse_rows, parse_settings, run_ablation
+        from kacli.ablate import ablation_table, parse_rows, parse_settings, run_ablation
 
         result = run_ablation(out, minutes=minutes, seeds=seeds, rows=parse_rows(rows),
                               settings=parse_settings(settings), demos=demos, train_images=train_images,
-                              val_images=val_images, log=console.print)
+                              val_images=val_images)
         console.print(ablation_table(result))
         console.print(f"ablation finished in {result['seconds'] / 60:.1f} min; {out / 'ablation.md'}, "
                       f"{out / 'curves.png'}")
-
-
-def ablation_table(result: dict):
-    """The summary rows and the paper's claims as one rich table."""
-    from rich.table import Table
-
-    from kacli.ablate import _fmt
-
-    table = Table(title=f"Ablation ({result['seeds']} seed(s), mean ± std)")
-    tasks = list(dict.fromkeys(t for r in result["rows"] for t in r["per_task"]))
-    for h in ("Row", "AP", "AP50", "AP75", *[f"AP {t}" for t in tasks]):
-        table.add_column(h, justify="left" if h == "Row" else "right")
-    for r in result["rows"]:
-        n = len(r["seeds"])
-        table.add_row(r["label"], *(_fmt(r[k], r[f"{k}_std"], n) for k in ("AP", "AP50", "AP75")),
-                      *(_fmt(r["per_task"].get(t, {}).get("AP"), r["per_task"].get(t, {}).get("AP_std"), n)
-                        for t in tasks))
-    for c in result["claims"]:
-        mark = {True: "holds", False: "does not hold", None: "–"}[c["holds"]]
-        table.caption = (table.caption + "\n" if table.caption else "") + f"{c['claim']}: {mark}"
-    return table

@@ -1,8 +1,8 @@
 """Stop training on a NaN or infinite loss, naming the step and the loss term.
 
 The check runs before the backward pass and the optimiser step, so the weights in memory are
-those of the last good step, and ``last.pt`` (written only at the end of an epoch) is left as it
-was.
+those of the last good step, and ``last.pt`` (written at epoch ends and every
+``checkpoint_every`` steps, never after a bad step) is left as it was.
 """
 
 from __future__ import annotations
