@@ -11,6 +11,14 @@ where num_boxes is the number of target boxes in the batch (averaged over proces
 torch.distributed, at least 1). Each auxiliary decoder output gets the same losses with suffix
 ``_<i>``; ``total`` is the weighted sum of all of them. ``class_error`` (100 − top-1 accuracy of
 the matched queries, in %; 0 when there are no targets) is a diagnostic, not part of ``total``.
+
+Partial labels (``mask_incomplete=True``): each image's logits of the classes it is not complete
+for (its target's ``complete``, see :mod:`kacli.losses.partial`) are set to −inf before anything
+else, so for that image the cross-entropy of every query — matched or "no object" — is taken over
+its valid classes and "no object" only, and the matcher's class cost −p_i(c_j) uses the
+probabilities of that same masked softmax (the cost then ranks queries by the probability the loss
+will raise). Class weights stay 1 and ``eos_coef``, and the mean is over all queries as before.
+With every image complete for every class this is exactly the unmasked criterion.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from kacli.errors import KacliError
 from kacli.losses.matcher import HungarianMatcher
+from kacli.losses.partial import mask_logits, valid_classes
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -52,10 +61,12 @@ class SetCriterion(nn.Module):
         weight_dict: weight per base loss name (``loss_ce``, ``loss_bbox``, ``loss_giou``); applied to
             the auxiliary ``_<i>`` losses too. Names missing here weigh 0.
         eos_coef: class weight of "no object" in the cross-entropy.
+        mask_incomplete: leave out of each image's softmax (loss and matching) the classes its
+            target's ``complete`` (C,) bool marks as not annotated (see the module docstring).
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict | None = None,
-                 eos_coef: float = 0.1):
+                 eos_coef: float = 0.1, mask_incomplete: bool = False):
         super().__init__()
         weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
         unknown = sorted(k for k in weight_dict if k not in LOSS_NAMES)
@@ -65,6 +76,7 @@ class SetCriterion(nn.Module):
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
+        self.mask_incomplete = bool(mask_incomplete)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
@@ -77,9 +89,16 @@ class SetCriterion(nn.Module):
             )
 
     def single(self, outputs: dict, targets: list[dict], num_boxes: float,
-               indices: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-        """The three losses (and ``class_error``) for one set of predictions."""
+               indices: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The three losses (and ``class_error``) for one set of predictions.
+
+        ``valid``: (B, K+1) bool, the classes each image's softmax keeps (:func:`valid_classes`);
+        None keeps all. The matcher then sees the masked logits too."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if valid is not None:
+            logits = mask_logits(logits.float(), valid)
+            outputs = {"pred_logits": logits, "pred_boxes": boxes}
         if indices is None:
             indices = self.matcher(outputs, targets)
         dev = logits.device
@@ -113,15 +132,19 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """outputs: ``pred_logits (B,Q,K+1)``, ``pred_boxes (B,Q,4)``, optional ``aux_outputs``;
-        targets: B dicts with ``boxes (M,4)`` cxcywh normalised and ``labels (M,)`` int64.
+        targets: B dicts with ``boxes (M,4)`` cxcywh normalised and ``labels (M,)`` int64 (and,
+        read only with ``mask_incomplete``, ``complete (K,)`` bool).
 
         Returns ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``loss_<name>_<i>`` per auxiliary
         output i, ``class_error`` and ``total`` (scalars)."""
         self._check_targets(targets)
         num_boxes = num_boxes_across_ranks(targets, outputs["pred_logits"].device)
-        losses = self.single(outputs, targets, num_boxes)
+        valid = None
+        if self.mask_incomplete:
+            valid = valid_classes(targets, self.num_classes, outputs["pred_logits"].device)
+        losses = self.single(outputs, targets, num_boxes, valid=valid)
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            for k, v in self.single(aux, targets, num_boxes).items():
+            for k, v in self.single(aux, targets, num_boxes, valid=valid).items():
                 if k != "class_error":
                     losses[f"{k}_{i}"] = v
         losses["total"] = sum(
