@@ -123,8 +123,9 @@ def test_ema_is_what_gets_evaluated_and_saved(tmp_path):
     after = rec.seen[1:] + [live]
     assert len(after) == 6 and last["train_state"]["ema"]["updates"] == 6
     ema = dict(after[0])
-    for w in after[1:]:
-        ema = {k: decay * ema[k] + (1 - decay) * w[k] for k in ema}
+    for n, w in enumerate(after[1:], start=1):
+        d = min(decay, (1 + n) / (10 + n))  # the warmed-up decay: 0.18, 0.25, 0.31, 0.36, 0.4
+        ema = {k: d * ema[k] + (1 - d) * w[k] for k in ema}
     for k in ema:
         torch.testing.assert_close(last["model"][k], ema[k], atol=1e-6, rtol=0)
         assert not torch.allclose(last["model"][k], live[k], atol=1e-3)  # the average, not the live weights
@@ -138,6 +139,17 @@ def test_ema_is_what_gets_evaluated_and_saved(tmp_path):
     assert rows[-1]["AP"] != pytest.approx(evaluate(m)["AP"], abs=1e-4)
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["meta"]["metrics"]["AP"] == max(r["AP"] for r in rows)
+
+
+def test_ema_decay_warms_up_to_the_configured_one():
+    from kacli.engine.ema import warmed_decay
+
+    assert warmed_decay(0.999, 0) == pytest.approx(0.1)
+    assert warmed_decay(0.999, 90) == pytest.approx(0.91)
+    assert warmed_decay(0.999, 10_000) == 0.999  # (10001/10010 = 0.99910 > 0.999)
+    assert warmed_decay(0.5, 3) == pytest.approx(4 / 13)  # still warming
+    assert warmed_decay(0.5, 10) == 0.5  # 11/20 > 0.5: capped
+    assert warmed_decay(0.3, 3) == pytest.approx(0.3)
 
 
 def test_ema_resumes_exactly(tmp_path):
