@@ -248,7 +248,7 @@ def test_remap_logits_hand_computed():
 def test_match_classes_by_name_case_space_and_renames():
     lm = {"ids": [1, 2, 3, 4], "names": ["person", "Traffic Light", "motorcycle", "dog"]}
     assert match_classes(lm, "t", ["dog", "trafficlight", "motorbike"], {"Motor Cycle": "motorbike"}, "x.pt") == [3, 1, 2]
-    with pytest.raises(KacliError, match="lacks task 't''s category 'cat'"):
+    with pytest.raises(KacliError, match="label map is not task 't''s: it lacks category 'cat'"):
         match_classes(lm, "t", ["dog", "cat"], {}, "x.pt")
 
 
@@ -309,5 +309,5 @@ def test_cache_teachers_refuses_a_teacher_lacking_a_category(sources, cli, tmp_p
     bad = make_teacher(tmp_path / "a.pt", {"ids": [1, 2], "names": ["person", "cat"]}, 1)
     res = cli("cache-teachers", "--tasks", out, "--out", tmp_path / "c.h5", "--teacher", good, "--teacher", bad,
               "--device", "cpu", "--workers", "0")
-    assert_one_line_error(res, "a.pt", "label map lacks task 'animals''s category 'dog'")
+    assert_one_line_error(res, "a.pt", "label map is not task 'animals''s: it lacks category 'dog'")
     assert not (tmp_path / "c.h5").exists()

@@ -45,7 +45,7 @@ def match_classes(
     if missing:
         have = ", ".join(str(n) for n in list(teacher_map["names"])[:12]) + (" ..." if len(teacher_map["names"]) > 12 else "")
         raise KacliError(
-            f"label map lacks task {task_name!r}'s {'category' if len(missing) == 1 else 'categories'} "
+            f"label map is not task {task_name!r}'s: it lacks {'category' if len(missing) == 1 else 'categories'} "
             f"{', '.join(repr(n) for n in missing)} (it has: {have})",
             path,
         )
