@@ -260,8 +260,8 @@ def merge_tasks(tasks: list[TaskSource], out: str | Path, renames: dict[str, str
         for split, by_file in files.items():
             for rel, obj in by_file.items():
                 _write_json(tmp / rel, obj)
-        with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:
-            yaml.safe_dump(manifest, f, sort_keys=False, allow_unicode=True)
+        with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:  # lists of ids on one line each
+            yaml.safe_dump(manifest, f, sort_keys=False, allow_unicode=True, default_flow_style=None, width=120)
     return manifest
 
 
