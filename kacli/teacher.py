@@ -92,7 +92,7 @@ def train_teacher(
     an old one included) replaces ``out`` only when it has saved its first checkpoint
     (:mod:`kacli.engine.rundir`)."""
     manifest = TaskManifest(tasks)
-    info = manifest.task(task)
+    info = manifest.require_trainable(task)  # a teacher-only task has nothing to train on
     cfg = load_run_config(config, overrides or {})
     out = Path(out)
     run_dir = RunDir(out, resume, force)

@@ -18,6 +18,9 @@ def cache_summary(path: str | Path) -> dict:
     Returns ``{"path", "complete", "done_entries", "entries", "images", "views", "seed", "split",
     "tasks_path", "tasks_sha256", "d_model", "enc_layers", "stride", "layers", "dtype", "batch_size",
     "teachers": [{task, checkpoint, sha256, num_classes, num_queries, sequence_bytes (int8: with the scales), head_bytes}],
+    "sources": the split's sources from the manifest the cache names ([{name, task, images, format, path,
+    complete, complete_all}], complete = the category names its images are annotated for), or None when
+    that manifest is unreadable,
     "tokens": {"total", "min", "mean", "max"}, "bytes", "bytes_per_entry", "created", "kacli_version"}``.
     """
     p = Path(path)
@@ -62,6 +65,7 @@ def cache_summary(path: str | Path) -> dict:
         "dtype": layout.dtype,
         "batch_size": int(a.get("batch_size", 0)),
         "teachers": teachers,
+        "sources": split_sources(a.get("tasks_path"), a["split"]),
         "tokens": {
             "total": int(tokens.sum()),
             "min": int(tokens.min()) if len(tokens) else 0,
@@ -73,6 +77,27 @@ def cache_summary(path: str | Path) -> dict:
         "created": a.get("created"),
         "kacli_version": a.get("kacli_version"),
     }
+
+
+def split_sources(tasks_path: str | None, split: str) -> list[dict] | None:
+    """Where a split's images came from, read from ``tasks_path`` (None when it is not readable):
+    ``[{name, task, images, format, path, complete, complete_all}]``, ``complete`` the names of the
+    categories its images are annotated for, ``complete_all`` whether that is every category."""
+    from kacli.data.manifest import TaskManifest
+
+    try:
+        manifest = TaskManifest(tasks_path) if tasks_path else None
+    except KacliError:
+        return None
+    if manifest is None:
+        return None
+    names = dict(zip(manifest.category_ids, manifest.category_names))
+    return [
+        {"name": s["name"], "task": s.get("task"), "images": s.get("images"), "format": s["dataset"].get("format"),
+         "path": s["dataset"].get("path"), "complete": [names[i] for i in s["complete_category_ids"] if i in names],
+         "complete_all": set(s["complete_category_ids"]) >= set(names)}
+        for s in manifest.source_records() if s["split"] == split
+    ]
 
 
 def verify_cache(

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from kacli import __version__
 from kacli.cache import schema
+from kacli.cache.labels import match_classes, remap_logits
 from kacli.cache.quant import quantize_int8
 from kacli.config import config_to_dict, from_dict
 from kacli.data.dataset import CocoDetection, collate, item_seed
@@ -62,6 +63,7 @@ class Teacher:
     label_map: dict
     model: torch.nn.Module
     config: dict
+    class_map: list[int] | None = None  # teacher class of each task class (labels.match_classes); None: the same
 
     @property
     def num_classes(self) -> int:
@@ -91,14 +93,19 @@ class Teacher:
             "label_map": {"ids": [int(i) for i in self.label_map["ids"]], "names": list(self.label_map["names"])},
             "num_classes": self.num_classes,
             "num_queries": self.num_queries,
-        }
+        } | ({"class_map": list(self.class_map)} if self.class_map is not None else {})
 
 
 def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[Teacher]:
     """Load one teacher per task, in the manifest's task order, and check that they fit.
 
-    Raises KacliError (naming the teacher file) when the count is wrong, a label map is not its
-    task's categories (naming the task it does fit, if any: teachers given in the wrong order), or
+    A teacher's classes are matched to its task's by name (:func:`kacli.cache.labels.match_classes`,
+    after the manifest's renames); a teacher whose label map is not its task's (a COCO DETR for a
+    few of COCO's categories) gets a ``class_map`` and its logits are stored in the task's class
+    order, its other classes folded into no-object (:func:`kacli.cache.labels.remap_logits`).
+
+    Raises KacliError (naming the teacher file) when the count is wrong, a label map lacks one of
+    its task's categories (naming the task it does fit, if any: teachers given in the wrong order), or
     a teacher's d_model, encoder depth or backbone stride differs from the first teacher's.
     """
     from kacli.fsutil import sha256_file
@@ -118,26 +125,23 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
         if ckpt["kind"] != "detr":
             raise KacliError(f"is a {ckpt['kind']} checkpoint; teachers are DETR checkpoints", path)
         ids = [int(i) for i in ckpt["label_map"]["ids"]]
-        if ids != list(task.category_ids):
+        try:  # each task class's teacher class, by name: None when the label map is the task's
+            class_map = match_classes(ckpt["label_map"], task.name, task.category_names, manifest.renames, path)
+        except KacliError:
             fits = by_ids.get(tuple(ids)) or by_set.get(frozenset(ids))
             if fits is not None and fits != task.name:
                 raise KacliError(
                     f"teacher {k + 1} holds the categories of task {fits!r}, not of task {task.name!r}: teachers given "
                     f"in the wrong order? (give them in tasks.yaml's order: {', '.join(names)})",
                     path,
-                )
-            if fits == task.name:
-                raise KacliError(
-                    f"label map lists task {task.name!r}'s categories in another order ({ids} vs {task.category_ids})",
-                    path,
-                )
-            raise KacliError(
-                f"label map (category ids {ids}) is not task {task.name!r}'s ({task.category_ids}) nor any other task's",
-                path,
-            )
+                ) from None
+            raise
+        if ids == list(task.category_ids) and class_map == list(range(len(ids))):
+            class_map = None
+        label_map = ckpt["label_map"] if class_map is None else task.label_map()
         model = build_model(ckpt).eval()
         teachers.append(
-            Teacher(path.resolve(), sha256_file(path), task.name, ckpt["label_map"], model, ckpt.get("config") or {})
+            Teacher(path.resolve(), sha256_file(path), task.name, label_map, model, ckpt.get("config") or {}, class_map)
         )
     first = teachers[0]
     for t in teachers[1:]:
@@ -454,7 +458,8 @@ def run_teacher(
     return {
         "seqs": seqs,
         "scale": scale,
-        "logits": out["pred_logits"].float().cpu().numpy(),
+        "logits": (out["pred_logits"].float() if teacher.class_map is None
+                   else remap_logits(out["pred_logits"].float(), teacher.class_map)).cpu().numpy(),
         "boxes": out["pred_boxes"].float().cpu().numpy(),
     }
 
@@ -712,10 +717,7 @@ def cache_teachers(
     first = loaded[0]
     aug = resolve_aug(loaded, config, log)
     layer_list = schema.layer_names(layers, first.enc_layers)
-    union = {"ids": [], "names": []}
-    for t in manifest.tasks:
-        union["ids"] += [int(i) for i in t.category_ids]
-        union["names"] += list(t.category_names)
+    union = manifest.student_label_map()  # a category two tasks share is one class
 
     dist = distributed.init_distributed(device)
     if not dist.is_main:

@@ -155,6 +155,10 @@ def cache_info(
         status = "complete" if s["complete"] else f"INCOMPLETE: {s['done_entries']} of {s['entries']} entries written"
         table.add_row("status", status)
         table.add_row("split", f"{s['split']} of {s['tasks_path']}")
+        if s["sources"] is not None:
+            table.add_row("sources", "\n".join(
+                f"{x['name']}: {x['format']} {x['path']}, complete for "
+                + ("every category" if x["complete_all"] else ", ".join(x["complete"])) for x in s["sources"]))
         table.add_row("entries", f"{s['entries']} ({s['images']} images × {s['views']} views, seed {s['seed']})")
         table.add_row("model", f"d_model {s['d_model']}, {s['enc_layers']} encoder layers, stride {s['stride']}")
         table.add_row("layers", ", ".join(s["layers"]) + f" ({s['dtype']})")

@@ -1,10 +1,10 @@
-"""``kacli split-tasks`` and ``kacli make-demo-data``: the data stage's commands."""
+"""``kacli split-tasks``, ``kacli merge-tasks`` and ``kacli make-demo-data``: the data stage's commands."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -24,6 +24,14 @@ def register(app: typer.Typer) -> None:
             "--scheme voc-2 --out tasks"
         ),
     )(split_tasks)
+    app.command(
+        "merge-tasks",
+        epilog=(
+            "Example: kacli merge-tasks --task vehicles=vehicles/data.yaml:train --val vehicles=vehicles/data.yaml:val "
+            "--task animals=animals/train.json --teacher-only coco=detr-r50.pt --categories coco=person,dog "
+            "--out tasks"
+        ),
+    )(merge_tasks)
 
 
 @cli_errors
@@ -86,6 +94,88 @@ def split_table(manifest: dict) -> Table:
             c = t["counts"][s]
             row += [f"{c['images_with_objects']} / {c['images']}", str(c["annotations"])]
         table.add_row(*row)
+    return table
+
+
+@cli_errors
+def merge_tasks(
+    task: Optional[List[str]] = typer.Option(
+        None, "--task", metavar="NAME=SRC", show_default=False,
+        help="A task and its training set (COCO json, VOC root or YOLO root/data.yaml, PATH or PATH:SPLIT). Repeat.",
+    ),
+    val: Optional[List[str]] = typer.Option(
+        None, "--val", metavar="NAME=SRC", show_default=False, help="A task's validation set, written like --task."
+    ),
+    images: Optional[List[str]] = typer.Option(
+        None, "--images", metavar="NAME=DIR", show_default=False, help="Image folder of a task's COCO json training set."
+    ),
+    val_images: Optional[List[str]] = typer.Option(
+        None, "--val-images", metavar="NAME=DIR", show_default=False,
+        help="Image folder of a task's COCO json validation set.",
+    ),
+    categories: Optional[List[str]] = typer.Option(
+        None, "--categories", metavar="NAME=CAT,CAT", show_default=False,
+        help="Keep only these categories of a task (default: all its source's or teacher's).",
+    ),
+    rename: Optional[List[str]] = typer.Option(
+        None, "--rename", metavar="OLD=NEW", show_default=False,
+        help="Rename a category in every source and teacher before matching names.",
+    ),
+    teacher_only: Optional[List[str]] = typer.Option(
+        None, "--teacher-only", metavar="NAME=CKPT", show_default=False,
+        help="A task with no images: its categories are this DETR checkpoint's (e.g. from import-checkpoint).",
+    ),
+    out: Path = typer.Option(..., "--out", metavar="DIR", show_default=False, help="Output folder."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of a table."),
+):  # fmt: skip
+    """Build tasks from several datasets, one per teacher: each image is annotated for its own source's categories.
+
+    Categories are matched by name (case and spaces ignored, after --rename); one labelled by two
+    sources is one class, shared. Writes DIR/tasks.yaml and DIR/<split>/{all,<task>}.json: all.json
+    holds every source's images, a task's json its own; the tasks are the --task ones, then the
+    --teacher-only ones."""
+    from kacli.data.merge import merge_tasks as run
+    from kacli.data.merge import renames_from_options, shared_categories, tasks_from_options
+
+    tasks = tasks_from_options(task, val, images, val_images, categories, teacher_only)
+    manifest = run(tasks, out, renames=renames_from_options(rename), force=force)
+    shared = shared_categories(manifest)
+    if as_json:
+        console.print_json(json.dumps(manifest | {"shared": shared}))
+        return
+    console.print(merge_table(manifest, shared))
+    for c in shared:
+        console.print(f"shared: {c['name']} (one class, labelled by {', '.join(c['tasks'])})", highlight=False)
+    for split, s in manifest["splits"].items():
+        d = s["dropped"]
+        console.print(
+            f"{split}: dropped {d['degenerate']} degenerate, {d['outside_image']} outside the image, "
+            f"{d['unassigned_category']} of categories outside their task; clipped {s['clipped']} to the image; "
+            f"images under {s['image_root']}",
+            highlight=False,
+        )
+    console.print(f"wrote {Path(out) / 'tasks.yaml'}", highlight=False)
+
+
+def merge_table(manifest: dict, shared: list[dict]) -> Table:
+    """Task × (categories, shared ones starred; per split: images, annotations; where it came from)."""
+    splits = list(manifest["splits"])
+    both = {c["id"] for c in shared}
+    by_task: dict[str, list[str]] = {}
+    for s in manifest["sources"]:
+        by_task.setdefault(s["task"], []).append(f"{s['split']}: {s['dataset']['spec']}")
+    table = Table(title="tasks (* = shared: one class)")
+    table.add_column("task", style="bold")
+    table.add_column("categories")
+    for s in splits:
+        table.add_column(f"{s} images, anns", justify="right")
+    table.add_column("from")
+    for t in manifest["tasks"]:
+        cats = ", ".join(n + ("*" if i in both else "") for i, n in zip(t["category_ids"], t["category_names"]))
+        counts = [f"{t['counts'][s]['images']}, {t['counts'][s]['annotations']}" for s in splits]
+        origin = f"teacher {t['teacher']}" if t.get("teacher") else "\n".join(by_task.get(t["name"], []))
+        table.add_row(t["name"], cats, *counts, origin)
     return table
 
 

@@ -3,6 +3,11 @@
 Items are ``(image, target)``: the image transformed by a :class:`~kacli.data.transforms.View`
 (sampled per item in training, DETR's evaluation resize otherwise, or replayed from a given list),
 and a target dict whose boxes are normalised cxcywh and whose labels index the model's label map.
+
+A json written by ``merge-tasks`` holds images from several datasets, each annotated only for its
+own source's categories: the top-level ``complete_category_ids`` maps each source name to those
+category ids, and every image names its ``source``. Targets carry ``complete``: which classes the
+image's boxes are complete for (all of them for any other json).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torchvision.ops import box_convert
 
 from kacli.data.transforms import AugConfig, View, apply_view, eval_view, load_image, sample_train_view
 from kacli.errors import KacliError
+from kacli.data.manifest import COMPLETE_KEY
 from kacli.fsutil import load_json, require_dir, safe_join
 
 
@@ -47,7 +53,9 @@ class CocoDetection(Dataset):
 
     Items: ``(image (3, h, w) float32, target)`` with target ``boxes (M, 4)`` cxcywh normalised
     by the output ``w, h``; ``labels (M,)`` int64; ``image_id`` int; ``orig_size`` int64
-    ``[H, W]``; ``size`` int64 ``[h, w]``; ``view`` (list of 7 floats, :meth:`View.to_list`).
+    ``[H, W]``; ``size`` int64 ``[h, w]``; ``view`` (list of 7 floats, :meth:`View.to_list`);
+    ``complete`` bool ``(K,)`` in ``label_ids`` order, True where the image's annotations are
+    complete for that class (every class unless the json is a merged one, see the module doc).
     """
 
     def __init__(
@@ -112,6 +120,34 @@ class CocoDetection(Dataset):
             labels[i].append(label_index[a["category_id"]])
         self._boxes = [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]
         self._labels = [torch.tensor(lab, dtype=torch.int64) for lab in labels]
+        self._parse_complete(coco.get(COMPLETE_KEY))
+
+    def _parse_complete(self, complete) -> None:
+        """Per image, the index of its ``complete`` mask in ``self._masks`` (K,) bool."""
+        src = self.json_path
+        every = torch.ones(len(self.label_ids), dtype=torch.bool)
+        if complete is None:
+            self._masks, self._mask_of = [every], [0] * len(self.images)
+            return
+        if not isinstance(complete, dict) or not all(
+            isinstance(v, list) and all(isinstance(c, int) for c in v) for v in complete.values()
+        ):
+            raise KacliError(f"'{COMPLETE_KEY}' must map each source name to a list of category ids", src)
+        index = {name: k for k, name in enumerate(complete)}
+        sets = [set(ids) for ids in complete.values()]
+        self._masks = [torch.tensor([c in ids for c in self.label_ids], dtype=torch.bool) for ids in sets]
+        self._mask_of = []
+        for i, im in enumerate(self.images):
+            k = index.get(im.get("source"))
+            if k is None:
+                raise KacliError(
+                    f"images[{i}] names source {im.get('source')!r}, which '{COMPLETE_KEY}' lacks", src
+                )
+            self._mask_of.append(k)
+
+    def complete(self, index: int) -> torch.Tensor:
+        """``(K,)`` bool: the classes image ``index``'s annotations are complete for (label map order)."""
+        return self._masks[self._mask_of[index]].clone()
 
     # -- access ---------------------------------------------------------------------------------
 
@@ -174,6 +210,7 @@ class CocoDetection(Dataset):
             "orig_size": torch.tensor([H, W], dtype=torch.int64),
             "size": torch.tensor([h, w], dtype=torch.int64),
             "view": view.to_list((H, W)),
+            "complete": self.complete(image_index),
         }
         return img, target
 

@@ -1,6 +1,6 @@
-"""``tasks.yaml``: the task manifest every stage after ``split-tasks`` names its data by.
+"""``tasks.yaml``: the task manifest every stage after ``split-tasks`` / ``merge-tasks`` names its data by.
 
-Format (``format: kacli-tasks/1``; see docs/ARCHITECTURE.md)::
+Format 1 (``format: kacli-tasks/1``, written by ``split-tasks``; see docs/ARCHITECTURE.md)::
 
     format: kacli-tasks/1
     scheme: voc-2
@@ -9,6 +9,14 @@ Format (``format: kacli-tasks/1``; see docs/ARCHITECTURE.md)::
     tasks: [{name, category_ids, category_names, counts: {train: {images, images_with_objects, annotations}}}]
     splits: {train: {all: train/all.json, tasks: {t1: train/t1.json}, image_root: /abs,
                      dropped: {degenerate, outside_image, unassigned_category}, clipped: n}}
+
+Format 2 (``format: kacli-tasks/2``, written by ``merge-tasks``: tasks from several datasets) is
+format 1 with ``sources`` a list ``[{name, task, split, complete_category_ids, images, dataset:
+{spec, format, path, split, sha256, image_root}}]`` (each image of a split json carries
+``source: <name>`` and is annotated completely for its source's ``complete_category_ids`` only),
+``renames: {old: new}``, tasks that may share a category (one student class) and tasks with a
+``teacher`` checkpoint and no images (teacher-only). Format 1 reads as one source per split,
+complete for every category.
 
 Relative paths are relative to the folder holding tasks.yaml. :class:`TaskManifest` loads and checks
 the file; every problem is a :class:`KacliError` naming it.
@@ -23,6 +31,11 @@ from kacli.errors import KacliError
 from kacli.fsutil import load_yaml, sha256_file
 
 FORMAT = "kacli-tasks/1"
+#: Tasks from several datasets (``merge-tasks``): per-image sources and complete categories.
+FORMAT_MERGED = "kacli-tasks/2"
+FORMATS = (FORMAT, FORMAT_MERGED)
+#: Top-level key of a merged split json: ``{source name: [category ids its images are complete for]}``.
+COMPLETE_KEY = "complete_category_ids"
 MANIFEST_NAME = "tasks.yaml"
 
 
@@ -34,6 +47,7 @@ class TaskInfo:
     category_ids: list[int]
     category_names: list[str]
     counts: dict = field(default_factory=dict)
+    teacher: str | None = None  # teacher-only task (format 2): the checkpoint its categories came from
 
     def label_map(self) -> dict:
         """``{"ids": [...], "names": [...]}``: class k of a model trained on this task is ids[k]."""
@@ -45,12 +59,17 @@ def _fail(msg: str, path) -> KacliError:
 
 
 def validate_manifest(data, path: str | Path) -> None:
-    """Check a tasks.yaml dict's structure; raise a KacliError naming ``path`` on the first problem."""
+    """Check a tasks.yaml dict's structure; raise a KacliError naming ``path`` on the first problem.
+
+    A category may be in two tasks only in a merged manifest (format 2), where two sources label it
+    and it is one student class."""
     if not isinstance(data, dict):
         raise _fail("expected a mapping", path)
-    if data.get("format") != FORMAT:
-        raise KacliError(f"not a kacli task manifest: format is {data.get('format')!r}, expected {FORMAT!r}", path)
-    for key, typ in (("categories", list), ("tasks", list), ("splits", dict), ("sources", dict)):
+    fmt = data.get("format")
+    if fmt not in FORMATS:
+        raise KacliError(f"not a kacli task manifest: format is {fmt!r}, expected {FORMAT!r} or {FORMAT_MERGED!r}", path)
+    merged = fmt == FORMAT_MERGED
+    for key, typ in (("categories", list), ("tasks", list), ("splits", dict), ("sources", list if merged else dict)):
         if not isinstance(data.get(key), typ):
             raise _fail(f"{key!r} must be a {typ.__name__}", path)
     cats = {}
@@ -66,12 +85,16 @@ def validate_manifest(data, path: str | Path) -> None:
         ids, tnames = t.get("category_ids"), t.get("category_names")
         if not isinstance(ids, list) or not isinstance(tnames, list) or len(ids) != len(tnames) or not ids:
             raise _fail(f"task {t['name']!r}: category_ids and category_names must be equal-length non-empty lists", path)
+        if len(set(ids)) != len(ids):
+            raise _fail(f"task {t['name']!r} lists a category twice", path)
         for i, n in zip(ids, tnames):
             if cats.get(i) != n:
                 raise _fail(f"task {t['name']!r}: category {i} {n!r} is not in 'categories'", path)
-            if i in seen:
+            if i in seen and not merged:
                 raise _fail(f"category {i} is in both tasks {seen[i]!r} and {t['name']!r}", path)
             seen[i] = t["name"]
+        if t.get("teacher") is not None and not (merged and isinstance(t["teacher"], str)):
+            raise _fail(f"task {t['name']!r}: 'teacher' (a teacher-only task) needs format {FORMAT_MERGED!r} and a path", path)
         names.append(t["name"])
     if not names:
         raise _fail("no tasks", path)
@@ -83,6 +106,31 @@ def validate_manifest(data, path: str | Path) -> None:
         tasks = s.get("tasks")
         if not isinstance(tasks, dict) or set(tasks) != set(names):
             raise _fail(f"split {split!r} must list a file for every task", path)
+    if merged:
+        _validate_sources(data, cats, path)
+
+
+def _validate_sources(data: dict, cats: dict, path) -> None:
+    """Format 2's ``sources`` list and ``renames``: each source belongs to an annotated task and a
+    split, at most one per (task, split), complete for categories the manifest knows."""
+    teacher_only = {t["name"] for t in data["tasks"] if t.get("teacher") is not None}
+    tasks = {t["name"] for t in data["tasks"]}
+    seen = set()
+    for s in data["sources"]:
+        if not isinstance(s, dict) or not all(isinstance(s.get(k), str) for k in ("name", "task", "split")):
+            raise _fail(f"bad source entry {s!r}: needs 'name', 'task' and 'split'", path)
+        if s["task"] not in tasks or s["task"] in teacher_only:
+            raise _fail(f"source {s['name']!r} belongs to {s['task']!r}, which is not a task with images", path)
+        if s["split"] not in data["splits"]:
+            raise _fail(f"source {s['name']!r} is in split {s['split']!r}, which 'splits' lacks", path)
+        if (s["name"], s["split"]) in seen:
+            raise _fail(f"source {s['name']!r} appears twice in split {s['split']!r}", path)
+        seen.add((s["name"], s["split"]))
+        ids = s.get("complete_category_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and i in cats for i in ids):
+            raise _fail(f"source {s['name']!r}: 'complete_category_ids' must list categories of 'categories'", path)
+    if not isinstance(data.get("renames", {}), dict):
+        raise _fail("'renames' must be a mapping of old name to new name", path)
 
 
 class TaskManifest:
@@ -103,7 +151,8 @@ class TaskManifest:
         self.dir: Path = self.path.parent
         self.sha256: str = sha256_file(self.path)
         self.tasks: list[TaskInfo] = [
-            TaskInfo(t["name"], list(t["category_ids"]), list(t["category_names"]), dict(t.get("counts") or {}))
+            TaskInfo(t["name"], list(t["category_ids"]), list(t["category_names"]), dict(t.get("counts") or {}),
+                     t.get("teacher"))
             for t in data["tasks"]
         ]
 
@@ -143,11 +192,54 @@ class TaskManifest:
         return [c["name"] for c in self.data["categories"]]
 
     def label_map(self) -> dict:
-        """``{"ids", "names"}`` of the whole label set (what a student detects)."""
+        """``{"ids", "names"}`` of the whole label set, id order."""
         return {"ids": self.category_ids, "names": self.category_names}
 
+    def student_label_map(self) -> dict:
+        """``{"ids", "names"}`` a student detects: every task's categories in task order, a category
+        two tasks share (merged manifests) once, where its first task lists it."""
+        ids, names = [], []
+        for t in self.tasks:
+            for i, n in zip(t.category_ids, t.category_names):
+                if i not in ids:
+                    ids.append(int(i))
+                    names.append(n)
+        return {"ids": ids, "names": names}
+
+    @property
+    def merged(self) -> bool:
+        """True for a manifest of tasks from several datasets (``merge-tasks``, format 2)."""
+        return self.data["format"] == FORMAT_MERGED
+
+    @property
+    def renames(self) -> dict[str, str]:
+        """``{old name: new name}`` applied to the sources' and teachers' category names (format 2)."""
+        return {str(k): str(v) for k, v in (self.data.get("renames") or {}).items()}
+
+    def require_trainable(self, task: str) -> TaskInfo:
+        """The task called ``task``; a KacliError if it is teacher-only (no images to train on)."""
+        info = self.task(task)
+        if info.teacher is not None:
+            raise KacliError(
+                f"task {task!r} is teacher-only: it has no annotated images to train on; its teacher is {info.teacher}",
+                self.path,
+            )
+        return info
+
+    def source_records(self) -> list[dict]:
+        """Where the images came from: ``[{name, task, split, complete_category_ids, images,
+        dataset: {spec, format, path, split, sha256, image_root}}]``. A single-dataset manifest
+        (format 1) has one source per split, named after the split, complete for every category."""
+        if self.merged:
+            return [dict(s) for s in self.data["sources"]]
+        return [
+            {"name": split, "task": None, "split": split, "complete_category_ids": self.category_ids,
+             "dataset": dict(rec) if isinstance(rec, dict) else {}}
+            for split, rec in self.data["sources"].items()
+        ]
+
     def task_of(self, category_id: int) -> str:
-        """The task holding ``category_id``."""
+        """The (first) task holding ``category_id``."""
         for t in self.tasks:
             if category_id in t.category_ids:
                 return t.name
@@ -158,8 +250,10 @@ class TaskManifest:
         return list(self.data["splits"])
 
     @property
-    def sources(self) -> dict:
-        return dict(self.data["sources"])
+    def sources(self) -> dict | list:
+        """As written: ``{split: dataset record}`` (format 1) or the list of :meth:`source_records` (format 2)."""
+        src = self.data["sources"]
+        return [dict(s) for s in src] if isinstance(src, list) else dict(src)
 
     def _split(self, split: str) -> dict:
         s = self.data["splits"].get(split)

@@ -1,0 +1,71 @@
+"""A teacher's classes in its task's class order: match by name, remap the logits.
+
+A teacher's label map need not be its task's: a COCO DETR teaches a task of 10 of COCO's 80
+categories, or a detector trained elsewhere names a category as another dataset does (matched
+after the manifest's rename map). :func:`match_classes` finds each task class's teacher class by
+name (:mod:`kacli.data.names`); :func:`remap_logits` puts the teacher's logits in the task's
+order and folds every other teacher class into "no object", so the cache stores, for each task
+class, the teacher's own probability, and for "no object" the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kacli.data.names import name_key, rename_keys, renamed
+from kacli.errors import KacliError
+
+
+def match_classes(
+    teacher_map: Mapping, task_name: str, task_names: Sequence[str], renames: Mapping[str, str], path: str | Path
+) -> list[int]:
+    """``class_map (C,)``: for task class k, the index of the teacher class of the same name.
+
+    Args:
+        teacher_map: the teacher's label map ``{ids, names}``.
+        task_name, task_names: the task and its category names (task class order).
+        renames: ``{old: new}`` applied to the teacher's names first (the manifest's).
+        path: the teacher file errors name.
+
+    Raises:
+        KacliError: the teacher lacks one of the task's categories, or names one twice.
+    """
+    keys = rename_keys(renames)
+    index: dict[str, int] = {}
+    for j, n in enumerate(teacher_map["names"]):
+        k = name_key(renamed(n, keys))
+        if k in index:
+            raise KacliError(f"label map names {n!r} twice (classes {index[k]} and {j}) after renaming", path)
+        index[k] = j
+    missing = [n for n in task_names if name_key(n) not in index]
+    if missing:
+        have = ", ".join(str(n) for n in list(teacher_map["names"])[:12]) + (" ..." if len(teacher_map["names"]) > 12 else "")
+        raise KacliError(
+            f"label map is not task {task_name!r}'s: it lacks {'category' if len(missing) == 1 else 'categories'} "
+            f"{', '.join(repr(n) for n in missing)} (it has: {have})",
+            path,
+        )
+    return [index[name_key(n)] for n in task_names]
+
+
+def remap_logits(logits: Tensor, class_map: Sequence[int]) -> Tensor:
+    """Teacher logits in the task's class order, the teacher's other classes folded into no-object.
+
+    Args:
+        logits: ``(..., C_t + 1)``, the teacher's classes then no-object.
+        class_map: ``(C,)`` distinct teacher class indices, one per task class.
+
+    Returns:
+        ``(..., C + 1)``: ``out[..., k] = logits[..., class_map[k]]`` and ``out[..., C] =
+        logsumexp(no-object, every teacher class outside class_map)``; so ``softmax(out)[k]`` is
+        the teacher's probability of task class k and ``softmax(out)[C]`` the sum of the rest.
+    """
+    c_t = logits.shape[-1] - 1
+    idx = torch.as_tensor(list(class_map), dtype=torch.long, device=logits.device)
+    rest = torch.ones(c_t + 1, dtype=torch.bool, device=logits.device)
+    rest[idx] = False  # no-object (index c_t) stays in the rest
+    return torch.cat([logits[..., idx], logits[..., rest].logsumexp(-1, keepdim=True)], dim=-1)
