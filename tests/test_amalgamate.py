@@ -10,13 +10,9 @@ import torch
 import yaml
 
 from conftest import assert_one_line_error
-from kacli.amalgamate import (
-    AmalgamateConfig,
-    AmalgamationObjective,
-    amalgamate,
-    load_amalgamate_config,
-    teacher_settings,
-)
+from kacli.amalgamate import amalgamate
+from kacli.amalgamation.config import AmalgamateConfig, load_amalgamate_config, teacher_settings
+from kacli.amalgamation.objective import AmalgamationObjective
 from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cache.writer import cache_teachers
 from kacli.config import load_config

@@ -152,7 +152,7 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
 def resolve_aug(teachers: Sequence[Teacher], config: str | Path | None, log: Callable[[str], None]) -> AugConfig:
     """The views' augmentation: ``--config``'s ``aug`` section if given, else the first teacher's."""
     if config is not None:
-        from kacli.teacher import load_run_config
+        from kacli.engine.runconfig import load_run_config
 
         return load_run_config(config, {}).aug
     aug = teachers[0].config.get("aug") if isinstance(teachers[0].config, dict) else None
