@@ -1,9 +1,11 @@
 """Training the student from the images and the teacher cache (``kacli amalgamate``, Sec. III).
 
-No teacher runs here: every teacher output the losses need (projected sequence and encoder
-layers, class logits and boxes) comes from the cache written by ``cache-teachers``, for exactly
-the view of the image the student sees (the cache replays it). The methods, the configuration
-and the loss are in :mod:`kacli.amalgamation`.
+No teacher runs and no teacher checkpoint is read here: every teacher output the losses need
+(projected sequence and encoder layers, class logits and boxes) comes from the cache written by
+``cache-teachers``, for exactly the view of the image the student sees (the cache replays it), and
+so do the teachers' settings the student's configuration starts from (caches written before they
+were recorded fall back to the first teacher's checkpoint). The methods, the configuration and
+the loss are in :mod:`kacli.amalgamation`.
 
 :func:`amalgamate` runs the steps: :func:`open_cache` (the cache and its manifest, checked),
 :func:`resolve_config` (the configuration, checked against the cache), :func:`build_student`,
@@ -119,7 +121,8 @@ def resolve_config(
     overrides: Mapping[str, Any] | None,
     device: str | None,
 ) -> AmalgamateConfig:
-    """The run's configuration (``cfg``, or ``config`` over the teachers' settings), with ``overrides`` and ``device``; refused when it cannot train what it says or its
+    """The run's configuration (``cfg``, or ``config`` over the teachers' settings the cache
+    records), with ``overrides`` and ``device``; refused when it cannot train what it says or its
     student does not fit the cached teachers."""
     if cfg is None:
         cfg = load_amalgamate_config(config, overrides, teacher_settings(source.attrs))

@@ -24,7 +24,7 @@ from typing import Any, Literal, Mapping
 
 from kacli.config import ConfigValueError, TrainConfig, apply_overrides, config_to_dict, load_config
 from kacli.data.transforms import AugConfig
-from kacli.engine.runconfig import RUN_PRESETS
+from kacli.engine.runconfig import RUN_PRESETS, recorded_settings
 from kacli.errors import KacliError
 from kacli.models.config import ModelConfig
 
@@ -100,8 +100,9 @@ class TAConfig:
 class AmalgamateConfig:
     """What ``kacli amalgamate`` reads from ``--config`` (and the command-line overrides).
 
-    ``model``, ``aug`` and ``train`` default to the teachers' (their checkpoints' architecture and
-    training settings, the cache's augmentation), so a config file only names what differs.
+    ``model``, ``aug`` and ``train`` default to the teachers' (the first teacher's architecture and
+    training settings as the cache records them, and the cache's augmentation; see
+    :func:`teacher_settings`), so a config file only names what differs.
     ``aug`` matters only for validation (``eval_size``, ``max_size``): training views come from the cache.
 
     Attributes:
@@ -210,24 +211,33 @@ def load_amalgamate_config(
     return cfg
 
 
-def teacher_settings(attrs: dict) -> dict:
-    """``{"model", "aug", "train"}`` of the teachers: the first teacher checkpoint's architecture
-    and training settings (when the file is still there) and the cache's augmentation."""
-    from kacli.models.checkpoint import torch_load_untrusted
-
-    base: dict = {}
-    teachers = attrs.get("teachers") or []
-    ck_path = Path(teachers[0]["checkpoint"]) if teachers and teachers[0].get("checkpoint") else None
-    if ck_path is not None and ck_path.is_file():
-        ck = torch_load_untrusted(ck_path)
-        if isinstance(ck, dict) and isinstance(ck.get("arch"), dict):
-            base["model"] = dict(ck["arch"])
-            train = (ck.get("config") or {}).get("train")
-            if isinstance(train, dict):
-                base["train"] = dict(train)
+def teacher_settings(attrs: Mapping[str, Any]) -> dict:
+    """``{"model", "aug", "train"}`` of the teachers, from a cache's attributes: the first
+    teacher's architecture and training settings as ``cache-teachers`` recorded them
+    (``teacher_settings``), and the augmentation the views were drawn with (``aug``)."""
+    recorded = attrs.get("teacher_settings")
+    if isinstance(recorded, Mapping):
+        base = {k: dict(v) for k, v in recorded.items() if k in ("model", "train") and isinstance(v, Mapping)}
+    else:
+        # A cache written before cache-teachers recorded the settings: they are only in the
+        # first teacher's checkpoint, read when the file is still where the cache says.
+        base = _checkpoint_settings(attrs)
     if isinstance(attrs.get("aug"), dict):
         base["aug"] = dict(attrs["aug"])
     return base
+
+
+def _checkpoint_settings(attrs: Mapping[str, Any]) -> dict:
+    """``{"model", "train"}`` read from the first teacher checkpoint the attributes name; ``{}``
+    when it is gone or records no architecture."""
+    from kacli.models.checkpoint import torch_load_untrusted
+
+    teachers = attrs.get("teachers") or []
+    ck_path = Path(teachers[0]["checkpoint"]) if teachers and teachers[0].get("checkpoint") else None
+    if ck_path is None or not ck_path.is_file():
+        return {}
+    ck = torch_load_untrusted(ck_path)
+    return recorded_settings(ck.get("arch"), ck.get("config")) if isinstance(ck, dict) else {}
 
 
 # -- checks ------------------------------------------------------------------------------------------

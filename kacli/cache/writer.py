@@ -38,6 +38,7 @@ from kacli.data.dataset import CocoDetection, collate, item_seed
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import VIEW_LEN, AugConfig, View, eval_view, sample_train_view
 from kacli.engine import distributed
+from kacli.engine.runconfig import recorded_settings
 from kacli.errors import KacliError
 from kacli.models.checkpoint import build_model, load_checkpoint, resolve_checkpoint_path
 from kacli.progress import make_progress
@@ -744,6 +745,7 @@ def cache_teachers(
         "views": int(views),
         "seed": int(seed),
         "aug": config_to_dict(aug),
+        "teacher_settings": recorded_settings(first.model.cfg.to_dict(), first.config),
         "view_policy": schema.VIEW_POLICY,
         "batch_size": int(batch_size),
         "entries": int(E),
