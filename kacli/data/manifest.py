@@ -142,10 +142,6 @@ class TaskManifest:
     def category_names(self) -> list[str]:
         return [c["name"] for c in self.data["categories"]]
 
-    def label_map(self) -> dict:
-        """``{"ids", "names"}`` of the whole label set (what a student detects)."""
-        return {"ids": self.category_ids, "names": self.category_names}
-
     def task_of(self, category_id: int) -> str:
         """The task holding ``category_id``."""
         for t in self.tasks:
