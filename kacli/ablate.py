@@ -109,7 +109,7 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
 
 def _check_settings(settings: Mapping[str, Any]) -> None:
     """Refuse unknown or ill-typed keys before anything trains (one-line KacliError)."""
-    from kacli.amalgamate import AmalgamateConfig
+    from kacli.amalgamation.config import AmalgamateConfig
     from kacli.config import apply_overrides
 
     apply_overrides(AmalgamateConfig(), dict(settings))

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from kacli.ablate import ROW_NAMES, ablation_rows, check_claims, parse_rows, parse_settings, summarize
-from kacli.amalgamate import AmalgamateConfig
+from kacli.amalgamation.config import AmalgamateConfig
 from kacli.config import apply_overrides
 from kacli.errors import KacliError
 

@@ -10,13 +10,9 @@ import torch
 import yaml
 
 from conftest import assert_one_line_error
-from kacli.amalgamate import (
-    AmalgamateConfig,
-    AmalgamationObjective,
-    amalgamate,
-    load_amalgamate_config,
-    teacher_settings,
-)
+from kacli.amalgamate import amalgamate
+from kacli.amalgamation.config import AmalgamateConfig, load_amalgamate_config, teacher_settings
+from kacli.amalgamation.objective import AmalgamationObjective
 from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cache.writer import cache_teachers
 from kacli.config import load_config
@@ -340,7 +336,39 @@ def test_cache_content_id_names_the_content_not_the_path(setup, tmp_path):
     assert content_id({**attrs, "seed": attrs["seed"] + 1}, copy.stat().st_size) != ident(copy)
 
 
+def test_teachers_settings_come_from_the_cache_when_their_checkpoints_are_gone(setup, tmp_path):
+    """cache-teachers records the first teacher's architecture and training settings, so the
+    student's defaults need no teacher checkpoint: deleted after caching, they are not missed."""
+    import shutil
+
+    copies = []
+    for p in setup["teachers"]:
+        copies.append(tmp_path / p.name)
+        shutil.copy(p, copies[-1])
+    path = tmp_path / "cache.h5"
+    cache_teachers(setup["manifest"].path, copies, path, views=1, dtype="float16", batch_size=6, workers=0,
+                   device="cpu", log=lambda *a, **k: None, progress=False)  # fmt: skip
+    attrs = TeacherCache(path).attrs
+    # the settings the first teacher's checkpoint holds (how caches without the attribute are read)
+    from_checkpoint = teacher_settings({k: v for k, v in attrs.items() if k != "teacher_settings"})
+    assert from_checkpoint["model"] == model_config(MODEL).to_dict() and from_checkpoint["train"] == TRAIN
+    for p in copies:
+        p.unlink()
+    assert teacher_settings({k: v for k, v in attrs.items() if k != "teacher_settings"}) == {"aug": AUG}
+    assert attrs["teacher_settings"] == {"model": model_config(MODEL).to_dict(), "train": TRAIN}
+    assert teacher_settings(attrs) == from_checkpoint
+
+    run = tmp_path / "run"
+    amalgamate(path, None, None, run, device="cpu", overrides={"train.epochs": 1}, log=lambda *a, **k: None)
+    saved = load_config(run / "config.yaml", AmalgamateConfig)
+    assert saved.model.to_dict() == model_config(MODEL).to_dict()
+    assert (saved.train.lr, saved.train.batch_size, saved.train.lr_drop, saved.train.eval_every) == (1e-3, 4, 1000, 100)
+    assert saved.aug.eval_size == 64 and saved.aug.crop_p == 0.0
+
+
 def test_teachers_moved_away_needs_the_model_in_the_config(cli, setup, tmp_path):
+    """A cache written before the teachers' settings were recorded in it (no ``teacher_settings``
+    attribute) whose teacher checkpoints are gone: the student's model must be given."""
     import shutil
 
     import h5py
@@ -352,6 +380,7 @@ def test_teachers_moved_away_needs_the_model_in_the_config(cli, setup, tmp_path)
         for t in teachers:
             t["checkpoint"] = str(tmp_path / "gone" / Path(t["checkpoint"]).name)
         f.attrs["teachers"] = json.dumps(teachers)
+        del f.attrs["teacher_settings"]
     r = cli("amalgamate", "--cache", moved, "--out", tmp_path / "run")
     assert_one_line_error(r, "architecture is unknown", "model:")
     cfg = tmp_path / "model.yaml"

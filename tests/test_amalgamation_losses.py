@@ -375,7 +375,7 @@ def test_ta_confidence_term_steers_the_matching():
 
 def test_element_reduction_is_the_token_reduction_over_d():
     """The default in amalgamate: a mean over valid elements, so SA does not scale with d."""
-    from kacli.amalgamate import SAConfig
+    from kacli.amalgamation.config import SAConfig
     from kacli.losses.sequence import sa_loss
 
     g = torch.Generator().manual_seed(0)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from kacli.config import TrainConfig
 from kacli.engine.distributed import DistInfo
 from kacli.engine.train import Trainer, TrainSetup
 from kacli.errors import KacliError
@@ -53,11 +54,12 @@ class Loss:
 
 
 def setup(out, epochs=3, **kw) -> TrainSetup:
+    train = TrainConfig(epochs=epochs, batch_size=BATCH, lr=0.05, lr_backbone=0.0, weight_decay=0.0, lr_drop=2,
+                        clip_max_norm=0.0, seed=0, workers=0, eval_every=1, amp=False, **kw)
     return TrainSetup(
-        out_dir=out, epochs=epochs, batch_size=BATCH, lr=0.05, lr_backbone=0.0, weight_decay=0.0, lr_drop=2,
-        clip_max_norm=0.0, seed=0, workers=0, eval_every=1, amp=False,
+        out_dir=out, train=train,
         checkpoint_base={"kind": "detr", "arch": {}, "label_map": {"ids": [1], "names": ["x"]}},
-        signature={"toy": 1}, **kw,
+        signature={"toy": 1},
     )  # fmt: skip
 
 
@@ -245,7 +247,7 @@ def test_metrics_csv_holds_every_number_of_metrics_jsonl(tmp_path):
         return {**evaluate(m), "per_task": {"t1": {"AP": 0.25}}}
 
     s = setup(tmp_path, epochs=3)
-    s.eval_every = 2  # epoch 1 without validation: blank cells, not a shorter row
+    s.train.eval_every = 2  # epoch 1 without validation: blank cells, not a shorter row
     Trainer(model(), Loss(), data(), collate, s, DistInfo(), evaluate_per_task).fit()
     rows = jsonl_rows(tmp_path)
     with open(tmp_path / "metrics.csv", newline="") as f:

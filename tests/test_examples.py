@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import typer
 
-from kacli.amalgamate import load_amalgamate_config
+from kacli.amalgamation.config import load_amalgamate_config
 from kacli.cli import app
 from kacli.data.schemes import PRESETS as SCHEMES
-from kacli.teacher import load_run_config
+from kacli.engine.runconfig import load_run_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = sorted(EXAMPLES.glob("run_*.sh"))
@@ -138,7 +138,7 @@ EXAMPLE_METHOD_DIFFERENCES: dict[str, str] = {}
 def test_example_method_settings_are_the_library_defaults(run):
     from dataclasses import asdict
 
-    from kacli.amalgamate import AmalgamateConfig
+    from kacli.amalgamation.config import AmalgamateConfig
 
     def flat(cfg) -> dict:
         """Dotted method keys → values (tuples as lists), without the model, aug and train sections."""

@@ -165,7 +165,7 @@ def test_single_dataset_manifest_reads_as_before_with_every_class_complete(sourc
     split_tasks(str(coco), None, str(scheme), tmp_path / "single")
     m = TaskManifest(tmp_path / "single")
     assert not m.merged and m.data["format"] == "kacli-tasks/1" and m.renames == {}
-    assert m.student_label_map() == m.label_map() == {"ids": [1, 2], "names": ["Person", "dog"]}
+    assert m.student_label_map() == {"ids": m.category_ids, "names": m.category_names} == {"ids": [1, 2], "names": ["Person", "dog"]}
     assert [(s["name"], s["complete_category_ids"]) for s in m.source_records()] == [("train", [1, 2])]
     ds = CocoDetection(m.split_json("train"), m.image_root("train"), [1, 2], train=True, aug=AUG, generator_seed=3)
     img, target = ds[0]

@@ -66,7 +66,7 @@ def make_setup(root: Path, device: torch.device, preset_name: str = "tiny", imag
     from kacli.data.split import split_tasks
     from kacli.models.checkpoint import save_checkpoint
     from kacli.models.detr import DETR
-    from kacli.teacher import RUN_PRESETS
+    from kacli.engine.runconfig import RUN_PRESETS
     from kacli.config import config_to_dict
 
     make_demo_data(root / "data", train_images=images, val_images=1, seed=0, size=image_size, progress=False)
@@ -141,7 +141,7 @@ class Variant:
 def online_teacher_batch(teachers: list, images: torch.Tensor, mask: torch.Tensor, layers: list[str]) -> dict:
     """Run the teachers on a batch and arrange their outputs as ``collate_cached``'s ``teacher``
     (benchmark-only: kacli never trains with online teachers)."""
-    from kacli.amalgamate import layer_outputs
+    from kacli.amalgamation.objective import layer_outputs
 
     seqs, logits, boxes = [], [], []
     token_mask = None
@@ -206,13 +206,9 @@ def step_benchmark(setup: dict, device: torch.device, rounds: int, steps: int, w
                    ) -> dict[str, dict]:
     import functools
 
-    from kacli.amalgamate import (
-        AmalgamationObjective,
-        GroundTruthOnly,
-        build_student,
-        collate_ground_truth,
-        load_amalgamate_config,
-    )
+    from kacli.amalgamate import GroundTruthOnly, build_student, collate_ground_truth
+    from kacli.amalgamation.config import load_amalgamate_config
+    from kacli.amalgamation.objective import AmalgamationObjective
     from kacli.cache.reader import TeacherCache, collate_cached
     from kacli.models.checkpoint import build_model, load_checkpoint
 

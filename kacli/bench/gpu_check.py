@@ -75,7 +75,7 @@ def nccl_probe() -> int:
 def _run_config(path: Path, epochs: int, p: dict) -> Path:
     from kacli.config import config_to_dict
     from kacli.fsutil import write_yaml
-    from kacli.teacher import RUN_PRESETS
+    from kacli.engine.runconfig import RUN_PRESETS
 
     cfg = config_to_dict(RUN_PRESETS[p["preset"]])
     cfg["aug"].update(scales=[p["size"]], max_size=p["size"], eval_size=p["size"], crop_p=0.0)
@@ -125,7 +125,7 @@ def check(root: Path, **kw) -> list[dict]:
             teachers.append(run)
         add(f"train-teacher {task}", ok, s, result)
     if len(teachers) == 2:
-        from kacli.teacher import RUN_PRESETS
+        from kacli.engine.runconfig import RUN_PRESETS
 
         last_layer = RUN_PRESETS[p["preset"]].model.enc_layers  # the projection and the last layer: SA's
         cache = root / "cache.h5"

@@ -56,6 +56,8 @@ ROOT_ATTRS = {
     "views": "K, views per image",
     "seed": "seed of the training views",
     "aug": "* the AugConfig the views were drawn with",
+    "teacher_settings": "* the first teacher's {model: architecture, train: its run's train section}: the "
+                        "student's defaults (older caches lack it)",
     "view_policy": "how views are drawn (text)",
     "batch_size": "teacher batch size (entries [b·B, (b+1)·B) run together)",
     "entries": "E = images · K",
@@ -64,7 +66,7 @@ ROOT_ATTRS = {
     "done_entries": "entries written so far; equals 'entries' in a complete file",
     "shard": "* only in a rank's shard while running under torchrun: {rank, world_size, start, end}",
 }
-JSON_ATTRS = ("teachers", "label_map", "layers", "aug", "shard")
+JSON_ATTRS = ("teachers", "label_map", "layers", "aug", "teacher_settings", "shard")
 
 #: Attributes that define the content: two files agreeing on these hold the same entries.
 # batch_size is content too: the teachers' outputs differ in the last bits with the batch they ran in.

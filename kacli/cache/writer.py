@@ -39,6 +39,7 @@ from kacli.data.dataset import CocoDetection, collate, item_seed
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import VIEW_LEN, AugConfig, View, eval_view, sample_train_view
 from kacli.engine import distributed
+from kacli.engine.runconfig import recorded_settings
 from kacli.errors import KacliError
 from kacli.models.checkpoint import build_model, load_checkpoint, resolve_checkpoint_path
 from kacli.progress import make_progress
@@ -156,7 +157,7 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
 def resolve_aug(teachers: Sequence[Teacher], config: str | Path | None, log: Callable[[str], None]) -> AugConfig:
     """The views' augmentation: ``--config``'s ``aug`` section if given, else the first teacher's."""
     if config is not None:
-        from kacli.teacher import load_run_config
+        from kacli.engine.runconfig import load_run_config
 
         return load_run_config(config, {}).aug
     aug = teachers[0].config.get("aug") if isinstance(teachers[0].config, dict) else None
@@ -746,6 +747,7 @@ def cache_teachers(
         "views": int(views),
         "seed": int(seed),
         "aug": config_to_dict(aug),
+        "teacher_settings": recorded_settings(first.model.cfg.to_dict(), first.config),
         "view_policy": schema.VIEW_POLICY,
         "batch_size": int(batch_size),
         "entries": int(E),

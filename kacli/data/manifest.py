@@ -191,10 +191,6 @@ class TaskManifest:
     def category_names(self) -> list[str]:
         return [c["name"] for c in self.data["categories"]]
 
-    def label_map(self) -> dict:
-        """``{"ids", "names"}`` of the whole label set, id order."""
-        return {"ids": self.category_ids, "names": self.category_names}
-
     def student_label_map(self) -> dict:
         """``{"ids", "names"}`` a student detects: every task's categories in task order, a category
         two tasks share (merged manifests) once, where its first task lists it."""

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from kacli.config import TrainConfig
 from kacli.engine.distributed import DistInfo, all_reduce_mean, barrier
 from kacli.engine.ema import WeightEMA, refuse_ema_state
 from kacli.engine.runlog import RunLogs
@@ -91,35 +92,24 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float, extra: list[nn
 class TrainSetup:
     """Everything a run needs besides the model and the loss.
 
+    ``train`` holds the optimisation settings (epochs, batch size, learning rates, schedule,
+    clipping, seed, workers, validation interval, AMP, EMA, TensorBoard, step checkpoints; its
+    ``device`` is not read here: the trainer runs on its ``DistInfo``'s device).
     ``checkpoint_base`` holds the checkpoint fields that do not change during the run (kind, arch,
     label_map, task, config, inputs, meta); ``signature`` identifies the run for ``--resume``
     (e.g. task, manifest sha256, architecture): resuming from a ``last.pt`` whose signature differs
     is refused. ``run_dir`` decides where files go (default: ``out_dir`` in place); the trainer
-    writes ``checkpoint_base["config"]`` there as ``config.yaml``. ``checkpoint_every`` > 0 also
-    saves ``last.pt`` every that many steps (0: at epoch ends only).
+    writes ``checkpoint_base["config"]`` there as ``config.yaml``.
     """
 
     out_dir: Path
-    epochs: int
-    batch_size: int
-    lr: float
-    lr_backbone: float
-    weight_decay: float
-    lr_drop: int | None
-    clip_max_norm: float
-    seed: int
-    workers: int
-    eval_every: int
-    amp: bool
+    train: TrainConfig
     checkpoint_base: dict
     signature: dict
     metric: str = "AP"
     extra_modules: list[nn.Module] = field(default_factory=list)
     log_name: str = "train"
-    ema: float | None = None  # decay of the weights' moving average (kacli/engine/ema.py); None: off
-    tensorboard: bool = False  # TensorBoard scalars beside metrics.jsonl/metrics.csv (kacli/engine/runlog.py)
     run_dir: RunDir | None = None
-    checkpoint_every: int = 0
 
 
 class Trainer:
@@ -247,7 +237,7 @@ class Trainer:
         if (ckpt.get("train_state") or {}).get("step"):
             names.append("batch_size")
         for name in names:
-            theirs, ours = saved.get(name), getattr(self.s, name)
+            theirs, ours = saved.get(name), getattr(self.s.train, name)
             if theirs is not None and theirs != ours:
                 raise KacliError(
                     f"--resume cannot change train.{name} ({theirs} in the run, {ours} given): the saved "
@@ -290,39 +280,39 @@ class Trainer:
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(epoch)
         if self.dist.distributed:
-            sampler = DistributedSampler(self.train_set, shuffle=True, seed=self.s.seed, drop_last=True)
+            sampler = DistributedSampler(self.train_set, shuffle=True, seed=self.s.train.seed, drop_last=True)
             sampler.set_epoch(epoch)
         else:
-            g = torch.Generator().manual_seed(self.s.seed * 1000 + epoch)
+            g = torch.Generator().manual_seed(self.s.train.seed * 1000 + epoch)
             sampler = RandomSampler(self.train_set, generator=g)
         if skip:
-            sampler = _Skip(sampler, skip * self.s.batch_size)
+            sampler = _Skip(sampler, skip * self.s.train.batch_size)
         return DataLoader(
             self.train_set,
-            batch_size=self.s.batch_size,
+            batch_size=self.s.train.batch_size,
             sampler=sampler,
-            num_workers=self.s.workers,
+            num_workers=self.s.train.workers,
             collate_fn=self.collate_fn,
-            drop_last=len(self.train_set) >= self.s.batch_size * self.dist.world_size,
+            drop_last=len(self.train_set) >= self.s.train.batch_size * self.dist.world_size,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
 
     def fit(self, resume: bool = False) -> dict:
-        s = self.s
-        seed_everything(s.seed + self.dist.rank)
+        s, t = self.s, self.s.train
+        seed_everything(t.seed + self.dist.rank)
         self.model.to(self.device)
         for m in s.extra_modules:
             m.to(self.device)
-        groups = param_groups(self._bare_model(), s.lr, s.lr_backbone, s.extra_modules)
-        self.optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
-        step = s.lr_drop if s.lr_drop and s.lr_drop > 0 else max(s.epochs, 1) * 1000
+        groups = param_groups(self._bare_model(), t.lr, t.lr_backbone, s.extra_modules)
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        step = t.lr_drop if t.lr_drop and t.lr_drop > 0 else max(t.epochs, 1) * 1000
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=step)
-        use_amp = s.amp and self.device.type == "cuda"
+        use_amp = t.amp and self.device.type == "cuda"
         amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
         self.run_id = uuid.uuid4().hex
-        self.ema = WeightEMA(self._bare_model(), s.ema) if s.ema else None
+        self.ema = WeightEMA(self._bare_model(), t.ema) if t.ema else None
         st = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "train_seconds": 0.0, "partial": None, "rng": {}}
         if resume:
             st = self._resume()
@@ -338,12 +328,12 @@ class Trainer:
             if self.dist.is_main:
                 self._start_files(st, resume)
                 best, best_epoch = st["best"], st["best_epoch"]
-            logs = stack.enter_context(contextlib.closing(RunLogs(self.out, s.tensorboard, st["epoch"], self.dist.is_main)))
-            for epoch in range(st["epoch"], s.epochs):
+            logs = stack.enter_context(contextlib.closing(RunLogs(self.out, t.tensorboard, st["epoch"], self.dist.is_main)))
+            for epoch in range(st["epoch"], t.epochs):
                 skip = st["step"] if epoch == st["epoch"] else 0
                 loader = self._loader(epoch, skip)
                 if hasattr(self.loss_fn, "set_epoch"):
-                    self.loss_fn.set_epoch(epoch, s.epochs)
+                    self.loss_fn.set_epoch(epoch, t.epochs)
                 batches = iter(loader)
                 sums: dict[str, float] = defaultdict(float)
                 n = 0
@@ -352,7 +342,7 @@ class Trainer:
                     n = skip
                     self._set_rng(st["rng"])  # after the loader drew its seed, as the straight run had
                 steps = n + len(loader)
-                task = progress.add_task(f"{s.log_name} epoch {epoch + 1}/{s.epochs}", total=steps, completed=n, info="")
+                task = progress.add_task(f"{s.log_name} epoch {epoch + 1}/{t.epochs}", total=steps, completed=n, info="")
                 self.model.train()
                 t0 = time.perf_counter()
                 for batch in batches:
@@ -372,9 +362,9 @@ class Trainer:
                         self.scaler.unscale_(self.optimizer)
                     else:
                         total.backward()
-                    if s.clip_max_norm > 0:
+                    if t.clip_max_norm > 0:
                         nn.utils.clip_grad_norm_(
-                            [p for g in self.optimizer.param_groups for p in g["params"]], s.clip_max_norm
+                            [p for g in self.optimizer.param_groups for p in g["params"]], t.clip_max_norm
                         )
                     if self.scaler is not None:
                         self.scaler.step(self.optimizer)
@@ -388,7 +378,7 @@ class Trainer:
                     n += 1
                     progress.update(task, advance=1, info=f"loss {sums['total'] / n:.4f}")
                     kill_point(f"step@{epoch + 1}.{n}")
-                    if s.checkpoint_every > 0 and n % s.checkpoint_every == 0 and n < steps:
+                    if t.checkpoint_every > 0 and n % t.checkpoint_every == 0 and n < steps:
                         secs = train_seconds + time.perf_counter() - t0
                         self._save("last.pt", epoch, best, secs, {}, step=n, best_epoch=best_epoch,
                                    partial={"sums": dict(sums)})
@@ -400,7 +390,7 @@ class Trainer:
                 record.update(all_reduce_mean({k: v / max(n, 1) for k, v in sums.items()}, self.device))
                 record["train_seconds"] = round(train_seconds, 3)
                 metrics: dict = {}
-                if self.evaluate is not None and ((epoch + 1) % max(s.eval_every, 1) == 0 or epoch + 1 == s.epochs):
+                if self.evaluate is not None and ((epoch + 1) % max(t.eval_every, 1) == 0 or epoch + 1 == t.epochs):
                     if self.dist.is_main:
                         metrics = self.evaluate(self._bare_model() if self.ema is None else self.ema.module)
                     barrier()
@@ -422,7 +412,7 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                     logs.epoch(record, sums, self.out)
                 # best.pt before last.pt: a kill between the two redoes this epoch on --resume
-                if is_best or (self.evaluate is None) or (best is None and epoch + 1 == s.epochs):
+                if is_best or (self.evaluate is None) or (best is None and epoch + 1 == t.epochs):
                     best_epoch = epoch + 1
                     self._save("best.pt", epoch + 1, best, train_seconds, record, best_epoch=best_epoch)
                     kill_point(f"between-checkpoints@{epoch + 1}")

@@ -16,11 +16,10 @@ Reduction: the squared differences are summed over channels and over tokens, the
 number of valid token positions V of the batch (``Σ_b`` valid tokens of one part) and, with the
 default ``reduction="element"``, by the width d too — a mean over valid elements, so the loss
 grows neither with the image size nor with d and sits on the scale of DETR's losses (about 2 per
-layer for unrelated standardised sequences; with λ_seq = 1 and the per-channel sum instead, SA
-outweighed TA and the GT loss 20:1 on the demo's d = 64, and would 4× more at d = 256).
-``reduction="token"`` keeps the per-channel sum; ``reduction="sum"`` is Eq. 2's plain Frobenius form. The
-1/N of Eq. 2 is always applied, whether the student is extended (N·n tokens) or compressed
-(n tokens).
+layer for unrelated standardised sequences, whatever d; docs/DEMO.md, "Design decisions").
+``reduction="token"`` keeps the per-channel sum (d times the mean); ``reduction="sum"`` is Eq. 2's
+plain Frobenius form. The 1/N of Eq. 2 is always applied, whether the student is extended (N·n
+tokens) or compressed (n tokens).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ A selection is an index tensor ``idx (B, n)`` with ``idx[b, i]`` = the part kept
 ``i``; :func:`gather_parts` applies it to any ``(B, N, n, d)`` tensor (the student's projected
 sequence, every cached teacher layer), so student and teacher targets use the same tokens.
 
-Methods (:data:`METHODS`):
+Methods (:data:`COMPRESSION_METHODS`):
 
 - ``redundancy``: Algorithm 1. The redundancy of part t's token i is measured against the whole
   concatenated sequence X_T (all N parts' valid tokens); keep the least redundant part (ties go to
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("none", "redundancy", "isometric", "random")
+COMPRESSION_METHODS = ("none", "redundancy", "isometric", "random")
 SELECTIONS = ("redundancy", "isometric", "random")
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kacli.errors import KacliError
-from kacli.models.compress import METHODS, gather_parts, select_parts
+from kacli.models.compress import COMPRESSION_METHODS, gather_parts, select_parts
 from kacli.models.config import ModelConfig
 from kacli.models.detr import DETR
 
@@ -72,8 +72,8 @@ class Student(DETR):
                  proj_init: str = "independent"):
         if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
             raise KacliError(f"the student needs at least one part (one per teacher), got {num_parts!r}")
-        if compress not in METHODS:
-            raise KacliError(f"unknown compression {compress!r} (use {', '.join(METHODS)})")
+        if compress not in COMPRESSION_METHODS:
+            raise KacliError(f"unknown compression {compress!r} (use {', '.join(COMPRESSION_METHODS)})")
         if compress != "none" and num_parts == 1:
             raise KacliError(
                 f"compression {compress!r} needs at least 2 parts (teachers); with one part there is nothing to compress"

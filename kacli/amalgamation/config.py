@@ -1,0 +1,278 @@
+"""The configuration of ``kacli amalgamate``: the training methods, :class:`AmalgamateConfig`
+(with its SA and TA sections), its loader over the teachers' settings, and the check that a
+configuration can train what it says.
+
+Methods (:data:`TRAINING_METHODS`):
+
+- ``ka``: the extended student (one projection per teacher, decoupled encoder, optional
+  compression) trained with Eq. 12: ``λ_seq·L_seq + λ_task·L_task + λ_d·L_d``. L_seq is the SA loss
+  (Eq. 2) over the cached layers (the projection and the encoder layers), L_task the TA loss
+  (Eq. 9–11) against the pooled teacher predictions, L_d DETR's set criterion on the ground truth
+  over the union label set.
+- ``raw``: a plain DETR on the ground truth only (same images and views), weight 1.
+- ``raw-ext``: the extended student on the ground truth only, weight 1.
+- ``sag``: a single-sequence student whose layers are supervised by ``(1/N) Σ_k Y_t^k W_a^k``
+  (Eq. 5) instead of SA, with learned W_a (optimised with the student); TA and GT as in ``ka``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from kacli.config import ConfigValueError, TrainConfig, apply_overrides, config_to_dict, load_config
+from kacli.data.transforms import AugConfig
+from kacli.engine.runconfig import RUN_PRESETS, recorded_settings
+from kacli.errors import KacliError
+from kacli.models.config import ModelConfig
+
+TRAINING_METHODS = ("ka", "raw", "raw-ext", "sag")
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SAConfig:
+    """Sequence-level amalgamation (Eq. 2).
+
+    Attributes:
+        enabled: use L_seq (``--no-sa`` turns it off).
+        normalize: standardise every channel with mini-batch statistics over valid tokens.
+        stats: whose statistics standardise the student: ``own`` — every sequence by its own
+            (the paper, Sec. IV-A2: "all the sequences are normalized independently"), or
+            ``teacher`` — student and teacher with the teacher's (one affine map, so the loss is 0
+            exactly when the student equals the teacher).
+        reduction: ``element`` (default) divides each layer's squared error by the number of valid
+            tokens and by d (a mean over elements, on the scale of DETR's losses); ``token`` by the
+            number of valid tokens only; ``sum`` is Eq. 2's plain squared Frobenius norm.
+    """
+
+    enabled: bool = True
+    normalize: bool = True
+    stats: Literal["own", "teacher"] = "own"
+    reduction: Literal["element", "token", "sum"] = "element"
+
+
+@dataclass
+class TAConfig:
+    """Task-level amalgamation (Eq. 9–11); weights follow UP-DETR (class 1, L1 5, GIoU 2).
+
+    Attributes:
+        enabled: use L_task (``--no-ta`` turns it off).
+        alpha: matching-cost weights (KL, L1, GIoU) of Eq. 10.
+        alpha_conf: α3, the confidence bonus in the matching cost.
+        beta_kl, beta_l1, beta_giou: loss weights of Eq. 11.
+        threshold: teacher predictions less confident than this are dropped.
+        topk: keep at most this many teacher predictions per image (null: all).
+        temperature: softmax temperature of the KL terms.
+        noobj_weight: weight of the term that sends the student's queries matched to no teacher
+            prediction to "no object" (cross-entropy, divided like the pair terms by the matched
+            pairs of the batch); 0 leaves them untaught by TA, as Eq. 11 alone does.
+    """
+
+    enabled: bool = True
+    alpha: tuple[float, float, float] = (1.0, 5.0, 2.0)
+    alpha_conf: float = 1.0
+    beta_kl: float = 1.0
+    beta_l1: float = 5.0
+    beta_giou: float = 2.0
+    threshold: float = 0.1
+    topk: int | None = None
+    temperature: float = 1.0
+    noobj_weight: float = 0.1
+
+    def __post_init__(self):
+        for name in ("alpha_conf", "beta_kl", "beta_l1", "beta_giou", "threshold", "noobj_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
+        if any(a < 0 for a in self.alpha):
+            raise ConfigValueError("alpha", f"weights must not be negative, got {list(self.alpha)}")
+        if self.temperature <= 0:
+            raise ConfigValueError("temperature", f"must be positive, got {self.temperature}")
+        if self.topk is not None and self.topk < 1:
+            raise ConfigValueError("topk", f"must be at least 1 (or null for all), got {self.topk}")
+
+
+@dataclass
+class AmalgamateConfig:
+    """What ``kacli amalgamate`` reads from ``--config`` (and the command-line overrides).
+
+    ``model``, ``aug`` and ``train`` default to the teachers' (the first teacher's architecture and
+    training settings as the cache records them, and the cache's augmentation; see
+    :func:`teacher_settings`), so a config file only names what differs.
+    ``aug`` matters only for validation (``eval_size``, ``max_size``): training views come from the cache.
+
+    Attributes:
+        method: ``ka``, ``raw``, ``raw-ext`` or ``sag`` (see the module docstring).
+        compress: sequence compression of the extended student (``ka``, ``raw-ext``).
+        compress_seed: seed of ``random`` compression at evaluation.
+        compress_guide: the fraction of the epochs, from the start, in which ``redundancy`` compression
+            picks the kept tokens from the teachers' projected sequences X_T; the remaining epochs
+            pick them from the student's own X_S, as evaluation does. 1.0 (the default) is the
+            paper's rule (X_T throughout training). The paper guides with X_T "because the student
+            has not converged yet"; once it has, training on its own selection removes the mismatch
+            between the tokens it was trained on and those it is evaluated on (docs/DEMO.md, "Design
+            decisions").
+        lambda_seq, lambda_task, lambda_d: Eq. 12's weights of L_seq, L_task and the ground-truth loss.
+        eos_coef: "no object" class weight of the ground-truth criterion.
+        proj_init: the extended student's N input projections: ``independent`` random
+            initialisations (the official code's one projection to N·d channels) or ``copies`` of one.
+        sag_init: SAG's W_a: ``random`` (the paper learns it "from scratch") or ``identity``.
+    """
+
+    method: Literal["ka", "raw", "raw-ext", "sag"] = "ka"
+    compress: Literal["none", "redundancy", "isometric", "random"] = "none"
+    compress_seed: int = 0
+    compress_guide: float = 1.0
+    lambda_seq: float = 1.0
+    lambda_task: float = 1.0
+    lambda_d: float = 0.1
+    eos_coef: float = 0.1
+    proj_init: Literal["independent", "copies"] = "independent"
+    sag_init: Literal["random", "identity"] = "random"
+    sa: SAConfig = field(default_factory=SAConfig)
+    ta: TAConfig = field(default_factory=TAConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if not 0.0 <= self.compress_guide <= 1.0:
+            raise ConfigValueError("compress_guide", f"is a fraction of the epochs in [0, 1], got {self.compress_guide}")
+        for name in ("lambda_seq", "lambda_task", "lambda_d", "eos_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
+
+    @property
+    def extended(self) -> bool:
+        """The student has one part per teacher (``ka``, ``raw-ext``)."""
+        return self.method in ("ka", "raw-ext")
+
+
+def _deep_merge(base: dict, over: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_amalgamate_config(
+    source: str | Path | Mapping | None,
+    overrides: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> AmalgamateConfig:
+    """``--config`` over the teachers' settings, then the command-line overrides.
+
+    Args:
+        source: a YAML file, a mapping, a run preset name of train-teacher (``tiny``,
+            ``detr-r50``: its model, aug and train replace the teachers'), or None.
+        overrides: dotted keys (``{"train.epochs": 3, "lambda_d": 0}``); None values are skipped.
+        base: ``{"model": ..., "aug": ..., "train": ...}`` mappings the file's sections are merged
+            onto (the teachers' settings); when given, the result must name a model.
+
+    Raises:
+        KacliError: unknown key, wrong type or out-of-range value (naming the file and key).
+    """
+    from kacli.fsutil import load_yaml
+
+    merged: dict = copy.deepcopy(dict(base or {}))
+    where: Any = None
+    if isinstance(source, str) and source in RUN_PRESETS:
+        merged = _deep_merge(merged, config_to_dict(RUN_PRESETS[source]))
+    elif isinstance(source, Mapping):
+        merged = _deep_merge(merged, source)
+    elif source is not None:
+        where = Path(source)
+        if not where.exists():
+            raise KacliError(f"no such config file, and not a preset name (presets: {', '.join(RUN_PRESETS)})", where)
+        data = load_yaml(where)
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise KacliError(f"a config must be a mapping of keys, got {type(data).__name__}", where)
+        merged = _deep_merge(merged, data)
+    if base is not None and "model" not in merged:
+        raise KacliError(
+            "the student's architecture is unknown: the teachers' checkpoints are no longer where the cache says; "
+            "give the student's model (d_model and enc_layers as the teachers') under 'model:' in --config", where
+        )
+    try:
+        cfg = load_config(merged, AmalgamateConfig)
+    except KacliError as e:
+        raise KacliError(e.message, where) from None
+    cfg = apply_overrides(cfg, overrides or {})
+    cfg.model.validate(where)
+    return cfg
+
+
+def teacher_settings(attrs: Mapping[str, Any]) -> dict:
+    """``{"model", "aug", "train"}`` of the teachers, from a cache's attributes: the first
+    teacher's architecture and training settings as ``cache-teachers`` recorded them
+    (``teacher_settings``), and the augmentation the views were drawn with (``aug``)."""
+    recorded = attrs.get("teacher_settings")
+    if isinstance(recorded, Mapping):
+        base = {k: dict(v) for k, v in recorded.items() if k in ("model", "train") and isinstance(v, Mapping)}
+    else:
+        # A cache written before cache-teachers recorded the settings: they are only in the
+        # first teacher's checkpoint, read when the file is still where the cache says.
+        base = _checkpoint_settings(attrs)
+    if isinstance(attrs.get("aug"), dict):
+        base["aug"] = dict(attrs["aug"])
+    return base
+
+
+def _checkpoint_settings(attrs: Mapping[str, Any]) -> dict:
+    """``{"model", "train"}`` read from the first teacher checkpoint the attributes name; ``{}``
+    when it is gone or records no architecture."""
+    from kacli.models.checkpoint import torch_load_untrusted
+
+    teachers = attrs.get("teachers") or []
+    ck_path = Path(teachers[0]["checkpoint"]) if teachers and teachers[0].get("checkpoint") else None
+    if ck_path is None or not ck_path.is_file():
+        return {}
+    ck = torch_load_untrusted(ck_path)
+    return recorded_settings(ck.get("arch"), ck.get("config")) if isinstance(ck, dict) else {}
+
+
+# -- checks ------------------------------------------------------------------------------------------
+
+
+def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str]) -> None:
+    """Refuse configurations that cannot train what they say (one-line KacliError)."""
+    if cfg.method == "ka":
+        seq = cfg.sa.enabled and cfg.lambda_seq > 0
+        task = cfg.ta.enabled and cfg.lambda_task > 0
+        if not (seq or task or cfg.lambda_d > 0):
+            raise KacliError(
+                "--method ka with sequence- and task-level amalgamation both off (or weighted 0) and ground-truth "
+                "weight 0 has nothing to learn from"
+            )
+    if cfg.compress != "none":
+        if not cfg.extended:
+            raise KacliError(f"--compress {cfg.compress} applies to the extended student (--method ka or raw-ext), "
+                             f"not --method {cfg.method}")
+        if num_teachers < 2:
+            raise KacliError(f"--compress {cfg.compress} needs at least 2 teachers; the cache has {num_teachers}, "
+                             "so there is nothing to compress")
+    if cfg.method == "ka" and cfg.compress == "redundancy" and cfg.compress_guide > 0 and "proj" not in layers:
+        raise KacliError("redundancy compression chooses tokens from the teachers' projected sequences, but the "
+                         f"cache holds only layers {', '.join(layers)} (re-cache with the 'proj' layer)")
+    if cfg.method == "sag" and cfg.sa.enabled is False:
+        raise KacliError("--method sag is sequence supervision; it cannot run with --no-sa")
+
+
+__all__ = [
+    "AmalgamateConfig",
+    "SAConfig",
+    "TAConfig",
+    "TRAINING_METHODS",
+    "check_method",
+    "load_amalgamate_config",
+    "teacher_settings",
+]

@@ -1,0 +1,204 @@
+"""The loss a method trains with, as the trainer calls it (:class:`AmalgamationObjective`), and
+what it reads from the teacher cache (:meth:`AmalgamationObjective.needs`).
+
+Every loss term goes into ``metrics.jsonl`` (the trainer logs every key of the loss dict):
+``loss_seq``, ``loss_task``, ``loss_d`` (unweighted), their parts (``sa_proj``, ``sa_enc1``, …,
+``loss_ta_kl``, …, ``loss_ce``, …) and ``total``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from kacli.amalgamation.config import AmalgamateConfig
+from kacli.losses.criterion import SetCriterion
+from kacli.losses.matcher import HungarianMatcher
+from kacli.losses.sequence import SAGProjection, sa_loss, sag_loss
+from kacli.losses.task import TaskAmalgamationLoss
+
+
+@dataclass(frozen=True)
+class CacheNeeds:
+    """What a method reads from the teacher cache.
+
+    Attributes:
+        layers: the cached layers to load, in the order of the batch's ``seqs`` L axis (at least
+            one: the reader returns one even when no loss reads it).
+        teacher: the batches carry the teachers' outputs; False: images and ground truth only.
+        predictions: a loss reads the teachers' class logits and boxes (TA).
+    """
+
+    layers: list[str]
+    teacher: bool
+    predictions: bool
+
+
+def uses_sequences(cfg: AmalgamateConfig) -> bool:
+    """L_seq (SA for ``ka``, SAG for ``sag``) is on and weighted."""
+    return cfg.method in ("ka", "sag") and cfg.sa.enabled and cfg.lambda_seq > 0
+
+
+def uses_predictions(cfg: AmalgamateConfig) -> bool:
+    """L_task (TA) is on and weighted."""
+    return cfg.method in ("ka", "sag") and cfg.ta.enabled and cfg.lambda_task > 0
+
+
+def teachers_pick_tokens(cfg: AmalgamateConfig, layers: Sequence[str]) -> bool:
+    """``ka``'s redundancy compression chooses the kept tokens from the teachers' projected
+    sequences (cached layer ``proj``) during at least part of training."""
+    return cfg.method == "ka" and cfg.compress == "redundancy" and "proj" in layers and cfg.compress_guide > 0
+
+
+def layer_outputs(out: dict, layers: list[str]) -> list[torch.Tensor]:
+    """The student's tensors for the cached layer names: ``proj`` → ``enc_proj``, ``encI`` →
+    ``enc_layers[I-1]``.
+
+    A compressed student's ``proj`` is all N projected parts (``proj_parts``, B×N×n×d), not only the
+    kept tokens: compression happens after the projection, so the whole extended X_S exists, and at
+    evaluation the kept parts are chosen from X_S's redundancy. Supervising only the kept tokens
+    leaves the others free, and a selection made from them disagrees with the teachers' one the
+    student was trained on (docs/DEMO.md, "Design decisions")."""
+    picked = []
+    for name in layers:
+        if name == "proj":
+            picked.append(out.get("proj_parts", out["enc_proj"]))
+        elif name.startswith("enc") and name[3:].isdigit():
+            picked.append(out["enc_layers"][int(name[3:]) - 1])
+        else:
+            raise ValueError(f"unknown cached layer name {name!r}")
+    return picked
+
+
+class AmalgamationObjective(nn.Module):
+    """The loss of one method, as the trainer calls it: ``(model, batch, device) → dict``.
+
+    The batch is ``collate_cached``'s ``(images (B,3,H,W), mask (B,H,W), targets, teacher)`` with
+    ``teacher`` = ``{"seqs" (B,N,L,n,d), "token_mask" (B,n), "logits" [(B,Q_t,C_t+1)],
+    "boxes" [(B,Q_t,4)]}`` (``raw`` and ``raw-ext`` ignore ``teacher``; it may be None).
+
+    Args:
+        cfg: the run's configuration.
+        num_classes: C, the union label set's size.
+        num_teachers: N.
+        layers: names of the cached layers (``proj``, ``enc1``, …), in the order of ``seqs``' L axis.
+        class_index: per teacher, the student class index of each of its classes.
+        sag_proj: the SAG projections W_a (``sag`` only); optimise its parameters with the model.
+    """
+
+    def __init__(self, cfg: AmalgamateConfig, num_classes: int, num_teachers: int, layers: list[str],
+                 class_index: list[torch.Tensor], sag_proj: SAGProjection | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.method = cfg.method
+        self.num_teachers = num_teachers
+        self.layers = list(layers)
+        self.class_index = [torch.as_tensor(c, dtype=torch.long) for c in class_index]
+        self.criterion = SetCriterion(num_classes, HungarianMatcher(), eos_coef=cfg.eos_coef)
+        ta = cfg.ta
+        self.ta = TaskAmalgamationLoss(
+            num_classes, alpha=tuple(ta.alpha), alpha_conf=ta.alpha_conf, beta_kl=ta.beta_kl, beta_l1=ta.beta_l1,
+            beta_giou=ta.beta_giou, threshold=ta.threshold, topk=ta.topk, temperature=ta.temperature,
+            noobj_weight=ta.noobj_weight,
+        )
+        self.use_gt = cfg.method in ("raw", "raw-ext") or cfg.lambda_d > 0
+        self.use_seq = uses_sequences(cfg)
+        self.use_task = uses_predictions(cfg)
+        if cfg.method == "sag" and sag_proj is None:
+            raise ValueError("method sag needs its SAGProjection")
+        self.sag_proj = sag_proj
+        self.proj_layer = self.layers.index("proj") if "proj" in self.layers else None
+        self.guided = cfg.compress_guide > 0
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before each epoch (0-based): ``redundancy`` compression is guided
+        by the teachers' X_T while ``epoch < round(compress_guide · epochs)``."""
+        self.guided = epoch < round(self.cfg.compress_guide * epochs)
+
+    @staticmethod
+    def needs(cfg: AmalgamateConfig, cached: Sequence[str]) -> CacheNeeds:
+        """What the objective of ``cfg`` reads from a cache holding the layers ``cached``: every
+        cached layer for L_seq; else ``proj`` alone when ``ka``'s redundancy compression picks
+        tokens (its guide); else the first layer, which no loss reads."""
+        if uses_sequences(cfg):
+            layers = list(cached)
+        elif cfg.method == "ka" and cfg.compress == "redundancy":
+            layers = ["proj"]
+        else:
+            layers = list(cached[:1])
+        teacher = uses_sequences(cfg) or uses_predictions(cfg) or teachers_pick_tokens(cfg, layers)
+        return CacheNeeds(layers, teacher, uses_predictions(cfg))
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the batch must carry the teachers' outputs (a loss reads them, or ``ka``'s
+        redundancy compression chooses tokens from the teachers' projected sequences)."""
+        return self.use_seq or self.use_task or teachers_pick_tokens(self.cfg, self.layers)
+
+    def forward(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
+        from kacli.cache.quant import dequantize_teacher
+        from kacli.engine.train import to_device
+
+        images, mask, targets, teacher = batch
+        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        targets = to_device([{"boxes": t["boxes"], "labels": t["labels"]} for t in targets], device)
+        teacher = to_device(teacher, device) if (teacher is not None and self.needs_teacher) else None
+        teacher = dequantize_teacher(teacher)  # int8 caches: float sequences, made on the device
+        bare = model.module if hasattr(model, "module") else model
+        compressed = getattr(bare, "compress", "none") != "none"
+        if compressed and self.guided and teacher is not None and self.proj_layer is not None:
+            out = model(images, mask, teacher_proj=teacher["seqs"][:, :, self.proj_layer])
+        else:
+            out = model(images, mask)
+
+        losses: dict[str, torch.Tensor] = {}
+        total = images.new_zeros((), dtype=torch.float32)
+        if self.use_gt:
+            gt = self.criterion(out, targets)
+            gt.pop("class_error", None)
+            gt_total = gt.pop("total")
+            losses.update(gt)
+            losses["loss_d"] = gt_total
+            weight = 1.0 if self.method in ("raw", "raw-ext") else self.cfg.lambda_d
+            total = total + weight * gt_total
+        if self.use_seq:
+            seq_total, parts = self.sequence_loss(out, teacher)
+            losses.update(parts)
+            losses["loss_seq"] = seq_total
+            total = total + self.cfg.lambda_seq * seq_total
+        if self.use_task:
+            ta = self.ta(out, teacher["logits"], teacher["boxes"], self.class_index)
+            ta_total = ta.pop("total")
+            losses.update(ta)
+            losses["loss_task"] = ta_total
+            total = total + self.cfg.lambda_task * ta_total
+        losses["total"] = total
+        return losses
+
+    def sequence_loss(self, out: dict, teacher: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """SA (``ka``) or SAG (``sag``) over the cached layers; see :mod:`kacli.losses.sequence`."""
+        seqs = teacher["seqs"]  # (B, N, L, n, d)
+        if seqs.shape[1] != self.num_teachers or seqs.shape[2] != len(self.layers):
+            raise ValueError(f"teacher sequences {tuple(seqs.shape)} do not have N={self.num_teachers} teachers "
+                             f"and L={len(self.layers)} layers")
+        n = out["enc_mask"].shape[1]
+        if seqs.shape[3] != n or teacher["token_mask"].shape[1] != n:
+            raise ValueError(f"cached token grid has {seqs.shape[3]} tokens, the student's feature map {n} "
+                             f"({out['enc_hw'][0]}x{out['enc_hw'][1]})")
+        mask = out["enc_mask"] | teacher["token_mask"].to(torch.bool)
+        student = layer_outputs(out, self.layers)
+        targets = [seqs[:, :, j] for j in range(len(self.layers))]
+        names = [f"sa_{name}" for name in self.layers]
+        if self.method == "sag":
+            student = [s.squeeze(1) if s.dim() == 4 else s for s in student]
+            return sag_loss(student, targets, mask, self.sag_proj, normalize=self.cfg.sa.normalize,
+                            names=[f"sag_{name}" for name in self.layers], reduction=self.cfg.sa.reduction,
+                            stats=self.cfg.sa.stats)
+        return sa_loss(student, targets, mask, self.num_teachers, normalize=self.cfg.sa.normalize, names=names,
+                       index=out.get("part_idx"), reduction=self.cfg.sa.reduction, stats=self.cfg.sa.stats)
+
+
+__all__ = ["AmalgamationObjective", "CacheNeeds", "layer_outputs", "teachers_pick_tokens", "uses_predictions", "uses_sequences"]
