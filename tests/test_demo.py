@@ -49,6 +49,50 @@ def test_demo_end_to_end_at_toy_size(cli, tmp_path):
     assert (out / "report.json").read_bytes() == before
 
 
+@pytest.mark.slow
+def test_cross_dataset_demo_end_to_end_at_toy_size(cli, tmp_path):
+    """The cross-dataset scenario: teachers on their halves, students and the three baselines on
+    the union, every row scored per source and on the union, the report's columns per source."""
+    from kacli.models.checkpoint import load_checkpoint
+
+    out = tmp_path / "demo"
+    r = cli("demo", "--scenario", "cross-dataset", "--out", out, "--train-images", 120, "--val-images", 40,
+            "--minutes", 0.3)
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads((out / "report.json").read_text())
+    assert [row["model"] for row in rows] == ["teacher-convex", "teacher-concave", "ensemble", "raw", "raw-partial",
+                                              "pseudo", "student", "student-slim"]
+    for row in rows:
+        ev = json.loads((out / "eval" / f"{row['model']}.json").read_text())
+        teacher = row["model"].removeprefix("teacher-") if row["model"].startswith("teacher-") else None
+        assert set(row["per_source"]) == ({teacher, "union"} if teacher else {"convex", "concave", "union"})
+        assert row["AP"] == ev["AP"] == ev["per_source"]["union"]["AP"]
+        # each source is scored on its own half of the 40 validation images, the union on all of them
+        assert ev["per_source"]["union"]["images"] == (20 if teacher else 40)
+        assert all(ev["per_source"][s]["images"] == 20 for s in row["per_source"] if s != "union")
+    md = (out / "report.md").read_text()
+    assert "| AP convex | AP concave |" in md and "union of the sources" in md and "| pseudo |" in md
+    # each teacher trained on its own half only; the baselines are DETR with their ground-truth losses
+    assert load_checkpoint(out / "runs" / "teacher-convex" / "last.pt")["label_map"]["names"] == [
+        "circle", "square", "triangle", "diamond"]
+    tasks = json.loads((out / "tasks" / "train" / "convex.json").read_text())
+    assert len(tasks["images"]) == 60
+    meta = {name: load_checkpoint(out / "runs" / name / "last.pt")["meta"] for name in
+            ("raw", "raw-partial", "pseudo", "student")}
+    assert {n: (m["method"], m["gt_loss"]) for n, m in meta.items()} == {
+        "raw": ("raw", "none"), "raw-partial": ("raw-partial", "mask"), "pseudo": ("pseudo", "pseudo-gt"),
+        "student": ("ka", "mask")}
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["scenario"] == "cross-dataset"
+    assert set(summary["stages"]) >= {"data", "merge", "cache", "raw-partial", "pseudo", "student", "evaluate"}
+    assert len(list((out / "predictions").glob("*.png"))) >= 3
+
+
+def test_demo_unknown_scenario_is_a_one_line_error(cli, tmp_path):
+    assert_one_line_error(cli("demo", "--scenario", "both", "--out", tmp_path / "d"), "unknown demo scenario")
+    assert not (tmp_path / "d").exists()
+
+
 def test_demo_force_keeps_the_old_demo_when_the_new_one_fails(cli, tmp_path, monkeypatch):
     """--force moves the old demo aside and puts it back when the new one fails."""
     import kacli.data.demo_data
