@@ -58,7 +58,7 @@ def prediction_pictures(
     from PIL import Image, ImageDraw
 
     from kacli.data.manifest import TaskManifest
-    from kacli.data.transforms import load_image
+    from kacli.data.images import load_image
     from kacli.draw import PALETTE, draw_detections
     from kacli.eval.evaluate import make_eval_dataset
     from kacli.models.checkpoint import build_model, load_checkpoint

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.ops import box_convert
 
-from kacli.data.transforms import AugConfig, View, apply_view, eval_view, load_image, sample_train_view
+from kacli.data.images import image_size, load_image
+from kacli.data.transforms import AugConfig, View, apply_view, eval_view, sample_train_view
 from kacli.errors import KacliError
 from kacli.fsutil import load_json, require_dir, safe_join
 
@@ -132,6 +133,15 @@ class CocoDetection(Dataset):
 
     def image_path(self, index: int) -> Path:
         return safe_join(self.image_root, self.images[index]["file_name"], source=self.json_path)
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of image ``index``: from the json when it gives both (positive
+        integers), else from the file's header (:func:`kacli.data.images.image_size`)."""
+        info = self.images[index]
+        h, w = info.get("height"), info.get("width")
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            return h, w
+        return image_size(self.image_path(index))
 
     def raw(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image ``index`` untransformed: uint8 ``(3, H, W)``, its kept boxes ``(M, 4)`` pixel
