@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader
 
 from conftest import assert_one_line_error
 from kacli.cache import schema
+from kacli.cache.output import KILL_ENV
 from kacli.cache.reader import TeacherCache, collate_cached
-from kacli.cache.writer import KILL_ENV, entry_view
 from kacli.config import config_to_dict
-from kacli.data.dataset import CocoDetection, collate
+from kacli.data.dataset import CocoDetection, collate, entry_view
 from kacli.data.demo_data import make_demo_data
 from kacli.data.manifest import TaskManifest
 from kacli.data.split import split_tasks

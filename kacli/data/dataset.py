@@ -28,6 +28,23 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(d, "little") & ((1 << 63) - 1)
 
 
+def train_view(h: int, w: int, image_index: int, epoch: int, aug: AugConfig, seed: int) -> View:
+    """The training view of image ``image_index`` (``h × w`` pixels) in ``epoch``: DETR's random
+    flip and resize(-crop-resize), drawn from a generator seeded with ``item_seed(seed, epoch,
+    image_index)``, so it is the same in every process and on every rerun."""
+    g = torch.Generator().manual_seed(item_seed(seed, epoch, image_index))
+    return sample_train_view(h, w, aug, g)
+
+
+def entry_view(h: int, w: int, image_index: int, view_index: int, aug: AugConfig, seed: int) -> View:
+    """The view policy of the teacher cache: view 0 of an image is its evaluation view; view
+    ``v > 0`` is the training view that ``CocoDetection(train=True, generator_seed=seed)`` draws
+    for the image in epoch ``v`` (:func:`train_view`). A pure function of ``(seed, image, view)``."""
+    if view_index == 0:
+        return eval_view(h, w, aug.eval_size, aug.max_size)
+    return train_view(h, w, image_index, view_index, aug, seed)
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -162,8 +179,7 @@ class CocoDetection(Dataset):
         if self.views is not None:
             return self.views[index]
         if self.train:
-            g = torch.Generator().manual_seed(item_seed(self.generator_seed, self.epoch, index))
-            return index, sample_train_view(h, w, self.aug, g)
+            return index, train_view(h, w, index, self.epoch, self.aug, self.generator_seed)
         return index, eval_view(h, w, self.aug.eval_size, self.aug.max_size)
 
     def __getitem__(self, index: int):
