@@ -39,6 +39,7 @@ from kacli.losses.criterion import SetCriterion
 from kacli.losses.matcher import HungarianMatcher
 from kacli.losses.sequence import SAGProjection, sa_loss, sag_loss
 from kacli.losses.task import TaskAmalgamationLoss
+from kacli.models.backbone import backbone_stride
 from kacli.models.config import ModelConfig
 
 METHODS = ("ka", "raw", "raw-ext", "sag")
@@ -249,13 +250,6 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str]) ->
                          f"cache holds only layers {', '.join(layers)} (re-cache with the 'proj' layer)")
     if cfg.method == "sag" and cfg.sa.enabled is False:
         raise KacliError("--method sag is sequence supervision; it cannot run with --no-sa")
-
-
-def backbone_stride(model_cfg: ModelConfig) -> int:
-    """Feature-map stride of the backbone ``model_cfg`` names (tiny 16; ResNet 32, 16 dilated)."""
-    if model_cfg.backbone == "tiny":
-        return 16
-    return 16 if model_cfg.dilation else 32
 
 
 def check_architecture(model_cfg: ModelConfig, d_model: int, enc_layers: int, stride: int | None,
