@@ -500,8 +500,7 @@ def amalgamate(
         whose d_model or enc_layers differs from the teachers', compression with one teacher.
     """
     from kacli.cache import schema
-    from kacli.cache.reader import TeacherCache, collate_cached
-    from kacli.data.manifest import TaskManifest
+    from kacli.cache.reader import TeacherCache, cache_manifest, collate_cached
     from kacli.engine.distributed import init_distributed
     from kacli.engine.train import Trainer, TrainSetup
     from kacli.fsutil import sha256_file
@@ -513,20 +512,7 @@ def amalgamate(
         attrs = dict(schema.validate(f, cache_path, require_complete=True).attrs)
 
     # The manifest: the one given must be the one the cache was made from.
-    recorded = attrs.get("tasks_path")
-    if tasks_path is not None:
-        manifest = TaskManifest(tasks_path)
-        if manifest.sha256 != attrs.get("tasks_sha256"):
-            raise KacliError(
-                f"cache was made from another task manifest ({recorded}), not {manifest.path} "
-                "(tasks.yaml sha256 differs)", cache_path,
-            )
-    else:
-        if not recorded:
-            raise KacliError("cache does not name its tasks.yaml; pass --tasks", cache_path)
-        manifest = TaskManifest(recorded)
-        if manifest.sha256 != attrs.get("tasks_sha256"):
-            raise KacliError("the tasks.yaml this cache was made from has changed since (sha256 differs)", manifest.path)
+    manifest = cache_manifest(attrs, cache_path, tasks_path)
 
     teachers = list(attrs.get("teachers") or [])
     num_teachers = len(teachers)
