@@ -26,22 +26,17 @@ from torch import nn
 from kacli.amalgamation.config import AmalgamateConfig, check_method, load_amalgamate_config, teacher_settings
 from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
 from kacli.cache import schema
+from kacli.cache.reader import cache_manifest
 from kacli.config import apply_overrides, config_to_dict
 from kacli.data.manifest import TaskManifest
 from kacli.engine.train import TrainSetup
 from kacli.errors import KacliError
 from kacli.losses.sequence import SAGProjection
+from kacli.models.backbone import backbone_stride
 from kacli.models.config import ModelConfig
 
 
 # -- checks ------------------------------------------------------------------------------------------
-
-
-def backbone_stride(model_cfg: ModelConfig) -> int:
-    """Feature-map stride of the backbone ``model_cfg`` names (tiny 16; ResNet 32, 16 dilated)."""
-    if model_cfg.backbone == "tiny":
-        return 16
-    return 16 if model_cfg.dilation else 32
 
 
 def check_architecture(model_cfg: ModelConfig, d_model: int, enc_layers: int, stride: int | None,
@@ -97,20 +92,7 @@ def open_cache(cache_path: str | Path, tasks_path: str | Path | None) -> CacheSo
     cache_path = Path(cache_path)
     with schema.open_h5(cache_path, "r") as f:
         attrs = dict(schema.validate(f, cache_path, require_complete=True).attrs)
-    recorded = attrs.get("tasks_path")
-    if tasks_path is not None:
-        manifest = TaskManifest(tasks_path)
-        if manifest.sha256 != attrs.get("tasks_sha256"):
-            raise KacliError(
-                f"cache was made from another task manifest ({recorded}), not {manifest.path} "
-                "(tasks.yaml sha256 differs)", cache_path,
-            )
-    else:
-        if not recorded:
-            raise KacliError("cache does not name its tasks.yaml; pass --tasks", cache_path)
-        manifest = TaskManifest(recorded)
-        if manifest.sha256 != attrs.get("tasks_sha256"):
-            raise KacliError("the tasks.yaml this cache was made from has changed since (sha256 differs)", manifest.path)
+    manifest = cache_manifest(attrs, cache_path, tasks_path)
     return CacheSource(cache_path, attrs, manifest)
 
 
@@ -311,7 +293,6 @@ __all__ = [
     "CacheSource",
     "GroundTruthOnly",
     "amalgamate",
-    "backbone_stride",
     "build_objective",
     "build_student",
     "check_architecture",

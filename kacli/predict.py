@@ -92,7 +92,7 @@ def predict_images(
     unreadable image, an unreadable checkpoint, a threshold outside [0, 1], an unknown ``fmt``, or
     (``fmt="coco"``) an image whose id cannot be found.
     """
-    from kacli.data.transforms import load_image
+    from kacli.data.images import load_image
     from kacli.limits import check_side
     from kacli.draw import draw_detections
     from kacli.engine.distributed import pick_device

@@ -60,7 +60,9 @@ def _setup(root: Path) -> tuple[Path, list[Path]]:
 def _pure_inference(tasks: Path, teachers: list[Path], device: torch.device) -> tuple[float, int]:
     """Load the teachers and run them over the same entries, batches and loader as cache-teachers
     (AMP on CUDA, as there); nothing is kept. Returns (seconds, entries)."""
-    from kacli.cache.writer import load_teachers, plan_entries, resolve_aug
+    from kacli.cache.plan import plan_entries
+    from kacli.cache.teachers import load_teachers
+    from kacli.cache.writer import resolve_aug
     from kacli.data.dataset import CocoDetection, collate
     from kacli.data.manifest import TaskManifest
 

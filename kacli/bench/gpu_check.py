@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from kacli.engine.runlog import read_jsonl
+
 SIZE = 512
 STEPS = 300
 BATCH = 8
@@ -119,7 +121,7 @@ def check(root: Path, **kw) -> list[dict]:
         ok, s, err = _run(_kacli("train-teacher", "--tasks", tasks, "--task", task, "--config", cfg, "--out", run))
         result = err
         if ok:
-            last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+            last = read_jsonl(run / "metrics.jsonl")[-1][2]
             result = (f"{p['preset']} AMP {size} px, {epochs * (n_train // batch)} steps, "
                       f"{1000 * last['train_seconds'] / max(1, epochs * last['steps']):.0f} ms/step, loss {last['total']:.3f}")  # fmt: skip
             teachers.append(run)
