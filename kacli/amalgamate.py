@@ -138,11 +138,12 @@ def resolve_config(
 
 
 def build_student(cfg: AmalgamateConfig, num_classes: int, num_teachers: int) -> nn.Module:
-    """The model ``cfg.method`` trains: DETR (``raw``), a 1-part student (``sag``), the N-part one."""
+    """The model ``cfg.method`` trains: DETR (``raw``, ``raw-partial``, ``pseudo``), a 1-part student
+    (``sag``), the N-part one."""
     from kacli.models.detr import DETR
     from kacli.models.student import Student
 
-    if cfg.method == "raw":
+    if cfg.plain_detr:
         return DETR(cfg.model, num_classes)
     if cfg.method == "sag":
         return Student(cfg.model, num_classes, 1)
@@ -200,7 +201,7 @@ def train_setup(cfg: AmalgamateConfig, source: CacheSource, cache, model: nn.Mod
     inputs = {"tasks.yaml": manifest.sha256, "cache": cache_sha}
     if backbone_weights:
         inputs["backbone_weights"] = sha256_file(backbone_weights)
-    if cfg.method == "raw":
+    if cfg.plain_detr:
         kind, arch = "detr", cfg.model.to_dict()
     else:
         kind, arch = "student", model.arch_dict()
@@ -208,6 +209,7 @@ def train_setup(cfg: AmalgamateConfig, source: CacheSource, cache, model: nn.Mod
         "role": "student",
         "method": cfg.method,
         "compress": cfg.compress,
+        "gt_loss": cfg.ground_truth_loss,
         "weights": {"lambda_seq": cfg.lambda_seq, "lambda_task": cfg.lambda_task, "lambda_d": cfg.lambda_d},
         "sa": config_to_dict(cfg.sa),
         "ta": config_to_dict(cfg.ta),

@@ -13,6 +13,18 @@ Methods (:data:`TRAINING_METHODS`):
 - ``raw-ext``: the extended student on the ground truth only, weight 1.
 - ``sag``: a single-sequence student whose layers are supervised by ``(1/N) Σ_k Y_t^k W_a^k``
   (Eq. 5) instead of SA, with learned W_a (optimised with the student); TA and GT as in ``ka``.
+
+Baselines for tasks from several datasets (every image annotated only for its source's categories),
+each a plain DETR on the union of the sources' images, ground-truth weight 1:
+
+- ``raw`` is the naive merge: a category an image's source does not label is background there.
+- ``raw-partial``: DETR with the partial-label loss (``gt_loss: mask``).
+- ``pseudo``: DETR on the ground truth plus the teachers' confident cached predictions of the
+  categories each image lacks, as hard labels (``gt_loss: pseudo-gt``; autodistill-style).
+
+``gt_loss`` (:data:`~kacli.losses.ground_truth.GT_LOSSES`) is the ground-truth loss of ``ka``,
+``sag`` and ``raw-ext``; on images complete for every category (one dataset split by category,
+the paper's setting) every mode gives the same losses.
 """
 
 from __future__ import annotations
@@ -26,9 +38,14 @@ from kacli.config import ConfigValueError, TrainConfig, apply_overrides, config_
 from kacli.data.transforms import AugConfig
 from kacli.engine.runconfig import RUN_PRESETS, recorded_settings
 from kacli.errors import KacliError
+from kacli.losses.ground_truth import GT_LOSSES
 from kacli.models.config import ModelConfig
 
-TRAINING_METHODS = ("ka", "raw", "raw-ext", "sag")
+TRAINING_METHODS = ("ka", "raw", "raw-ext", "sag", "raw-partial", "pseudo")
+# Methods training a plain DETR on ground truth alone (weight 1), each with its own ground-truth loss.
+PLAIN_DETR_GT_LOSS = {"raw": "none", "raw-partial": "mask", "pseudo": "pseudo-gt"}
+# The ground-truth loss of the other methods when the configuration names none.
+DEFAULT_GT_LOSS = "mask"
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -106,7 +123,15 @@ class AmalgamateConfig:
     ``aug`` matters only for validation (``eval_size``, ``max_size``): training views come from the cache.
 
     Attributes:
-        method: ``ka``, ``raw``, ``raw-ext`` or ``sag`` (see the module docstring).
+        method: ``ka``, ``raw``, ``raw-ext``, ``sag``, ``raw-partial`` or ``pseudo`` (see the module
+            docstring).
+        gt_loss: the ground-truth loss on partially annotated images: ``none``, ``mask`` or
+            ``pseudo-gt`` (:mod:`kacli.losses.ground_truth`); null: the method's own (``mask``
+            for ``ka``, ``sag`` and ``raw-ext``; ``raw``, ``raw-partial`` and ``pseudo`` are defined
+            by theirs: none, mask, pseudo-gt).
+        pseudo_threshold: ``pseudo-gt``: a teacher prediction becomes a hard label when its class
+            probability reaches this.
+        pseudo_iou: ``pseudo-gt``: IoU above which added boxes of one class are duplicates.
         compress: sequence compression of the extended student (``ka``, ``raw-ext``).
         compress_seed: seed of ``random`` compression at evaluation.
         compress_guide: the fraction of the epochs, from the start, in which ``redundancy`` compression
@@ -123,7 +148,10 @@ class AmalgamateConfig:
         sag_init: SAG's W_a: ``random`` (the paper learns it "from scratch") or ``identity``.
     """
 
-    method: Literal["ka", "raw", "raw-ext", "sag"] = "ka"
+    method: Literal["ka", "raw", "raw-ext", "sag", "raw-partial", "pseudo"] = "ka"
+    gt_loss: Literal["none", "mask", "pseudo-gt"] | None = None
+    pseudo_threshold: float = 0.5
+    pseudo_iou: float = 0.7
     compress: Literal["none", "redundancy", "isometric", "random"] = "none"
     compress_seed: int = 0
     compress_guide: float = 1.0
@@ -145,6 +173,20 @@ class AmalgamateConfig:
         for name in ("lambda_seq", "lambda_task", "lambda_d", "eos_coef"):
             if getattr(self, name) < 0:
                 raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.pseudo_threshold <= 1.0:
+            raise ConfigValueError("pseudo_threshold", f"is a probability in [0, 1], got {self.pseudo_threshold}")
+        if not 0.0 < self.pseudo_iou <= 1.0:
+            raise ConfigValueError("pseudo_iou", f"is an IoU in (0, 1], got {self.pseudo_iou}")
+
+    @property
+    def plain_detr(self) -> bool:
+        """The method trains a plain DETR on ground truth (``raw``, ``raw-partial``, ``pseudo``)."""
+        return self.method in PLAIN_DETR_GT_LOSS
+
+    @property
+    def ground_truth_loss(self) -> str:
+        """The ground-truth loss mode this run trains with (see ``gt_loss``)."""
+        return PLAIN_DETR_GT_LOSS.get(self.method) or self.gt_loss or DEFAULT_GT_LOSS
 
     @property
     def extended(self) -> bool:
@@ -263,12 +305,18 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str]) ->
     if cfg.method == "ka" and cfg.compress == "redundancy" and cfg.compress_guide > 0 and "proj" not in layers:
         raise KacliError("redundancy compression chooses tokens from the teachers' projected sequences, but the "
                          f"cache holds only layers {', '.join(layers)} (re-cache with the 'proj' layer)")
+    own = PLAIN_DETR_GT_LOSS.get(cfg.method)
+    if own is not None and cfg.gt_loss is not None and cfg.gt_loss != own:
+        raise KacliError(f"--method {cfg.method} is DETR with the ground-truth loss {own!r}; gt_loss {cfg.gt_loss!r} "
+                         "would make it another method (use --method ka, sag or raw-ext to choose gt_loss)")
     if cfg.method == "sag" and cfg.sa.enabled is False:
         raise KacliError("--method sag is sequence supervision; it cannot run with --no-sa")
 
 
 __all__ = [
     "AmalgamateConfig",
+    "DEFAULT_GT_LOSS",
+    "PLAIN_DETR_GT_LOSS",
     "SAConfig",
     "TAConfig",
     "TRAINING_METHODS",

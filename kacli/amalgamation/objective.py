@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from kacli.amalgamation.config import AmalgamateConfig
-from kacli.losses.criterion import SetCriterion
-from kacli.losses.matcher import HungarianMatcher
+from kacli.losses.ground_truth import GroundTruthLoss
 from kacli.losses.sequence import SAGProjection, sa_loss, sag_loss
 from kacli.losses.task import TaskAmalgamationLoss
 
@@ -35,6 +34,11 @@ class CacheNeeds:
     layers: list[str]
     teacher: bool
     predictions: bool
+
+
+def uses_pseudo_labels(cfg: AmalgamateConfig) -> bool:
+    """The ground-truth loss adds the teachers' confident predictions as hard labels (``pseudo-gt``)."""
+    return cfg.ground_truth_loss == "pseudo-gt" and (cfg.plain_detr or cfg.lambda_d > 0)
 
 
 def uses_sequences(cfg: AmalgamateConfig) -> bool:
@@ -78,7 +82,9 @@ class AmalgamationObjective(nn.Module):
 
     The batch is ``collate_cached``'s ``(images (B,3,H,W), mask (B,H,W), targets, teacher)`` with
     ``teacher`` = ``{"seqs" (B,N,L,n,d), "token_mask" (B,n), "logits" [(B,Q_t,C_t+1)],
-    "boxes" [(B,Q_t,4)]}`` (``raw`` and ``raw-ext`` ignore ``teacher``; it may be None).
+    "boxes" [(B,Q_t,4)]}`` (``raw``, ``raw-partial`` and ``raw-ext`` ignore ``teacher``; it may
+    be None; ``pseudo`` reads its logits and boxes). Targets keep ``complete`` (the classes each
+    image is annotated for) for the ground-truth loss.
 
     Args:
         cfg: the run's configuration.
@@ -97,14 +103,16 @@ class AmalgamationObjective(nn.Module):
         self.num_teachers = num_teachers
         self.layers = list(layers)
         self.class_index = [torch.as_tensor(c, dtype=torch.long) for c in class_index]
-        self.criterion = SetCriterion(num_classes, HungarianMatcher(), eos_coef=cfg.eos_coef)
+        self.criterion = GroundTruthLoss(num_classes, cfg.ground_truth_loss, class_index=self.class_index,
+                                         eos_coef=cfg.eos_coef, threshold=cfg.pseudo_threshold,
+                                         iou_threshold=cfg.pseudo_iou)
         ta = cfg.ta
         self.ta = TaskAmalgamationLoss(
             num_classes, alpha=tuple(ta.alpha), alpha_conf=ta.alpha_conf, beta_kl=ta.beta_kl, beta_l1=ta.beta_l1,
             beta_giou=ta.beta_giou, threshold=ta.threshold, topk=ta.topk, temperature=ta.temperature,
             noobj_weight=ta.noobj_weight,
         )
-        self.use_gt = cfg.method in ("raw", "raw-ext") or cfg.lambda_d > 0
+        self.use_gt = cfg.plain_detr or cfg.method == "raw-ext" or cfg.lambda_d > 0
         self.use_seq = uses_sequences(cfg)
         self.use_task = uses_predictions(cfg)
         if cfg.method == "sag" and sag_proj is None:
@@ -129,14 +137,16 @@ class AmalgamationObjective(nn.Module):
             layers = ["proj"]
         else:
             layers = list(cached[:1])
-        teacher = uses_sequences(cfg) or uses_predictions(cfg) or teachers_pick_tokens(cfg, layers)
-        return CacheNeeds(layers, teacher, uses_predictions(cfg))
+        predictions = uses_predictions(cfg) or uses_pseudo_labels(cfg)
+        teacher = uses_sequences(cfg) or predictions or teachers_pick_tokens(cfg, layers)
+        return CacheNeeds(layers, teacher, predictions)
 
     @property
     def needs_teacher(self) -> bool:
         """Whether the batch must carry the teachers' outputs (a loss reads them, or ``ka``'s
         redundancy compression chooses tokens from the teachers' projected sequences)."""
-        return self.use_seq or self.use_task or teachers_pick_tokens(self.cfg, self.layers)
+        return (self.use_seq or self.use_task or (self.use_gt and self.criterion.needs_teacher)
+                or teachers_pick_tokens(self.cfg, self.layers))
 
     def forward(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
         from kacli.cache.quant import dequantize_teacher
@@ -144,7 +154,8 @@ class AmalgamationObjective(nn.Module):
 
         images, mask, targets, teacher = batch
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        targets = to_device([{"boxes": t["boxes"], "labels": t["labels"]} for t in targets], device)
+        keep = ("boxes", "labels", "complete")  # complete: the classes the image is annotated for
+        targets = to_device([{k: t[k] for k in keep if k in t} for t in targets], device)
         teacher = to_device(teacher, device) if (teacher is not None and self.needs_teacher) else None
         teacher = dequantize_teacher(teacher)  # int8 caches: float sequences, made on the device
         bare = model.module if hasattr(model, "module") else model
@@ -157,12 +168,12 @@ class AmalgamationObjective(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         total = images.new_zeros((), dtype=torch.float32)
         if self.use_gt:
-            gt = self.criterion(out, targets)
+            gt = self.criterion(out, targets, teacher)
             gt.pop("class_error", None)
             gt_total = gt.pop("total")
             losses.update(gt)
             losses["loss_d"] = gt_total
-            weight = 1.0 if self.method in ("raw", "raw-ext") else self.cfg.lambda_d
+            weight = 1.0 if (self.cfg.plain_detr or self.method == "raw-ext") else self.cfg.lambda_d
             total = total + weight * gt_total
         if self.use_seq:
             seq_total, parts = self.sequence_loss(out, teacher)
@@ -201,4 +212,5 @@ class AmalgamationObjective(nn.Module):
                        index=out.get("part_idx"), reduction=self.cfg.sa.reduction, stats=self.cfg.sa.stats)
 
 
-__all__ = ["AmalgamationObjective", "CacheNeeds", "layer_outputs", "teachers_pick_tokens", "uses_predictions", "uses_sequences"]
+__all__ = ["AmalgamationObjective", "CacheNeeds", "layer_outputs", "teachers_pick_tokens", "uses_predictions",
+           "uses_pseudo_labels", "uses_sequences"]

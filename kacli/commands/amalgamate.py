@@ -38,7 +38,13 @@ def amalgamate_cmd(
     ),
     method: Optional[str] = typer.Option(
         None, "--method", show_default=False,
-        help="ka (default) | raw (DETR on ground truth) | raw-ext (extended student, ground truth) | sag.",
+        help="ka (default) | raw (DETR on ground truth) | raw-ext (extended student, ground truth) | sag | "
+        "raw-partial (DETR, partial-label loss) | pseudo (DETR on ground truth + the teachers' hard pseudo-labels).",
+    ),
+    gt_loss: Optional[str] = typer.Option(
+        None, "--gt-loss", show_default=False,
+        help="Ground-truth loss on images annotated only for some categories (merge-tasks): mask (default: their "
+        "other categories leave the softmax) | pseudo-gt (the teachers' confident predictions added) | none.",
     ),
     no_sa: bool = typer.Option(False, "--no-sa", help="Turn sequence-level amalgamation (SA) off."),
     no_ta: bool = typer.Option(False, "--no-ta", help="Turn task-level amalgamation (TA) off."),
@@ -78,6 +84,7 @@ def amalgamate_cmd(
 
     overrides = {
         "method": method,
+        "gt_loss": gt_loss,
         "compress": compress,
         "compress_guide": compress_guide,
         "lambda_d": gt_weight,

@@ -395,8 +395,9 @@ class Trainer:
                         metrics = self.evaluate(self._bare_model() if self.ema is None else self.ema.module)
                     barrier()
                     record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None})
-                    if "per_task" in metrics:
-                        record["per_task"] = metrics["per_task"]
+                    for key in ("per_task", "per_source"):  # per_source: tasks from several datasets
+                        if key in metrics:
+                            record[key] = metrics[key]
                 progress.update(
                     task,
                     info=f"loss {record.get('total', math.nan):.4f}"

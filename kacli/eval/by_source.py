@@ -68,6 +68,21 @@ def _evaluate(coco_gt, coco_dt, image_ids: list[int], cat_ids: list[int], names:
     return result
 
 
+def sources_of(gt: Mapping) -> dict[str, tuple[list[int], list[int]]] | None:
+    """``{source: (image ids, complete category ids)}`` of a split written by ``merge-tasks`` (its
+    images carry ``source``, the file ``complete_category_ids``); None for a single-dataset split,
+    where every image is annotated for every category."""
+    complete = gt.get("complete_category_ids")
+    if not isinstance(complete, Mapping):
+        return None
+    images: dict[str, list[int]] = {str(name): [] for name in complete}
+    for im in gt.get("images", []):
+        name = im.get("source")
+        if name in images:
+            images[name].append(int(im["id"]))
+    return {name: (images[name], [int(c) for c in complete[name]]) for name in images}
+
+
 def source_metrics(
     gt: Mapping,
     detections: list[Mapping],

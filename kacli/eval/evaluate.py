@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.transforms import AugConfig
 from kacli.errors import KacliError
+from kacli.eval.by_source import UNION, source_metrics, sources_of
 from kacli.eval.coco_eval import coco_metrics, pool_detections
 from kacli.models.postprocess import postprocess
 from kacli.progress import make_progress
@@ -82,10 +83,30 @@ def evaluate_detections(
     gt: dict, dets: list[dict], category_ids: list[int], tasks: dict[str, list[int]]
 ) -> dict[str, Any]:
     """pycocotools metrics over ``category_ids``, with per-task AP for the tasks whose categories
-    the model covers."""
+    the model covers.
+
+    On a split of tasks from several datasets (``merge-tasks``: each image annotated only for its
+    source's categories) a detection of a category nobody annotated on that image is neither right
+    nor wrong, so the metrics are :func:`~kacli.eval.by_source.source_metrics`': ``AP``… and
+    ``per_category`` are the union's (every category scored on the images annotated for it),
+    ``per_task`` each task's source (its images, its categories) and ``per_source`` every source's
+    metrics and the union's."""
     covered = set(category_ids)
-    tasks = {name: ids for name, ids in tasks.items() if set(ids) <= covered}
-    return coco_metrics(gt, dets, tasks=tasks, category_ids=sorted(category_ids))
+    sources = sources_of(gt)
+    if sources is None:
+        tasks = {name: ids for name, ids in tasks.items() if set(ids) <= covered}
+        return coco_metrics(gt, dets, tasks=tasks, category_ids=sorted(category_ids))
+    groups = {name: (images, [c for c in cats if c in covered]) for name, (images, cats) in sources.items()}
+    groups = {name: g for name, g in groups.items() if g[1]}
+    if not groups:
+        raise KacliError("none of the model's categories is annotated in any source of the dataset")
+    per_source = source_metrics(gt, dets, groups)
+    union = per_source[UNION]
+    result = {k: v for k, v in union.items() if k not in ("categories",)}
+    result["per_task"] = {name: {k: m[k] for k in ("AP", "AP50", "AP75")}
+                          for name, m in per_source.items() if name != UNION and name in tasks}
+    result["per_source"] = {name: {k: m[k] for k in ("AP", "AP50", "AP75", "images")} for name, m in per_source.items()}
+    return result
 
 
 def make_eval_dataset(json_path: Path, image_root: Path, label_ids: list[int], size: int, max_size: int) -> CocoDetection:
