@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from kacli.amalgamation.config import load_amalgamate_config
+from kacli.amalgamation.config import AmalgamateConfig, load_amalgamate_config
 from kacli.cli import app
 from kacli.data.schemes import PRESETS as SCHEMES
 from kacli.engine.runconfig import load_run_config
@@ -138,14 +138,15 @@ def test_configs_carry_the_papers_settings(run):
 # Method settings of an example student.yaml that may differ from the library's defaults, each with
 # its reason. Anything not named here must equal AmalgamateConfig's default, so a default moved in
 # the library (say, after a measurement on the demo) cannot leave the examples behind.
-EXAMPLE_METHOD_DIFFERENCES: dict[str, str] = {}
+EXAMPLE_METHOD_DIFFERENCES: dict[str, str] = {
+    "gt_loss": "coco-plus-mine names the partial-label loss it trains with (its images lack COCO's labels); "
+               "test_coco_plus_mine_configs_are_detrs checks that it is the one ka resolves to by default",
+}
 
 
 @pytest.mark.parametrize("run", (*RUN_DIRS, MINE_DIR))
 def test_example_method_settings_are_the_library_defaults(run):
     from dataclasses import asdict
-
-    from kacli.amalgamation.config import AmalgamateConfig
 
     def flat(cfg) -> dict:
         """Dotted method keys → values (tuples as lists), without the model, aug and train sections."""
@@ -300,6 +301,8 @@ def test_coco_plus_mine_configs_are_detrs():
     assert teacher.aug.scales == tuple(range(480, 801, 32)) and (teacher.aug.max_size, teacher.aug.eval_size) == (1333, 800)
     assert (teacher.train.lr, teacher.train.lr_backbone, teacher.train.weight_decay) == (1e-4, 1e-5, 1e-4)
     assert teacher.train.lr_drop < teacher.train.epochs
+    # Partial labels: the user's images are not annotated for COCO's classes; the loss is ka's default.
+    assert student.gt_loss == student.ground_truth_loss == AmalgamateConfig(method="ka").ground_truth_loss == "mask"
     views = int(script_default(MINE_SCRIPT, "VIEWS"))
     assert (student.train.epochs * views, student.train.lr_drop * views) == (150, 100)
     # The script passes --batch-size TOTAL_BATCH/GPUS; the configs say the same for one process.
