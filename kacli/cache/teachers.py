@@ -22,6 +22,7 @@ from kacli.cache.quant import quantize_int8
 from kacli.data.dataset import collate
 from kacli.data.manifest import TaskManifest
 from kacli.errors import KacliError
+from kacli.fsutil import sha256_file
 from kacli.models.checkpoint import build_model, load_checkpoint, resolve_checkpoint_path
 
 if TYPE_CHECKING:
@@ -86,7 +87,6 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
     its task's categories (naming the task it does fit, if any: teachers given in the wrong order), or
     a teacher's d_model, encoder depth or backbone stride differs from the first teacher's.
     """
-    from kacli.fsutil import sha256_file
 
     names = manifest.task_names
     if len(paths) != len(names):

@@ -33,14 +33,14 @@ from kacli.data.dataset import CocoDetection
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import AugConfig
 from kacli.engine import distributed
-from kacli.engine.runconfig import recorded_settings
+from kacli.engine.runconfig import load_run_config, recorded_settings
 from kacli.errors import KacliError
+from kacli.limits import max_views
 
 
 def resolve_aug(teachers: Sequence[Teacher], config: str | Path | None, log: Callable[[str], None]) -> AugConfig:
     """The views' augmentation: ``--config``'s ``aug`` section if given, else the first teacher's."""
     if config is not None:
-        from kacli.engine.runconfig import load_run_config
 
         return load_run_config(config, {}).aug
     aug = teachers[0].config.get("aug") if isinstance(teachers[0].config, dict) else None
@@ -129,7 +129,6 @@ def cache_teachers(
     """
     if views < 1:
         raise KacliError(f"--views must be at least 1, got {views}")
-    from kacli.limits import max_views
 
     if views > max_views():
         raise KacliError(f"--views {views} is over the limit of {max_views()} views per image "

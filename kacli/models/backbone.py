@@ -131,6 +131,7 @@ _PREFIXES = ("backbone.0.body.", "backbone.body.", "body.")
 
 
 def _read_weights_file(path: Path) -> Any:
+    # imported here, not at the top: kacli.models.checkpoint imports detr, which imports this module
     from kacli.models.checkpoint import torch_load_untrusted
 
     return torch_load_untrusted(path, "weights")
