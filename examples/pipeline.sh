@@ -2,6 +2,7 @@
 # run_coco2.sh after they set SCHEME, TASK_NAMES, TABLE, VIEWS and VIEWS_NOTE (what student.yaml's
 # epochs assume). Those scripts check their dataset, then call check_common, then prepare their data
 # (steps 1 and 2), then run_stages (steps 3 to 8). See examples/README.md.
+# run_coco_plus_mine.sh uses the settings, helpers, check_run and check_pre_norm, not run_stages.
 
 CONFIGS=${CONFIGS:-$here/$SCHEME}
 WORK=${WORK:-runs/$SCHEME}
@@ -36,6 +37,11 @@ check_common() {
   need_file "$INIT_CKPT" "INIT_CKPT names no file"
   need_file "$BACKBONE_WEIGHTS" "BACKBONE_WEIGHTS names no file"
   [ -z "${INIT_LABEL_MAP:-}" ] || [ "$INIT_LABEL_MAP" = coco ] || need_file "$INIT_LABEL_MAP" "INIT_LABEL_MAP is neither 'coco' nor a file"
+  check_run
+}
+
+# Configs, executables, GPUS and TOTAL_BATCH, VIEWS; sets BATCH and makes the work folders.
+check_run() {
   need_file "$CONFIGS/teacher.yaml" "teacher config not found (CONFIGS)"
   need_file "$CONFIGS/student.yaml" "student config not found (CONFIGS)"
   command -v "$KACLI" >/dev/null || die "$KACLI not found on PATH: install the package or set KACLI to the executable's path"
@@ -48,6 +54,18 @@ check_common() {
     echo "note: VIEWS=$VIEWS; examples/$SCHEME/student.yaml's $VIEWS_NOTE" >&2
   fi
   mkdir -p "$WORK/data" "$WORK/weights" "$WORK/cache" "$runs"
+}
+
+# An imported checkpoint (SRC, its import-checkpoint --json report) and teacher.yaml agree on pre-norm.
+check_pre_norm() {
+  local ckpt_pre_norm="" cfg_pre_norm
+  if [ -f "$2" ]; then
+    ckpt_pre_norm=$(grep -o '"pre_norm": *[a-z]*' "$2" | grep -o '[a-z]*$' || true)
+  fi
+  cfg_pre_norm=$(grep -o '^ *pre_norm: *[a-z]*' "$CONFIGS/teacher.yaml" | grep -o '[a-z]*$' || true)
+  if [ -n "$ckpt_pre_norm" ] && [ -n "$cfg_pre_norm" ] && [ "$ckpt_pre_norm" != "$cfg_pre_norm" ]; then
+    die "$1 has pre_norm $ckpt_pre_norm but $CONFIGS/teacher.yaml says $cfg_pre_norm: set model.pre_norm in teacher.yaml and student.yaml to $ckpt_pre_norm"
+  fi
 }
 
 # Steps 3 to 8, after the script has written $tasks.
@@ -64,14 +82,7 @@ run_stages() {
     kacli import-checkpoint "$INIT_CKPT" --out "$init_pt" --label-map "$label_map" --json > "$WORK/weights/import.json"
     echo "wrote $init_pt (its architecture: $WORK/weights/import.json)"
   fi
-  ckpt_pre_norm=""
-  if [ -f "$WORK/weights/import.json" ]; then
-    ckpt_pre_norm=$(grep -o '"pre_norm": *[a-z]*' "$WORK/weights/import.json" | grep -o '[a-z]*$' || true)
-  fi
-  cfg_pre_norm=$(grep -o '^ *pre_norm: *[a-z]*' "$CONFIGS/teacher.yaml" | grep -o '[a-z]*$' || true)
-  if [ -n "$ckpt_pre_norm" ] && [ -n "$cfg_pre_norm" ] && [ "$ckpt_pre_norm" != "$cfg_pre_norm" ]; then
-    die "$INIT_CKPT has pre_norm $ckpt_pre_norm but $CONFIGS/teacher.yaml says $cfg_pre_norm: set model.pre_norm in teacher.yaml and student.yaml to $ckpt_pre_norm"
-  fi
+  check_pre_norm "$INIT_CKPT" "$WORK/weights/import.json"
 
   # -- 4. one teacher per task ----------------------------------------------------------------------
   teachers=()

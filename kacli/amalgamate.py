@@ -26,22 +26,24 @@ from torch import nn
 from kacli.amalgamation.config import AmalgamateConfig, check_method, load_amalgamate_config, teacher_settings
 from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
 from kacli.cache import schema
+from kacli.cache.reader import TeacherCache, cache_manifest, collate_cached
 from kacli.config import apply_overrides, config_to_dict
+from kacli.data.dataset import collate
 from kacli.data.manifest import TaskManifest
-from kacli.engine.train import TrainSetup
+from kacli.engine.distributed import init_distributed
+from kacli.engine.rundir import RunDir
+from kacli.engine.train import TrainSetup, Trainer
+from kacli.engine.validate import make_validator
 from kacli.errors import KacliError
+from kacli.fsutil import sha256_file
 from kacli.losses.sequence import SAGProjection
+from kacli.models.backbone import backbone_stride, load_backbone_weights
 from kacli.models.config import ModelConfig
+from kacli.models.detr import DETR
+from kacli.models.student import Student
 
 
 # -- checks ------------------------------------------------------------------------------------------
-
-
-def backbone_stride(model_cfg: ModelConfig) -> int:
-    """Feature-map stride of the backbone ``model_cfg`` names (tiny 16; ResNet 32, 16 dilated)."""
-    if model_cfg.backbone == "tiny":
-        return 16
-    return 16 if model_cfg.dilation else 32
 
 
 def check_architecture(model_cfg: ModelConfig, d_model: int, enc_layers: int, stride: int | None,
@@ -97,20 +99,7 @@ def open_cache(cache_path: str | Path, tasks_path: str | Path | None) -> CacheSo
     cache_path = Path(cache_path)
     with schema.open_h5(cache_path, "r") as f:
         attrs = dict(schema.validate(f, cache_path, require_complete=True).attrs)
-    recorded = attrs.get("tasks_path")
-    if tasks_path is not None:
-        manifest = TaskManifest(tasks_path)
-        if manifest.sha256 != attrs.get("tasks_sha256"):
-            raise KacliError(
-                f"cache was made from another task manifest ({recorded}), not {manifest.path} "
-                "(tasks.yaml sha256 differs)", cache_path,
-            )
-    else:
-        if not recorded:
-            raise KacliError("cache does not name its tasks.yaml; pass --tasks", cache_path)
-        manifest = TaskManifest(recorded)
-        if manifest.sha256 != attrs.get("tasks_sha256"):
-            raise KacliError("the tasks.yaml this cache was made from has changed since (sha256 differs)", manifest.path)
+    manifest = cache_manifest(attrs, cache_path, tasks_path)
     return CacheSource(cache_path, attrs, manifest)
 
 
@@ -140,8 +129,6 @@ def resolve_config(
 def build_student(cfg: AmalgamateConfig, num_classes: int, num_teachers: int) -> nn.Module:
     """The model ``cfg.method`` trains: DETR (``raw``, ``raw-partial``, ``pseudo``), a 1-part student
     (``sag``), the N-part one."""
-    from kacli.models.detr import DETR
-    from kacli.models.student import Student
 
     if cfg.plain_detr:
         return DETR(cfg.model, num_classes)
@@ -174,7 +161,6 @@ class GroundTruthOnly(torch.utils.data.Dataset):
 
 def collate_ground_truth(batch, stride: int):
     """``collate`` padded to a multiple of ``stride`` (as ``collate_cached`` pads), teacher None."""
-    from kacli.data.dataset import collate
 
     images, mask, targets = collate(batch, size_divisibility=stride)
     return images, mask, targets, None
@@ -183,7 +169,6 @@ def collate_ground_truth(batch, stride: int):
 def training_data(objective: AmalgamationObjective, cache) -> tuple[torch.utils.data.Dataset, Callable]:
     """The training set and its collate function: the cache with the teachers' outputs when the
     objective reads them, else its images and ground truth alone."""
-    from kacli.cache.reader import collate_cached
 
     if objective.needs_teacher:
         return cache, collate_cached
@@ -194,7 +179,6 @@ def train_setup(cfg: AmalgamateConfig, source: CacheSource, cache, model: nn.Mod
                 out: Path, run_dir, backbone_weights: str | Path | None) -> TrainSetup:
     """What the trainer saves with every checkpoint (kind, architecture, label map, configuration,
     inputs, provenance) and the run's signature for ``--resume``."""
-    from kacli.fsutil import sha256_file
 
     manifest = source.manifest
     cache_sha = schema.content_id(cache.attrs, source.path.stat().st_size)
@@ -273,11 +257,6 @@ def amalgamate(
         KacliError: a cache from another manifest, a configuration with nothing to learn, a student
         whose d_model or enc_layers differs from the teachers', compression with one teacher.
     """
-    from kacli.cache.reader import TeacherCache
-    from kacli.engine.distributed import init_distributed
-    from kacli.engine.rundir import RunDir
-    from kacli.engine.train import Trainer
-    from kacli.engine.validate import make_validator
 
     source = open_cache(cache_path, tasks_path)
     cfg = resolve_config(source, cfg, config, overrides, device)
@@ -290,7 +269,6 @@ def amalgamate(
     out = Path(out_dir)
     run_dir = RunDir(out, resume, force)  # checks only: out is replaced at the new run's first checkpoint
     if backbone_weights:
-        from kacli.models.backbone import load_backbone_weights
 
         rep = load_backbone_weights(model.backbone, backbone_weights)
         log(f"backbone weights from {backbone_weights}: loaded {rep['loaded']} tensors")
@@ -311,7 +289,6 @@ __all__ = [
     "CacheSource",
     "GroundTruthOnly",
     "amalgamate",
-    "backbone_stride",
     "build_objective",
     "build_student",
     "check_architecture",

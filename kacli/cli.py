@@ -7,23 +7,13 @@ raised by the library is printed as one line and exits with code 2 (see ``comman
 
 from __future__ import annotations
 
-import importlib
 import typer
 
 from kacli import __version__
+from kacli.commands import ablate, amalgamate, cache, data, demo, evaluate, models, report, train
 
 # Order here is the order of ``kacli --help``: the pipeline's stages first.
-COMMAND_MODULES = [
-    "kacli.commands.data",
-    "kacli.commands.train",
-    "kacli.commands.evaluate",
-    "kacli.commands.cache",
-    "kacli.commands.amalgamate",
-    "kacli.commands.report",
-    "kacli.commands.models",
-    "kacli.commands.demo",
-    "kacli.commands.ablate",
-]
+COMMAND_MODULES = [data, train, evaluate, cache, amalgamate, report, models, demo, ablate]
 
 app = typer.Typer(
     name="kacli",
@@ -53,8 +43,8 @@ def _root(
     """
 
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(_name).register(app)
+for _module in COMMAND_MODULES:
+    _module.register(app)
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ The recipe (data, model, schedule) is the ``tiny`` preset; docs/DEMO.md says how
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -30,8 +29,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from kacli.engine.runlog import read_jsonl
 from kacli.errors import KacliError
-from kacli.fsutil import check_output_dir, write_json
+from kacli.fsutil import atomic_path, check_output_dir, write_json
 from kacli.progress import shared_progress
 
 DESIGN_MINUTES = 12.0
@@ -68,7 +68,7 @@ def prediction_pictures(
     from PIL import Image, ImageDraw
 
     from kacli.data.manifest import TaskManifest
-    from kacli.data.transforms import load_image
+    from kacli.data.images import load_image
     from kacli.draw import PALETTE, draw_detections
     from kacli.eval.evaluate import make_eval_dataset
     from kacli.models.checkpoint import build_model, load_checkpoint
@@ -113,7 +113,8 @@ def prediction_pictures(
         draw.text((4, 4), "teachers", fill=(0, 0, 0))
         draw.text((left.width + 12, 4), "student (amalgamated)", fill=(0, 0, 0))
         path = out_dir / f"val_{i:02d}.png"
-        sheet.save(path)
+        with atomic_path(path) as tmp:
+            sheet.save(tmp, format="PNG")
         written.append(path)
     return written
 
@@ -198,7 +199,7 @@ def run_finished(run: Path, epochs: int) -> bool:
     run = Path(run)
     if not ((run / "best.pt").is_file() and (run / "last.pt").is_file() and (run / "metrics.jsonl").is_file()):
         return False
-    done = [json.loads(ln).get("epoch", 0) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    done = [rec.get("epoch", 0) for _, _, rec in read_jsonl(run / "metrics.jsonl")]
     return bool(done) and max(done) >= epochs
 
 
@@ -356,6 +357,6 @@ def run_train_seconds(run: Path) -> float | None:
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         return None
-    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return lines[-1].get("train_seconds") if lines else None
+    lines = read_jsonl(path)
+    return lines[-1][2].get("train_seconds") if lines else None
 

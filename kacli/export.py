@@ -40,6 +40,7 @@ from torchvision.ops import box_convert
 
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_path
+from kacli.models.checkpoint import build_model, load_checkpoint
 
 FORMATS = ("export", "torchscript", "onnx")
 ONNX_OPSET = 17
@@ -79,7 +80,6 @@ def example_inputs(size: tuple[int, int] = (128, 160), batch: int = 2) -> tuple[
 
 def build_wrapper(ckpt: dict[str, Any]) -> ExportWrapper:
     """The eval-mode wrapper of a loaded checkpoint (:func:`kacli.models.checkpoint.load_checkpoint`)."""
-    from kacli.models.checkpoint import build_model
 
     model = build_model(ckpt)
     return ExportWrapper(model, ckpt["label_map"]["ids"]).eval()
@@ -117,7 +117,6 @@ def export_model(ckpt_path: str | Path, fmt: str, out_path: str | Path) -> dict[
         KacliError: unknown format, unreadable checkpoint, or ONNX export failing (e.g. a missing
         ``onnx`` package on torch versions that need it). Nothing is written then.
     """
-    from kacli.models.checkpoint import load_checkpoint
 
     if fmt not in FORMATS:
         raise KacliError(f"unknown export format {fmt!r} (use {', '.join(FORMATS)})")

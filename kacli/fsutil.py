@@ -44,6 +44,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def combined_sha256(files: list[Path], root: Path) -> str:
+    """One sha256 over several files: each file's path relative to ``root`` and its own sha256."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def require_file(path: str | Path, what: str = "file") -> Path:
     """Return ``path`` as a Path, or raise a one-line error if it is not an existing file."""
     p = Path(path)

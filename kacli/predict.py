@@ -24,8 +24,17 @@ from typing import Any, Sequence
 
 import torch
 
+from kacli.data.images import load_image
+from kacli.data.transforms import apply_view, eval_view
+from kacli.draw import draw_detections
+from kacli.engine.distributed import pick_device
 from kacli.errors import KacliError
-from kacli.fsutil import atomic_dir
+from kacli.eval.results import image_id_for, image_ids_by_name, write_results
+from kacli.fsutil import atomic_dir, load_json
+from kacli.limits import check_side
+from kacli.models.checkpoint import build_model, load_checkpoint
+from kacli.models.postprocess import postprocess
+from kacli.progress import make_progress
 
 DEFAULT_SIZE = 800
 DEFAULT_MAX_SIZE = 1333
@@ -58,8 +67,6 @@ def detect(model: torch.nn.Module, image: torch.Tensor, size: int, max_size: int
     """One uint8 image (3,H,W) → ``scores (Q,)``, ``labels (Q,)`` (class indices), ``boxes (Q,4)``
     pixel xyxy in the original image, clipped to it, and ``unclipped (Q,4)`` the same before
     clipping (what ``kacli eval`` and DETR's own post-processing report)."""
-    from kacli.data.transforms import apply_view, eval_view
-    from kacli.models.postprocess import postprocess
 
     H, W = int(image.shape[1]), int(image.shape[2])
     img, _, _ = apply_view(image, torch.zeros(0, 4), eval_view(H, W, size, max_size))
@@ -92,12 +99,6 @@ def predict_images(
     unreadable image, an unreadable checkpoint, a threshold outside [0, 1], an unknown ``fmt``, or
     (``fmt="coco"``) an image whose id cannot be found.
     """
-    from kacli.data.transforms import load_image
-    from kacli.limits import check_side
-    from kacli.draw import draw_detections
-    from kacli.engine.distributed import pick_device
-    from kacli.models.checkpoint import build_model, load_checkpoint
-    from kacli.progress import make_progress
 
     if not images:
         raise KacliError("no images given")
@@ -110,8 +111,6 @@ def predict_images(
     paths = [Path(p) for p in images]
     coco_ids: list[int] = []
     if fmt == "coco":
-        from kacli.eval.results import image_id_for, image_ids_by_name
-        from kacli.fsutil import load_json
 
         lookup = image_ids_by_name(load_json(image_ids), image_ids) if image_ids is not None else None
         coco_ids = [image_id_for(p, lookup) for p in paths]
@@ -166,7 +165,6 @@ def predict_images(
             pngs[str(p)] = str(out / png)
             prog.update(task, advance=1)
         if fmt == "coco":
-            from kacli.eval.results import write_results
 
             write_results(tmp / "predictions.json", results)
         else:

@@ -33,6 +33,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from kacli.engine.runlog import read_jsonl
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_file, atomic_path, load_json
 
@@ -103,20 +104,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     naming the file and the line."""
     path = Path(path)
     records = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise KacliError("not a UTF-8 text file", path) from None
-    lines = text.splitlines()
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines) and not text.endswith("\n"):
-                break  # the line a running training is writing right now
-            raise KacliError(f"malformed JSON on line {n}: {e.msg} at column {e.colno}", path) from None
+    for n, _, rec in read_jsonl(path):  # a torn last line (being written, or a killed run's) left out
         if not isinstance(rec, dict):
             raise KacliError(f"line {n} is not a JSON object", path)
         if "epoch" not in rec:

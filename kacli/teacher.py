@@ -11,14 +11,16 @@ from kacli.config import config_to_dict
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.engine.distributed import init_distributed
-from kacli.engine.rundir import RunDir
 from kacli.engine.runconfig import load_run_config
-from kacli.engine.train import Trainer, TrainSetup, to_device
+from kacli.engine.rundir import RunDir
+from kacli.engine.train import TrainSetup, Trainer, to_device
 from kacli.engine.validate import make_validator
 from kacli.fsutil import sha256_file
 from kacli.losses.criterion import SetCriterion
 from kacli.losses.matcher import HungarianMatcher
+from kacli.models.backbone import load_backbone_weights
 from kacli.models.detr import DETR
+from kacli.models.import_detr import init_from_checkpoint
 
 
 def detr_loss_fn(criterion: SetCriterion) -> Callable:
@@ -69,12 +71,10 @@ def train_teacher(
     torch.manual_seed(cfg.train.seed)
     model = DETR(cfg.model, len(label_map["ids"]))
     if backbone_weights:
-        from kacli.models.backbone import load_backbone_weights
 
         rep = load_backbone_weights(model.backbone, backbone_weights)
         log(f"backbone weights from {backbone_weights}: {_summary(rep)}")
     if init and not resume:
-        from kacli.models.import_detr import init_from_checkpoint
 
         rep = init_from_checkpoint(model, init, len(label_map["ids"]))
         log(f"initialised from {init}: {_summary(rep)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,10 +26,10 @@ from torch.utils.data import DataLoader
 
 from conftest import assert_one_line_error
 from kacli.cache import schema
-from kacli.cache.reader import TeacherCache, collate_cached
-from kacli.cache.writer import KILL_ENV, entry_view
+from kacli.cache.output import KILL_ENV
+from kacli.cache.reader import TeacherCache, cache_manifest, collate_cached
 from kacli.config import config_to_dict
-from kacli.data.dataset import CocoDetection, collate
+from kacli.data.dataset import CocoDetection, collate, entry_view
 from kacli.data.demo_data import make_demo_data
 from kacli.data.manifest import TaskManifest
 from kacli.data.split import split_tasks
@@ -416,3 +417,21 @@ def test_reader_checks_the_manifest(env, tmp_path):
     moved.write_text(env.tasks.read_text() + "\n# edited\n")
     with pytest.raises(KacliError, match="tasks.yaml differs from the one the cache"):
         TeacherCache(env.main, tasks=moved)
+
+
+def test_the_manifest_check_names_the_manifest_and_says_what_is_wrong(env, tmp_path):
+    """One check for amalgamate and TeacherCache: the given or recorded tasks.yaml must hash to the
+    cache's tasks_sha256."""
+    with h5py.File(env.main, "r") as f:
+        attrs = schema.read_attrs(f)
+    assert cache_manifest(attrs, env.main).sha256 == attrs["tasks_sha256"]
+    edited = tmp_path / "tasks.yaml"
+    edited.write_text(env.tasks.read_text() + "\n# edited\n")
+    with pytest.raises(KacliError, match="another task manifest than " + re.escape(str(attrs["tasks_path"]))) as e:
+        cache_manifest(attrs, env.main, edited)
+    assert e.value.path == str(edited)
+    with pytest.raises(KacliError, match="it has changed since") as e:
+        cache_manifest({**attrs, "tasks_path": str(edited)}, env.main)
+    assert e.value.path == str(edited)
+    with pytest.raises(KacliError, match="does not name its tasks.yaml; pass --tasks"):
+        cache_manifest({k: v for k, v in attrs.items() if k != "tasks_path"}, env.main)

@@ -21,7 +21,9 @@ from conftest import assert_one_line_error
 from kacli.cache import schema
 from kacli.cache.quant import dequantize_teacher, quantize_int8
 from kacli.cache.reader import TeacherCache, collate_cached
-from kacli.cache.writer import join_shards, load_teachers, plan_entries, shard_plan, write_range
+from kacli.cache.output import join_shards, write_range
+from kacli.cache.plan import CacheJob, plan_entries, shard_plan
+from kacli.cache.teachers import load_teachers
 from kacli.cli import app
 from kacli.data.dataset import CocoDetection
 from kacli.data.transforms import AUG_PRESETS
@@ -141,11 +143,11 @@ def test_int8_rank_shards_join_into_the_single_process_file(env, caches, tmp_pat
     out = tmp_path / "joined.h5"
     shards = shard_plan(attrs, plan.tokens, -(-plan.entries // BATCH), BATCH, 2, out)
     assert len(shards) == 2
+    job = CacheJob(plan, teachers, LAYERS, "int8", BATCH, chunk, data, torch.device("cpu"), 0, lambda m: None, False)
     for sh in shards:
         s = sh["attrs"]["shard"]
-        write_range(sh["path"], sh["attrs"], plan, s["start"], s["end"], teachers, LAYERS, "int8", BATCH, chunk, data,
-                    torch.device("cpu"), 0, lambda m: None, False, "test")  # fmt: skip
-    join_shards(Path(f"{out}.partial"), shards, attrs, plan, teachers, LAYERS, "int8", chunk)
+        write_range(job, sh["path"], sh["attrs"], s["start"], s["end"], "test")
+    join_shards(job, Path(f"{out}.partial"), shards, attrs)
     os.replace(f"{out}.partial", out)
     assert_same_cache(out, caches["int8"])
 

@@ -176,3 +176,53 @@ def test_eval_on_a_merged_split_scores_each_source_and_the_union(merged, tmp_pat
     both = evaluate_checkpoints([merged["root"] / "x-convex.pt", merged["root"] / "x-concave.pt"], m.path,
                                 device_pref="cpu")
     assert set(both["per_source"]) == {"convex", "concave", "union"}
+
+
+@pytest.mark.slow
+def test_a_teacher_only_task_teaches_the_student_its_categories(tmp_path):
+    """convex is annotated on every image; concave has no annotated image at all, only a teacher
+    (trained elsewhere, as a COCO DETR would be). The student detects concave shapes, which
+    raw-partial, trained on the same images and labels without the teachers, cannot."""
+    from kacli.data.merge import TaskSource
+    from kacli.eval.coco_eval import coco_metrics
+    from kacli.eval.evaluate import make_eval_dataset, predict_detections
+    from kacli.models.checkpoint import build_model
+    from kacli.teacher import train_teacher
+
+    make_demo_data(tmp_path / "data", train_images=240, val_images=60, seed=2, progress=False)
+    split_tasks(str(tmp_path / "data" / "train.json"), str(tmp_path / "data" / "val.json"),
+                str(tmp_path / "data" / "tasks-2.yaml"), tmp_path / "full")
+    teachers = {}
+    for name in ("convex", "concave"):  # both trained on fully labelled data, "elsewhere"
+        train_teacher(tmp_path / "full" / "tasks.yaml", name, tmp_path / f"teacher-{name}", config="tiny",
+                      overrides={"train.epochs": 16, "train.seed": 0, "train.eval_every": 100}, **QUIET)
+        teachers[name] = tmp_path / f"teacher-{name}" / "last.pt"
+    part = demo_partition()
+    images = str(tmp_path / "data" / "images")
+    convex_train = half_source(tmp_path / "data" / "train.json", tmp_path / "convex-train.json", range(240),
+                               set(part["convex"]))
+    convex_val = half_source(tmp_path / "data" / "val.json", tmp_path / "convex-val.json", range(60), set(part["convex"]))
+    merge_tasks([TaskSource("convex", train=str(convex_train), val=str(convex_val), images=images, val_images=images),
+                 TaskSource("concave", teacher=str(teachers["concave"]))], tmp_path / "tasks")
+    manifest = TaskManifest(tmp_path / "tasks")
+    assert manifest.task("concave").teacher is not None
+    cache_teachers(manifest.path, [teachers["convex"], teachers["concave"]], tmp_path / "cache.h5", views=1,
+                   progress=False, device="cpu", **QUIET)
+    schedule = {"train.epochs": 12, "train.seed": 0, "train.eval_every": 100, "train.lr_drop": 10}
+    aps = {}
+    gt = json.loads((tmp_path / "data" / "val.json").read_text())
+    by_name = {c["name"]: c["id"] for c in gt["categories"]}
+    concave_ids = [by_name[n] for n in part["concave"]]
+    for method, extra in (("ka", {"lambda_d": 1.0}), ("raw-partial", {})):
+        run = tmp_path / method
+        amalgamate(tmp_path / "cache.h5", None, None, run, device="cpu",
+                   overrides={"method": method, **schedule, **extra}, **QUIET)
+        ck = load_checkpoint(run / "last.pt")
+        ids = [by_name[n] for n in ck["label_map"]["names"]]  # the student's classes as the full val's ids
+        assert set(ck["label_map"]["names"]) == set(part["convex"]) | set(part["concave"])
+        aug = ck["config"]["aug"]
+        dataset = make_eval_dataset(tmp_path / "data" / "val.json", Path(images), ids, aug["eval_size"], aug["max_size"])
+        dets = predict_detections(build_model(ck).eval(), dataset, ids, torch.device("cpu"))
+        aps[method] = coco_metrics(gt, dets, tasks={"concave": concave_ids})["per_task"]["concave"]["AP50"]
+    assert aps["raw-partial"] < 0.02, aps  # never shown a concave shape
+    assert aps["ka"] > 0.1 and aps["ka"] > 5 * aps["raw-partial"], aps

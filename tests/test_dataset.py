@@ -11,7 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from kacli.data.dataset import CocoDetection, collate
-from kacli.data.transforms import AugConfig, View, apply_view, load_image
+from kacli.data.images import load_image
+from kacli.data.transforms import AugConfig, View, apply_view
 from kacli.errors import KacliError
 
 AUG = AugConfig(scales=(48, 56, 64), max_size=96, crop_scales=(40, 48), crop_min=24, crop_max=40, eval_size=120)

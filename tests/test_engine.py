@@ -300,3 +300,30 @@ def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
     with pytest.raises(KacliError, match=r"'tensorboard'.*pip install 'kacli\[tensorboard\]'"):
         from_dict({"tensorboard": True}, TrainConfig, "run.yaml")
     assert from_dict({"tensorboard": False}, TrainConfig).tensorboard is False
+
+
+def test_a_torn_last_line_of_metrics_jsonl_is_left_out_and_resume_drops_it(tmp_path):
+    """metrics.jsonl is appended a whole line per epoch; a run killed while appending leaves a torn
+    last line. Every reader leaves it out, and --resume rewrites the file without it."""
+    from kacli.demo import run_finished, run_train_seconds
+    from kacli.engine.runlog import read_jsonl, write_csv
+    from kacli.report import read_metrics
+
+    Trainer(model(), Loss(), data(), collate, setup(tmp_path, epochs=1), DistInfo(), evaluate).fit()
+    log = tmp_path / "metrics.jsonl"
+    whole = log.read_text()
+    first = json.loads(whole)
+    log.write_text(whole + '{"epoch": 2, "lr": 0.05, "loss_m')  # killed in the middle of epoch 2's line
+    assert [rec for _, _, rec in read_jsonl(log)] == [first]
+    assert read_metrics(log) == [first]
+    assert run_train_seconds(tmp_path) == first["train_seconds"] and run_finished(tmp_path, 1)
+    with open(write_csv(log, tmp_path / "check.csv"), newline="") as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [1]
+    Trainer(model(), Loss(), data(), collate, setup(tmp_path, epochs=2), DistInfo(), evaluate).fit(resume=True)
+    lines = log.read_text().splitlines()
+    assert lines[0] == whole.rstrip("\n") and [json.loads(ln)["epoch"] for ln in lines] == [1, 2]
+    # only the last line may be torn: a broken line elsewhere is an error naming it
+    log.write_text('{"epoch": 1, "lr\n' + whole)
+    with pytest.raises(KacliError, match="malformed JSON on line 1") as e:
+        read_jsonl(log)
+    assert e.value.path == str(log)

@@ -1,21 +1,25 @@
-"""examples/: the paper's runs as configs and scripts.
+"""examples/: the paper's runs and the "COCO classes plus yours" recipe as configs and scripts.
 
-Every YAML loads with the loader its command uses; the configs carry the paper's settings; every
-kacli subcommand and option that the scripts and the README use exists in the CLI; the scripts
-parse, and refuse to start (exit 2, one clear line) when an input is missing.
+Every YAML loads with the loader its command uses; the configs carry the paper's settings (the
+recipe's: DETR's); every kacli subcommand and option that the scripts and the README use exists in
+the CLI; the scripts parse, and refuse to start (exit 2, one clear line) when an input is missing.
+The recipe's import and merge steps run for real on a tiny dataset and a small random DETR.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import typer
 
-from kacli.amalgamation.config import load_amalgamate_config
+from kacli.amalgamation.config import AmalgamateConfig, load_amalgamate_config
 from kacli.cli import app
 from kacli.data.schemes import PRESETS as SCHEMES
 from kacli.engine.runconfig import load_run_config
@@ -25,6 +29,9 @@ SCRIPTS = sorted(EXAMPLES.glob("run_*.sh"))
 README = EXAMPLES / "README.md"
 LIB = EXAMPLES / "pipeline.sh"  # the dataset-independent steps, sourced by every run script
 RUN_DIRS = ("voc-2", "voc-4", "coco-2")
+PAPER_SCRIPTS = [EXAMPLES / "run_coco2.sh", EXAMPLES / "run_voc.sh"]
+MINE_SCRIPT = EXAMPLES / "run_coco_plus_mine.sh"  # COCO classes plus yours
+MINE_DIR = "coco-plus-mine"
 
 # Options on script/README lines that belong to other programs.
 FOREIGN_OPTIONS = {"--nproc-per-node", "--help"}
@@ -80,9 +87,9 @@ def run_text(script: Path) -> str:
     return text + "\n" + LIB.read_text()
 
 
-def test_examples_hold_the_three_runs():
-    assert [s.name for s in SCRIPTS] == ["run_coco2.sh", "run_voc.sh"]
-    for d in RUN_DIRS:
+def test_examples_hold_the_three_runs_and_the_recipe():
+    assert [s.name for s in SCRIPTS] == ["run_coco2.sh", "run_coco_plus_mine.sh", "run_voc.sh"]
+    for d in (*RUN_DIRS, MINE_DIR):
         assert sorted(p.name for p in (EXAMPLES / d).glob("*.yaml")) == ["student.yaml", "teacher.yaml"]
     assert README.is_file()
 
@@ -131,14 +138,15 @@ def test_configs_carry_the_papers_settings(run):
 # Method settings of an example student.yaml that may differ from the library's defaults, each with
 # its reason. Anything not named here must equal AmalgamateConfig's default, so a default moved in
 # the library (say, after a measurement on the demo) cannot leave the examples behind.
-EXAMPLE_METHOD_DIFFERENCES: dict[str, str] = {}
+EXAMPLE_METHOD_DIFFERENCES: dict[str, str] = {
+    "gt_loss": "coco-plus-mine names the partial-label loss it trains with (its images lack COCO's labels); "
+               "test_coco_plus_mine_configs_are_detrs checks that it is the one ka resolves to by default",
+}
 
 
-@pytest.mark.parametrize("run", RUN_DIRS)
+@pytest.mark.parametrize("run", (*RUN_DIRS, MINE_DIR))
 def test_example_method_settings_are_the_library_defaults(run):
     from dataclasses import asdict
-
-    from kacli.amalgamation.config import AmalgamateConfig
 
     def flat(cfg) -> dict:
         """Dotted method keys → values (tuples as lists), without the model, aug and train sections."""
@@ -171,7 +179,7 @@ def test_voc_evaluation_size_gives_the_papers_flops_scale():
     assert (aug.max_size, aug.eval_size) == (512, round(800 * scale)) == (512, 307)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", PAPER_SCRIPTS, ids=lambda p: p.name)
 def test_script_names_a_preset_and_its_tasks(script):
     """Every SCHEME a script can pick comes with that preset's task names, and its configs folder."""
     text = script.read_text()
@@ -199,7 +207,7 @@ def test_every_kacli_command_and_option_exists(path, cli_options):
     assert not stray, f"{path.name}: options no kacli command has: {stray}"
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", PAPER_SCRIPTS, ids=lambda p: p.name)
 def test_script_runs_every_stage(script, cli_options):
     subs = [sub for sub, _, _ in invocations(run_text(script))]
     for needed in ("split-tasks", "import-checkpoint", "train-teacher", "cache-teachers", "amalgamate", "eval", "report"):
@@ -276,3 +284,154 @@ def test_script_refuses_missing_inputs(script, root_var, teachers, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == "error: TOTAL_BATCH 32 is not divisible by GPUS 3"
     assert not (tmp_path / "runs").exists()
+
+
+# -- COCO classes plus yours -----------------------------------------------------------------------
+
+
+def test_coco_plus_mine_configs_are_detrs():
+    """The teacher fine-tunes facebookresearch/detr's DETR-R50 (post-norm) at DETR's sizes and rates;
+    the student has the teachers' model and 150 passes over the cached views, drop at 100."""
+    teacher = load_run_config(EXAMPLES / MINE_DIR / "teacher.yaml", {})
+    student = load_amalgamate_config(EXAMPLES / MINE_DIR / "student.yaml")
+    m = teacher.model
+    assert (m.backbone, m.d_model, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.num_queries) == (
+        "resnet50", 256, 8, 6, 6, 2048, 100)
+    assert not m.pre_norm and student.model == m
+    assert teacher.aug.scales == tuple(range(480, 801, 32)) and (teacher.aug.max_size, teacher.aug.eval_size) == (1333, 800)
+    assert (teacher.train.lr, teacher.train.lr_backbone, teacher.train.weight_decay) == (1e-4, 1e-5, 1e-4)
+    assert teacher.train.lr_drop < teacher.train.epochs
+    # Partial labels: the user's images are not annotated for COCO's classes; the loss is ka's default.
+    assert student.gt_loss == student.ground_truth_loss == AmalgamateConfig(method="ka").ground_truth_loss == "mask"
+    views = int(script_default(MINE_SCRIPT, "VIEWS"))
+    assert (student.train.epochs * views, student.train.lr_drop * views) == (150, 100)
+    # The script passes --batch-size TOTAL_BATCH/GPUS; the configs say the same for one process.
+    assert teacher.train.batch_size == student.train.batch_size == int(script_default(MINE_SCRIPT, "TOTAL_BATCH"))
+
+
+def test_coco_plus_mine_script_runs_every_stage():
+    calls = invocations(MINE_SCRIPT.read_text())
+    assert [sub for sub, _, _ in calls] == [
+        "import-checkpoint", "merge-tasks", "train-teacher", "cache-teachers", "amalgamate", "eval", "report",
+        "predict"]  # the closing line says how to use the student
+    (_, _, imp_line), _, (_, train, _), (_, cache, _) = calls[:4]
+    assert "--label-map coco" in imp_line and "--init" in train and cache.count("--teacher") == 2
+
+
+def test_coco_plus_mine_refuses_missing_inputs(tmp_path):
+    def go(**env):
+        return _run(MINE_SCRIPT, env, tmp_path)
+
+    def one_line(res, expected):
+        assert res.returncode == 2 and res.stdout == "", (res.returncode, res.stdout, res.stderr)
+        assert res.stderr.strip().splitlines() == [expected]
+
+    one_line(go(), "error: DETR_CKPT is not set: facebookresearch/detr's COCO checkpoint (detr-r50-e632da11.pth) "
+                   "(see examples/README.md)")
+    ckpt = tmp_path / "detr-r50-e632da11.pth"
+    env = {"DETR_CKPT": str(ckpt), "USER_TRAIN": str(tmp_path / "VOC") + ":trainval", "USER_VAL": str(tmp_path / "VOC") + ":test",
+           "KACLI": "true"}
+    one_line(go(**env), f"error: {ckpt}: DETR_CKPT names no file")
+    ckpt.write_bytes(b"")
+    # PATH:SPLIT names the folder, which does not exist
+    one_line(go(**env), f"error: {tmp_path / 'VOC'}: USER_TRAIN names no file or folder")
+    (tmp_path / "VOC").mkdir()
+    one_line(go(**env, USER_VAL_IMAGES=str(tmp_path / "nope")), f"error: {tmp_path / 'nope'}: USER_VAL_IMAGES names no folder")
+    one_line(go(**env, MINE="coco"), "error: MINE must not be 'coco': that is the COCO teacher's task")
+    one_line(go(**env, GPUS="3"), "error: TOTAL_BATCH 16 is not divisible by GPUS 3")
+    assert not (tmp_path / "runs").exists()
+
+
+USER_CLASSES = ("hardhat", "pylon")  # the user's VOC names; RENAMES makes them helmet and cone
+
+
+@pytest.fixture
+def coco_plus_mine_inputs(tmp_path):
+    """A small random DETR in facebookresearch/detr's layout with COCO's 91-slot head (post-norm,
+    2 heads recorded in its args), a VOC root of the user's two classes, and a KACLI that runs
+    import-checkpoint and merge-tasks for real and only records the training stages."""
+    import torch
+
+    from dataset_builders import write_voc
+    from kacli.models import DETR, ModelConfig
+
+    cfg = ModelConfig(backbone="resnet18", d_model=16, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=16,
+                      num_queries=4, dropout=0.0)
+    torch.manual_seed(0)
+    sd = {("backbone.0." + k[len("backbone."):] if k.startswith("backbone.body.") else k): v
+          for k, v in DETR(cfg, 91).state_dict().items()}
+    ckpt = tmp_path / "detr-r50-e632da11.pth"
+    torch.save({"model": sd, "args": argparse.Namespace(nheads=2, dilation=False, dropout=0.0)}, ckpt)
+
+    items = {f"{i:06d}": (48, 40, [(USER_CLASSES[i % 2], [4, 4, 20, 30], 0)]) for i in range(1, 6)}
+    items["000001"][2].append(("pylon", [24, 8, 40, 36], 0))
+    voc = write_voc(tmp_path / "VOC", items, {"trainval": ["000001", "000002", "000003"], "test": ["000004", "000005"]})
+
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "kacli-stub"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f"printf '%s\\n' \"$*\" >> {log}\n"
+        'case "$1" in\n'
+        f"  import-checkpoint|merge-tasks) exec {sys.executable} -m kacli \"$@\" ;;\n"
+        "esac\n"
+    )
+    stub.chmod(0o755)
+    env = {"DETR_CKPT": str(ckpt), "USER_TRAIN": f"{voc}:trainval", "USER_VAL": f"{voc}:test",
+           "COCO_CLASSES": "person,car,dog", "RENAMES": "hardhat=helmet,pylon=cone", "KACLI": str(stub),
+           "PYTHONPATH": str(EXAMPLES.parent), "OMP_NUM_THREADS": "1"}
+    return env, log
+
+
+def test_coco_plus_mine_merges_the_coco_subset_and_the_users_task(coco_plus_mine_inputs, tmp_path):
+    from kacli.data.manifest import TaskManifest
+    from kacli.errors import KacliError
+    from kacli.fsutil import sha256_file
+    from kacli.models.checkpoint import load_checkpoint
+
+    env, log = coco_plus_mine_inputs
+    res = _run(MINE_SCRIPT, env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    work = tmp_path / "runs" / "coco-plus-mine"
+    coco_pt = work / "weights" / "detr-coco.pt"
+    imported = load_checkpoint(coco_pt)
+    assert len(imported["label_map"]["ids"]) == 80 and imported["arch"]["unnamed_classes"] == 11
+
+    m = TaskManifest(work / "tasks" / "tasks.yaml")
+    assert m.merged and m.task_names == ["mine", "coco"] and m.renames == {"hardhat": "helmet", "pylon": "cone"}
+    # The student's classes: the user's (renamed, in their source's id order), then the COCO subset in COCO id order.
+    assert m.student_label_map() == {"ids": [1, 2, 3, 4, 5], "names": ["helmet", "cone", "person", "car", "dog"]}
+    mine, coco = m.tasks
+    assert (mine.category_names, mine.teacher) == (["helmet", "cone"], None)
+    assert (coco.category_ids, coco.category_names) == ([3, 4, 5], ["person", "car", "dog"])
+    assert coco.teacher == str(coco_pt.resolve())
+    assert m.data["tasks"][1]["teacher_sha256"] == sha256_file(coco_pt)
+    m.require_trainable("mine")
+    with pytest.raises(KacliError, match="teacher-only"):
+        m.require_trainable("coco")
+    # Every image is the user's, annotated completely for the user's classes only.
+    for split, n in (("train", 3), ("val", 2)):
+        gt = json.loads(m.split_json(split).read_text())
+        assert len(gt["images"]) == n and {im["source"] for im in gt["images"]} == {"mine"}
+        assert gt["complete_category_ids"] == {"mine": [1, 2]}
+        assert json.loads(m.split_json(split, "coco").read_text())["images"] == []
+    assert len(json.loads(m.split_json("train").read_text())["annotations"]) == 4
+
+    # The stages after the merge get the teachers in tasks.yaml's order (yours, then COCO).
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == [
+        "import-checkpoint", "merge-tasks", "train-teacher", "cache-teachers", "amalgamate", "eval", "eval", "report"]
+    rel = "runs/coco-plus-mine"  # WORK's default, relative to where the script runs
+    assert f"--task mine --config {EXAMPLES / MINE_DIR / 'teacher.yaml'} --init {rel}/weights/detr-coco.pt" in calls[2]
+    assert f"--teacher {rel}/runs/teacher-mine --teacher {rel}/weights/detr-coco.pt --split train --views 5" in calls[3]
+    assert f"--backbone-weights {env['DETR_CKPT']} --batch-size 16" in calls[4]
+
+    # A rerun skips the import and the merge; one with another COCO subset stops, tasks.yaml kept.
+    before = (work / "tasks" / "tasks.yaml").read_bytes()
+    log.write_text("")
+    assert _run(MINE_SCRIPT, env, tmp_path).returncode == 0
+    assert [c.split()[0] for c in log.read_text().splitlines()][:2] == ["train-teacher", "cache-teachers"]
+    res = _run(MINE_SCRIPT, {**env, "COCO_CLASSES": "person,car"}, tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith(f"error: {rel}/tasks/tasks.yaml was built from other inputs (")
+    assert (work / "tasks" / "tasks.yaml").read_bytes() == before

@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 from kacli.errors import KacliError
 from kacli.losses import HungarianMatcher, SetCriterion
 from kacli.models import DETR, PRESETS, ModelConfig, model_config, postprocess
-from kacli.models.backbone import ResNetBackbone, TinyBackbone, load_backbone_weights
+from kacli.models.backbone import ResNetBackbone, TinyBackbone, backbone_stride, build_backbone, load_backbone_weights
 from kacli.models.position import PositionEmbeddingSine
 from kacli.models.transformer import (
     MultiheadAttention,
@@ -142,6 +142,20 @@ def test_resnet_freezes_stem_and_layer1_and_dilation_halves_stride():
     feat, mask = bb(torch.zeros(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
     assert bb.stride == 16 and feat.shape == (1, 2048, 4, 6) and mask.shape == (1, 4, 6)
     assert ResNetBackbone("resnet18").stride == 32 and TinyBackbone().stride == 16
+
+
+@pytest.mark.parametrize("spec", [{"backbone": "tiny"}, {"backbone": "resnet18"},
+                                  {"backbone": "resnet50", "dilation": True}])
+def test_backbone_stride_from_the_config_is_the_built_backbones(spec):
+    """The stride known from the config alone (the student's, checked against a cache before any
+    model is built) is the feature map's own: a 64×96 image gives a (64/s)×(96/s) map."""
+    cfg = model_config({**model_config("tiny").to_dict(), **spec})
+    bb = build_backbone(cfg)
+    with torch.no_grad():
+        feat, _ = bb(torch.zeros(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
+    s = backbone_stride(cfg)
+    assert s == bb.stride == {"tiny": 16, "resnet18": 32, "resnet50": 16}[cfg.backbone]
+    assert feat.shape[-2:] == (64 // s, 96 // s)
 
 
 # ---------------------------------------------------------------------------------- position

@@ -11,7 +11,8 @@ from PIL import Image
 from torchvision.ops import box_convert
 
 from conftest import assert_one_line_error
-from kacli.data.transforms import apply_view, eval_view, load_image
+from kacli.data.images import load_image
+from kacli.data.transforms import apply_view, eval_view
 from kacli.models import DETR, ModelConfig
 from kacli.models.checkpoint import save_checkpoint
 from kacli.predict import predict_images

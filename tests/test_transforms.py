@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from kacli.data.transforms import (
     AUG_PRESETS,
@@ -14,7 +13,6 @@ from kacli.data.transforms import (
     View,
     apply_view,
     eval_view,
-    load_image,
     resized_size,
     sample_train_view,
 )
@@ -239,26 +237,3 @@ def test_aug_presets():
     assert AUG_PRESETS["detr"].scales == tuple(range(480, 801, 32)) and AUG_PRESETS["detr"].max_size == 1333
     with pytest.raises(KacliError, match="flip_p"):
         AugConfig(flip_p=1.5)
-
-
-# -- loading -------------------------------------------------------------------------------------
-
-
-def test_load_image(tmp_path):
-    arr = textured(12, 17).permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(tmp_path / "a.png")
-    Image.fromarray(arr).save(tmp_path / "a.bmp")
-    Image.fromarray(arr[:, :, 0]).save(tmp_path / "gray.png")
-    for name in ("a.png", "a.bmp"):
-        img = load_image(tmp_path / name)
-        assert img.dtype == torch.uint8 and img.shape == (3, 12, 17)
-        assert torch.equal(img, torch.from_numpy(arr).permute(2, 0, 1))
-    gray = load_image(tmp_path / "gray.png")
-    assert gray.shape == (3, 12, 17) and torch.equal(gray[0], gray[2])
-    with pytest.raises(KacliError, match="image not found") as e:
-        load_image(tmp_path / "missing.jpg")
-    assert e.value.path == str(tmp_path / "missing.jpg")
-    (tmp_path / "text.png").write_text("not an image")
-    with pytest.raises(KacliError, match="not a readable image") as e:
-        load_image(tmp_path / "text.png")
-    assert e.value.path == str(tmp_path / "text.png")

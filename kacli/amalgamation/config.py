@@ -38,7 +38,9 @@ from kacli.config import ConfigValueError, TrainConfig, apply_overrides, config_
 from kacli.data.transforms import AugConfig
 from kacli.engine.runconfig import RUN_PRESETS, recorded_settings
 from kacli.errors import KacliError
+from kacli.fsutil import load_yaml
 from kacli.losses.ground_truth import GT_LOSSES
+from kacli.models.checkpoint import torch_load_untrusted
 from kacli.models.config import ModelConfig
 
 TRAINING_METHODS = ("ka", "raw", "raw-ext", "sag", "raw-partial", "pseudo")
@@ -221,7 +223,6 @@ def load_amalgamate_config(
     Raises:
         KacliError: unknown key, wrong type or out-of-range value (naming the file and key).
     """
-    from kacli.fsutil import load_yaml
 
     merged: dict = copy.deepcopy(dict(base or {}))
     where: Any = None
@@ -272,7 +273,6 @@ def teacher_settings(attrs: Mapping[str, Any]) -> dict:
 def _checkpoint_settings(attrs: Mapping[str, Any]) -> dict:
     """``{"model", "train"}`` read from the first teacher checkpoint the attributes name; ``{}``
     when it is gone or records no architecture."""
-    from kacli.models.checkpoint import torch_load_untrusted
 
     teachers = attrs.get("teachers") or []
     ck_path = Path(teachers[0]["checkpoint"]) if teachers and teachers[0].get("checkpoint") else None

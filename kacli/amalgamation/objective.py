@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from kacli.amalgamation.config import AmalgamateConfig
+from kacli.cache.quant import dequantize_teacher
+from kacli.engine.train import to_device
 from kacli.losses.ground_truth import GroundTruthLoss
 from kacli.losses.sequence import SAGProjection, sa_loss, sag_loss
 from kacli.losses.task import TaskAmalgamationLoss
@@ -149,9 +151,6 @@ class AmalgamationObjective(nn.Module):
                 or teachers_pick_tokens(self.cfg, self.layers))
 
     def forward(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
-        from kacli.cache.quant import dequantize_teacher
-        from kacli.engine.train import to_device
-
         images, mask, targets, teacher = batch
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         keep = ("boxes", "labels", "complete")  # complete: the classes the image is annotated for

@@ -33,7 +33,21 @@ from typing import Callable
 
 import torch
 
+from kacli.amalgamate import GroundTruthOnly, build_student, collate_ground_truth
+from kacli.amalgamation.config import load_amalgamate_config
+from kacli.amalgamation.objective import AmalgamationObjective, layer_outputs
+from kacli.cache.reader import TeacherCache, collate_cached
+from kacli.cache.writer import cache_teachers
+from kacli.config import config_to_dict
+from kacli.data.demo_data import make_demo_data
+from kacli.data.manifest import TaskManifest
+from kacli.data.split import split_tasks
+from kacli.engine.runconfig import RUN_PRESETS
+from kacli.engine.train import param_groups
+from kacli.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 from kacli.models.config import model_config
+from kacli.models.detr import DETR
+from kacli.models.student import Student
 
 IMAGES = 32
 IMAGE_SIZE = 128
@@ -60,14 +74,6 @@ def _sync(device: torch.device) -> None:
 def make_setup(root: Path, device: torch.device, preset_name: str = "tiny", images: int = IMAGES,
                image_size: int = IMAGE_SIZE, batch: int = BATCH) -> dict:
     """Demo images split into the demo's 2 tasks, random teachers of ``preset_name``, a float16 cache."""
-    from kacli.cache.writer import cache_teachers
-    from kacli.data.demo_data import make_demo_data
-    from kacli.data.manifest import TaskManifest
-    from kacli.data.split import split_tasks
-    from kacli.models.checkpoint import save_checkpoint
-    from kacli.models.detr import DETR
-    from kacli.engine.runconfig import RUN_PRESETS
-    from kacli.config import config_to_dict
 
     make_demo_data(root / "data", train_images=images, val_images=1, seed=0, size=image_size, progress=False)
     split_tasks(str(root / "data" / "train.json"), None, str(root / "data" / "tasks-2.yaml"), root / "tasks")
@@ -100,7 +106,6 @@ class Variant:
                  prepare: Callable | None = None, batch: int = BATCH):
         from torch.utils.data import DataLoader, RandomSampler
 
-        from kacli.engine.train import param_groups
 
         self.name = name
         self.model = model.to(device).train()
@@ -141,7 +146,6 @@ class Variant:
 def online_teacher_batch(teachers: list, images: torch.Tensor, mask: torch.Tensor, layers: list[str]) -> dict:
     """Run the teachers on a batch and arrange their outputs as ``collate_cached``'s ``teacher``
     (benchmark-only: kacli never trains with online teachers)."""
-    from kacli.amalgamation.objective import layer_outputs
 
     seqs, logits, boxes = [], [], []
     token_mask = None
@@ -206,11 +210,6 @@ def step_benchmark(setup: dict, device: torch.device, rounds: int, steps: int, w
                    ) -> dict[str, dict]:
     import functools
 
-    from kacli.amalgamate import GroundTruthOnly, build_student, collate_ground_truth
-    from kacli.amalgamation.config import load_amalgamate_config
-    from kacli.amalgamation.objective import AmalgamationObjective
-    from kacli.cache.reader import TeacherCache, collate_cached
-    from kacli.models.checkpoint import build_model, load_checkpoint
 
     cache = TeacherCache(setup["cache"])
     gt_only = GroundTruthOnly(cache)
@@ -291,7 +290,6 @@ def encoder_benchmark(device: torch.device, clock: Callable[[], float], parts_li
                       side: int = 16, rounds: int = 5) -> list[dict]:
     """Forward + backward of the student's encoder on N parts of ``side²`` tokens (the second half
     of the batch valid on a ``side/2 × side`` grid), decoupled and dense."""
-    from kacli.models.student import Student
 
     cfg = model_config("tiny")
     n, d = side * side, cfg.d_model

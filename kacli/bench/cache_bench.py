@@ -25,20 +25,28 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from kacli.cache import schema
+from kacli.cache.plan import plan_entries
+from kacli.cache.quant import dequantize
+from kacli.cache.reader import TeacherCache, collate_cached
+from kacli.cache.schema import human_bytes
+from kacli.cache.teachers import load_teachers
+from kacli.cache.writer import cache_teachers, resolve_aug
+from kacli.config import config_to_dict
+from kacli.data.dataset import CocoDetection, collate
+from kacli.data.demo_data import make_demo_data
+from kacli.data.manifest import TaskManifest
+from kacli.data.split import split_tasks
+from kacli.data.transforms import AUG_PRESETS
+from kacli.models.checkpoint import save_checkpoint
+from kacli.models.config import model_config
+from kacli.models.detr import DETR
+
 IMAGES, VIEWS, BATCH, WORKERS = 128, 2, 16, 1
 REPEATS = 3  # timings alternate pure / cache and keep each one's fastest run
 
 
 def _setup(root: Path) -> tuple[Path, list[Path]]:
-    from kacli.config import config_to_dict
-    from kacli.data.demo_data import make_demo_data
-    from kacli.data.manifest import TaskManifest
-    from kacli.data.split import split_tasks
-    from kacli.data.transforms import AUG_PRESETS
-    from kacli.models.checkpoint import save_checkpoint
-    from kacli.models.config import model_config
-    from kacli.models.detr import DETR
-
     make_demo_data(root / "data", train_images=IMAGES, val_images=0, seed=0, size=128, progress=False)
     split_tasks(str(root / "data" / "train.json"), None, str(root / "data" / "tasks-2.yaml"), root / "tasks",
                 images=root / "data" / "images")  # fmt: skip
@@ -60,9 +68,6 @@ def _setup(root: Path) -> tuple[Path, list[Path]]:
 def _pure_inference(tasks: Path, teachers: list[Path], device: torch.device) -> tuple[float, int]:
     """Load the teachers and run them over the same entries, batches and loader as cache-teachers
     (AMP on CUDA, as there); nothing is kept. Returns (seconds, entries)."""
-    from kacli.cache.writer import load_teachers, plan_entries, resolve_aug
-    from kacli.data.dataset import CocoDetection, collate
-    from kacli.data.manifest import TaskManifest
 
     t0 = time.perf_counter()
     manifest = TaskManifest(tasks)
@@ -90,7 +95,6 @@ def _pure_inference(tasks: Path, teachers: list[Path], device: torch.device) -> 
 
 def _read_rate(cache: Path, passes: int = 2, workers: int = 2, in_memory: bool | None = None) -> float:
     """Entries per second a ``TeacherCache`` DataLoader delivers (images, targets, teacher outputs)."""
-    from kacli.cache.reader import TeacherCache, collate_cached
 
     ds = TeacherCache(cache, in_memory=in_memory)
     loader = DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=workers, collate_fn=collate_cached,
@@ -109,8 +113,6 @@ def _teacher_read_rate(cache: Path, in_memory: bool, passes: int = 3) -> float:
     """Entries per second of the cache's own part: the teacher outputs of shuffled entries
     (``teacher_entry``), batched as ``collate_cached`` batches them; no image is decoded. An int8
     cache is read as training reads it: int8 and scales per entry, dequantised per batch."""
-    from kacli.cache.quant import dequantize
-    from kacli.cache.reader import TeacherCache
 
     ds = TeacherCache(cache, in_memory=in_memory, dequantize=False)
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
@@ -127,8 +129,6 @@ def _teacher_read_rate(cache: Path, in_memory: bool, passes: int = 3) -> float:
 
 def _student_rate(steps: int = 12) -> float:
     """Entries a tiny-DETR training step consumes per second (forward + backward + AdamW)."""
-    from kacli.models.config import model_config
-    from kacli.models.detr import DETR
 
     torch.manual_seed(0)
     model = DETR(model_config("tiny"), 8).train()
@@ -153,15 +153,10 @@ def _student_rate(steps: int = 12) -> float:
 
 
 def _fmt_bytes(n: float) -> str:
-    from kacli.cache.schema import human_bytes
-
     return human_bytes(n)
 
 
 def run(out_lines: list[str]) -> None:
-    from kacli.cache import schema
-    from kacli.cache.writer import cache_teachers
-
     with tempfile.TemporaryDirectory(prefix="kacli-cache-bench-") as tmp:
         root = Path(tmp)
         tasks, teachers = _setup(root)

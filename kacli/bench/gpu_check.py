@@ -33,6 +33,15 @@ from pathlib import Path
 
 import torch
 
+from kacli.bench.__main__ import machine
+from kacli.bench.amalgamate_bench import r50_step_ratio
+from kacli.config import config_to_dict
+from kacli.data.demo_data import make_demo_data
+from kacli.data.split import split_tasks
+from kacli.engine.runconfig import RUN_PRESETS
+from kacli.engine.runlog import read_jsonl
+from kacli.fsutil import write_yaml
+
 SIZE = 512
 STEPS = 300
 BATCH = 8
@@ -73,10 +82,6 @@ def nccl_probe() -> int:
 
 
 def _run_config(path: Path, epochs: int, p: dict) -> Path:
-    from kacli.config import config_to_dict
-    from kacli.fsutil import write_yaml
-    from kacli.engine.runconfig import RUN_PRESETS
-
     cfg = config_to_dict(RUN_PRESETS[p["preset"]])
     cfg["aug"].update(scales=[p["size"]], max_size=p["size"], eval_size=p["size"], crop_p=0.0)
     cfg["train"].update(epochs=epochs, batch_size=p["batch"], amp=True, workers=p["workers"], eval_every=epochs,
@@ -94,8 +99,6 @@ def check(root: Path, **kw) -> list[dict]:
     p = {"device": "cuda", "preset": "detr-r50", "size": SIZE, "train_images": TRAIN_IMAGES,
          "val_images": VAL_IMAGES, "steps": STEPS, "batch": BATCH, "workers": 4, "bench": True, **kw}  # fmt: skip
     size, n_train, n_val, batch, dev = p["size"], p["train_images"], p["val_images"], p["batch"], p["device"]
-    from kacli.data.demo_data import make_demo_data
-    from kacli.data.split import split_tasks
 
     rows: list[dict] = []
 
@@ -119,13 +122,12 @@ def check(root: Path, **kw) -> list[dict]:
         ok, s, err = _run(_kacli("train-teacher", "--tasks", tasks, "--task", task, "--config", cfg, "--out", run))
         result = err
         if ok:
-            last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+            last = read_jsonl(run / "metrics.jsonl")[-1][2]
             result = (f"{p['preset']} AMP {size} px, {epochs * (n_train // batch)} steps, "
                       f"{1000 * last['train_seconds'] / max(1, epochs * last['steps']):.0f} ms/step, loss {last['total']:.3f}")  # fmt: skip
             teachers.append(run)
         add(f"train-teacher {task}", ok, s, result)
     if len(teachers) == 2:
-        from kacli.engine.runconfig import RUN_PRESETS
 
         last_layer = RUN_PRESETS[p["preset"]].model.enc_layers  # the projection and the last layer: SA's
         cache = root / "cache.h5"
@@ -159,7 +161,6 @@ def check(root: Path, **kw) -> list[dict]:
         return rows
     t0 = time.perf_counter()
     try:
-        from kacli.bench.amalgamate_bench import r50_step_ratio
 
         r = r50_step_ratio(torch.device("cuda"), 800, 4, 32, rounds=5, steps=4, workers=2, clock=time.perf_counter,
                            max_rounds=30)  # fmt: skip
@@ -189,7 +190,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing to check.")
         return 0
-    from kacli.bench.__main__ import machine
 
     t0 = time.perf_counter()
     if args.keep is not None:

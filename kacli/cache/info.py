@@ -8,7 +8,10 @@ from typing import Sequence
 import numpy as np
 
 from kacli.cache import schema
+from kacli.data.manifest import TaskManifest
 from kacli.errors import KacliError
+from kacli.fsutil import sha256_file
+from kacli.models.checkpoint import resolve_checkpoint_path
 from kacli.progress import make_progress
 
 
@@ -83,7 +86,6 @@ def split_sources(tasks_path: str | None, split: str) -> list[dict] | None:
     """Where a split's images came from, read from ``tasks_path`` (None when it is not readable):
     ``[{name, task, images, format, path, complete, complete_all}]``, ``complete`` the names of the
     categories its images are annotated for, ``complete_all`` whether that is every category."""
-    from kacli.data.manifest import TaskManifest
 
     try:
         manifest = TaskManifest(tasks_path) if tasks_path else None
@@ -111,8 +113,6 @@ def verify_cache(
     Returns ``{"ok": bool, "problems": [str], "values_checked": int}``; a file that is not a
     readable complete cache raises KacliError.
     """
-    from kacli.fsutil import sha256_file
-    from kacli.models.checkpoint import resolve_checkpoint_path
 
     p = Path(path)
     problems: list[str] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,28 @@ from kacli.errors import KacliError
 
 
 IN_MEMORY_BYTES = 1 << 30  # caches up to 1 GiB (selected layers + logits + boxes) are held in memory
+
+
+def cache_manifest(attrs: Mapping, cache_path: str | Path, tasks: str | Path | None = None) -> TaskManifest:
+    """The task manifest a cache was made from: ``tasks`` when given, else the tasks.yaml the cache
+    names (``attrs["tasks_path"]``). Its sha256 must be the one the cache recorded
+    (``attrs["tasks_sha256"]``): otherwise a KacliError names the manifest, saying whether it is
+    another file or the cache's own one changed since."""
+    cache_path = Path(cache_path)
+    recorded = attrs.get("tasks_path")
+    if tasks is None and not recorded:
+        raise KacliError("cache does not name its tasks.yaml; pass --tasks", cache_path)
+    manifest = TaskManifest(tasks if tasks is not None else recorded)
+    want = str(attrs.get("tasks_sha256"))
+    if manifest.sha256 != want:
+        same_file = recorded is not None and Path(recorded).resolve() == manifest.path.resolve()
+        why = "it has changed since" if same_file else f"another task manifest than {recorded}"
+        raise KacliError(
+            f"tasks.yaml differs from the one the cache {cache_path.name} was made from: {why} (sha256 "
+            f"{manifest.sha256[:12]}… vs {want[:12]}…)",
+            manifest.path,
+        )
+    return manifest
 
 
 class TeacherCache(Dataset):
@@ -106,13 +128,7 @@ class TeacherCache(Dataset):
             raise KacliError(f"a teacher's category {e} is not in the cache's label map", self.path) from None
 
         if split_dataset is None:
-            manifest = TaskManifest(tasks if tasks is not None else a["tasks_path"])
-            if manifest.sha256 != a["tasks_sha256"]:
-                raise KacliError(
-                    f"tasks.yaml differs from the one the cache {self.path.name} was made from (sha256 "
-                    f"{manifest.sha256[:12]}… vs {str(a['tasks_sha256'])[:12]}…)",
-                    manifest.path,
-                )
+            manifest = cache_manifest(a, self.path, tasks)
             json_path, image_root = manifest.split_json(a["split"]), manifest.image_root(a["split"])
         else:
             json_path, image_root = split_dataset.json_path, split_dataset.image_root

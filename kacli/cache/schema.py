@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from kacli import __version__
 from kacli.errors import KacliError
 
 FORMAT = "kacli-cache/1"
@@ -220,8 +221,6 @@ def first_difference(a: dict, b: dict) -> str | None:
 
 
 def _version() -> str:
-    from kacli import __version__
-
     return __version__
 
 

@@ -11,6 +11,9 @@ from rich.table import Table
 
 from kacli.commands._common import cli_errors, console
 
+# kacli's library is imported inside the command functions, not here: it loads torch (seconds), which
+# `kacli --help`, completion and a mistyped option should not wait for.
+
 
 def register(app: typer.Typer) -> None:
     app.command(

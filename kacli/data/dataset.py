@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.ops import box_convert
 
-from kacli.data.transforms import AugConfig, View, apply_view, eval_view, load_image, sample_train_view
+from kacli.data.images import image_size, load_image
+from kacli.data.transforms import AugConfig, View, apply_view, eval_view, sample_train_view
 from kacli.errors import KacliError
 from kacli.data.manifest import COMPLETE_KEY
 from kacli.fsutil import load_json, require_dir, safe_join
@@ -31,6 +32,23 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit generator seed from ``(seed, epoch, index)``, the same in every process."""
     d = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(d, "little") & ((1 << 63) - 1)
+
+
+def train_view(h: int, w: int, image_index: int, epoch: int, aug: AugConfig, seed: int) -> View:
+    """The training view of image ``image_index`` (``h × w`` pixels) in ``epoch``: DETR's random
+    flip and resize(-crop-resize), drawn from a generator seeded with ``item_seed(seed, epoch,
+    image_index)``, so it is the same in every process and on every rerun."""
+    g = torch.Generator().manual_seed(item_seed(seed, epoch, image_index))
+    return sample_train_view(h, w, aug, g)
+
+
+def entry_view(h: int, w: int, image_index: int, view_index: int, aug: AugConfig, seed: int) -> View:
+    """The view policy of the teacher cache: view 0 of an image is its evaluation view; view
+    ``v > 0`` is the training view that ``CocoDetection(train=True, generator_seed=seed)`` draws
+    for the image in epoch ``v`` (:func:`train_view`). A pure function of ``(seed, image, view)``."""
+    if view_index == 0:
+        return eval_view(h, w, aug.eval_size, aug.max_size)
+    return train_view(h, w, image_index, view_index, aug, seed)
 
 
 def _number(v) -> bool:
@@ -169,6 +187,15 @@ class CocoDetection(Dataset):
     def image_path(self, index: int) -> Path:
         return safe_join(self.image_root, self.images[index]["file_name"], source=self.json_path)
 
+    def size_of(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of image ``index``: from the json when it gives both (positive
+        integers), else from the file's header (:func:`kacli.data.images.image_size`)."""
+        info = self.images[index]
+        h, w = info.get("height"), info.get("width")
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            return h, w
+        return image_size(self.image_path(index))
+
     def raw(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image ``index`` untransformed: uint8 ``(3, H, W)``, its kept boxes ``(M, 4)`` pixel
         xyxy float32, and their category ids ``(M,)`` int64 (crowd and other categories left out)."""
@@ -188,8 +215,7 @@ class CocoDetection(Dataset):
         if self.views is not None:
             return self.views[index]
         if self.train:
-            g = torch.Generator().manual_seed(item_seed(self.generator_seed, self.epoch, index))
-            return index, sample_train_view(h, w, self.aug, g)
+            return index, train_view(h, w, index, self.epoch, self.aug, self.generator_seed)
         return index, eval_view(h, w, self.aug.eval_size, self.aug.max_size)
 
     def __getitem__(self, index: int):

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_dir
+from kacli.progress import make_progress
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "convex"},
@@ -167,7 +168,6 @@ def make_demo_data(
     splits = {"train": train_images, "val": val_images}
     summary: dict = {"out": str(out), "seed": seed, "size": size, "splits": {}, "per_category": {}}
     per_cat = {c["name"]: 0 for c in CATEGORIES}
-    from kacli.progress import make_progress
 
     with atomic_dir(out, force=force) as tmp, make_progress("img", disable=not progress) as bar:
         job = bar.add_task("demo images", total=sum(splits.values()), info="")

@@ -32,7 +32,8 @@ from kacli.data.readers import read_source
 from kacli.data.schemes import RESERVED, TASK_NAME
 from kacli.data.split import _write_json
 from kacli.errors import KacliError
-from kacli.fsutil import atomic_dir, check_output_dir
+from kacli.fsutil import atomic_dir, check_output_dir, sha256_file
+from kacli.models.checkpoint import load_checkpoint, resolve_checkpoint_path
 
 SCHEME = "merged"
 
@@ -117,8 +118,6 @@ def renames_from_options(values) -> dict[str, str]:
 def teacher_label_map(path: str | Path) -> tuple[Path, str, dict]:
     """A teacher checkpoint's ``(path, sha256, label_map)``; only named classes are in the map
     (an imported DETR's unnamed slots are not, see ``ModelConfig.unnamed_classes``)."""
-    from kacli.fsutil import sha256_file
-    from kacli.models.checkpoint import load_checkpoint, resolve_checkpoint_path
 
     p = resolve_checkpoint_path(path)
     ckpt = load_checkpoint(p)

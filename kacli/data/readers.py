@@ -14,12 +14,12 @@ of dropped and clipped boxes).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from kacli.data.coco import BoxReport, normalize_coco
+from kacli.data.images import image_size
+from kacli.data.voc import read_voc
+from kacli.data.yolo import find_yaml, looks_like_yolo, read_yolo
 from kacli.errors import KacliError
 from kacli.fsutil import load_json, safe_join, sha256_file
 
@@ -51,8 +51,6 @@ def detect_format(path: Path) -> str:
         raise KacliError("not a dataset: expected a COCO .json, a YOLO data.yaml, or a VOC/YOLO folder", path)
     if (path / "Annotations").is_dir():
         return "voc"
-    from kacli.data.yolo import find_yaml, looks_like_yolo
-
     jsons = sorted(p.name for p in path.glob("*.json"))
     if jsons and find_yaml(path) is None:
         raise KacliError(f"a folder: pass one of its COCO json files ({', '.join(jsons[:4])})", path)
@@ -61,27 +59,6 @@ def detect_format(path: Path) -> str:
     raise KacliError(
         "not a dataset folder: no Annotations/ (VOC) and no data.yaml or images/ + labels/ (YOLO)", path
     )
-
-
-def image_size(path: Path, source: str | Path | None = None) -> tuple[int, int]:
-    """``(width, height)`` of an image file, read from its header without decoding pixels."""
-    from kacli.data.transforms import open_image
-
-    try:
-        with open_image(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise KacliError("image file not found", path) from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise KacliError(f"cannot read image: {e}", path) from None
-
-
-def combined_sha256(files: list[Path], root: Path) -> str:
-    """One sha256 over several files: each file's path relative to ``root`` and its own sha256."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
 
 
 def check_images_exist(coco: dict, root: Path, source: str | Path) -> None:
@@ -122,7 +99,7 @@ def read_coco_json(path: Path, images: str | Path | None = None) -> tuple[dict, 
     # Fill in sizes that the json leaves out, from the image files.
     for im in data.get("images") or []:
         if isinstance(im, dict) and isinstance(im.get("file_name"), str) and not (im.get("width") and im.get("height")):
-            im["width"], im["height"] = image_size(safe_join(root, im["file_name"], source=path), path)
+            im["height"], im["width"] = image_size(safe_join(root, im["file_name"], source=path))
     coco, report = normalize_coco(data, path, image_root=root)
     check_images_exist(coco, root, path)
     return coco, report, {"path": str(path.resolve()), "sha256": sha256_file(path), "image_root": str(root)}
@@ -142,12 +119,8 @@ def read_source(spec: str | Path, images: str | Path | None = None) -> dict:
         if images is not None:
             raise KacliError("--images applies to COCO json sources only (VOC and YOLO name their image folders)", path)
         if fmt == "voc":
-            from kacli.data.voc import read_voc
-
             coco, report, src = read_voc(path, split)
         else:
-            from kacli.data.yolo import read_yolo
-
             coco, report, src = read_yolo(path, split)
     info = dict(coco.get("info") or {})
     info["source"] = {"spec": str(spec), "format": fmt, "split": split, **src}
@@ -174,8 +147,6 @@ __all__ = [
     "detect_format",
     "read_source",
     "read_coco_json",
-    "image_size",
-    "combined_sha256",
     "check_images_exist",
     "source_of",
     "box_report_of",

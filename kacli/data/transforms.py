@@ -20,24 +20,16 @@ Boxes follow the image through the same torchvision.transforms.v2 functionals
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from kacli.config import ConfigValueError
 from kacli.errors import KacliError
-from kacli.limits import max_image_pixels, side_problem
-
-_pil_lock = threading.Lock()  # PIL's own pixel check is switched off around Image.open only
+from kacli.limits import side_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -231,7 +223,7 @@ def apply_view(
     """Apply ``view`` to a raw image and its boxes.
 
     Args:
-        image: uint8 ``(3, H, W)`` on the CPU, as :func:`load_image` returns it.
+        image: uint8 ``(3, H, W)`` on the CPU, as :func:`kacli.data.images.load_image` returns it.
         boxes: ``(M, 4)`` pixel xyxy in the raw image.
         view: the transform; its crop must lie inside the image.
 
@@ -267,43 +259,3 @@ def apply_view(
     img = F.to_dtype(img, torch.float32, scale=True)
     img = F.normalize(img, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
     return img.as_subclass(torch.Tensor), bx.as_subclass(torch.Tensor), keep.as_subclass(torch.Tensor)
-
-
-@contextlib.contextmanager
-def open_image(path: str | Path) -> Iterator[Image.Image]:
-    """``PIL.Image.open`` under kacli's pixel limit (:func:`kacli.limits.max_image_pixels`,
-    ``KACLI_MAX_IMAGE_PIXELS``) instead of PIL's: an image file whose header declares more pixels
-    is refused, naming it, before any pixel is decoded."""
-    p = Path(path)
-    cap = max_image_pixels()
-    with _pil_lock:
-        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            im = Image.open(p)
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
-    with im:
-        w, h = im.size
-        if w * h > cap:
-            raise KacliError(
-                f"image is {w}x{h} = {w * h:,} pixels, over the limit of {cap:,} "
-                "(set KACLI_MAX_IMAGE_PIXELS to raise it)", p,
-            )
-        yield im
-
-
-def load_image(path: str | Path) -> torch.Tensor:
-    """Decode an image file (any format PIL reads) as uint8 RGB ``(3, H, W)``, contiguous, CPU.
-
-    EXIF orientation is not applied, so pixels match the annotations' coordinates (as in COCO).
-    Files over the pixel limit are refused before decoding (:func:`open_image`).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise KacliError("image not found" if not p.exists() else "image path is not a file", p)
-    try:
-        with open_image(p) as im:
-            arr = np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise KacliError(f"not a readable image ({type(e).__name__})", p) from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

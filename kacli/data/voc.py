@@ -16,8 +16,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from kacli.data.coco import BoxReport, normalize_coco
+from kacli.data.images import image_size
 from kacli.errors import KacliError
-from kacli.fsutil import require_dir
+from kacli.fsutil import combined_sha256, require_dir
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -121,8 +122,6 @@ def _image_file(img_dir: Path, stem: str, filename: str | None, xml: Path) -> st
 
 def read_voc(root: Path, split: str | None) -> tuple[dict, BoxReport, dict]:
     """A VOC root (and split) → (normalised COCO dict, box report, source fields)."""
-    from kacli.data.readers import combined_sha256, image_size
-
     ann_dir = require_dir(root / "Annotations", "Annotations folder")
     img_dir = require_dir(root / "JPEGImages", "JPEGImages folder")
     stems, split_file = _split_ids(root, split, ann_dir)
@@ -140,7 +139,7 @@ def read_voc(root: Path, split: str | None) -> tuple[dict, BoxReport, dict]:
         fn = _image_file(img_dir, stem, rec["filename"], xml)
         w, h = rec["width"], rec["height"]
         if w <= 0 or h <= 0:
-            w, h = image_size(img_dir / fn, xml)
+            h, w = image_size(img_dir / fn)
         images.append({"id": img_id, "file_name": fn, "width": w, "height": h})
         for o in rec["objects"]:
             x1, y1, x2, y2 = o["box"]

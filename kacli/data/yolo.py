@@ -20,8 +20,9 @@ import os
 from pathlib import Path
 
 from kacli.data.coco import BoxReport, normalize_coco
+from kacli.data.images import image_size
 from kacli.errors import KacliError
-from kacli.fsutil import load_yaml
+from kacli.fsutil import combined_sha256, load_yaml
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLIT_KEYS = ("train", "val", "test")
@@ -174,8 +175,6 @@ def parse_label_file(path: Path, num_names: set[int]) -> list[tuple[int, list[fl
 
 def read_yolo(path: Path, split: str | None) -> tuple[dict, BoxReport, dict]:
     """A YOLO root or data.yaml (and split) → (normalised COCO dict, box report, source fields)."""
-    from kacli.data.readers import combined_sha256, image_size
-
     if path.is_dir():
         root, yml = path, find_yaml(path)
     else:
@@ -217,7 +216,7 @@ def read_yolo(path: Path, split: str | None) -> tuple[dict, BoxReport, dict]:
 
     images, anns, label_files = [], [], []
     for img_id, f in enumerate(files, 1):
-        w, h = image_size(f)
+        h, w = image_size(f)
         images.append({"id": img_id, "file_name": f.resolve().relative_to(image_root).as_posix(), "width": w, "height": h})
         lp = label_path(f)
         if not lp.is_file():

@@ -70,6 +70,17 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
+def rank_mean_count(count: float, device: torch.device | str) -> torch.Tensor:
+    """A count (target boxes, matched pairs) averaged over the ranks when torch.distributed is
+    initialised, and clamped to at least 1: ``()`` float32 on ``device``. Losses divide by it so
+    that every rank divides by the same number, as DETR does with its box count."""
+    n = torch.tensor(float(count), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return n.clamp(min=1.0)
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

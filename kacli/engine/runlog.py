@@ -1,7 +1,12 @@
-"""Training logs beside ``metrics.jsonl``: ``metrics.csv`` always, TensorBoard scalars on request.
+"""Training logs: ``metrics.jsonl`` read back, ``metrics.csv`` always, TensorBoard scalars on request.
 
-``metrics.jsonl`` (one JSON object per epoch, written by the trainer) stays the record; this
-module mirrors it for people and tools:
+``metrics.jsonl`` (one JSON object per epoch, appended by the trainer) stays the record. It is the
+one file a run appends to instead of replacing: a line is appended whole, after the epoch ends and
+before its checkpoint, so a run killed while appending loses at most that last line, which
+``--resume`` redoes anyway (it keeps only the lines of the epochs its checkpoint has seen, and
+rewrites the file atomically). Every reader goes through :func:`read_jsonl`, which leaves out a
+torn last line (one with no newline that does not parse: also the line a running training is
+writing right now). This module mirrors the record for people and tools:
 
 - ``metrics.csv``: one row per epoch, one column per number in any line (nested keys joined with
   ``/``: ``per_task/convex/AP``), blank where an epoch lacks it (no validation that epoch). It is
@@ -25,6 +30,7 @@ from typing import Any, Iterable, Mapping
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_file
 
+JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
 TB_DIR = "tensorboard"
 NOT_SCALARS = ("epoch", "steps", "train_seconds")
@@ -32,6 +38,33 @@ NOT_SCALARS = ("epoch", "steps", "train_seconds")
 
 def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, str, Any]]:
+    """``(line number, line, parsed value)`` for each non-blank line of an append-only JSON-lines
+    file (``metrics.jsonl``), in order.
+
+    A last line with no newline that does not parse is left out: the line a killed run was
+    appending, or one a running training is writing now. Any other line that does not parse is a
+    KacliError naming the file and the line, and so is a file that is not UTF-8 text."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KacliError("not a UTF-8 text file", path) from None
+    lines = text.splitlines()
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                break  # torn, or being written
+            raise KacliError(f"malformed JSON on line {n}: {e.msg} at column {e.colno}", path) from None
+        out.append((n, line, value))
+    return out
 
 
 def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, float | None]:
@@ -48,7 +81,7 @@ def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, float | No
 
 def write_csv(jsonl: str | Path, csv_path: str | Path) -> Path:
     """``metrics.csv`` from ``metrics.jsonl``: columns in order of first appearance."""
-    rows = [flatten(json.loads(line)) for line in Path(jsonl).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [flatten(record) for _, _, record in read_jsonl(jsonl)]
     columns: dict[str, None] = {}
     for r in rows:
         columns.update(dict.fromkeys(r))
@@ -107,7 +140,7 @@ class RunLogs:
             return
         if out is not None:
             self.out = Path(out)
-        write_csv(self.out / "metrics.jsonl", self.out / CSV_NAME)
+        write_csv(self.out / JSONL_NAME, self.out / CSV_NAME)
         if self.writer is not None:
             step = int(record["epoch"])
             for tag, value in scalar_tags(record, loss_terms).items():

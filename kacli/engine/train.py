@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from kacli.config import TrainConfig
 from kacli.engine.distributed import DistInfo, all_reduce_mean, barrier
 from kacli.engine.ema import WeightEMA, refuse_ema_state
-from kacli.engine.runlog import RunLogs
+from kacli.engine.runlog import RunLogs, read_jsonl
 from kacli.engine.guards import check_finite
 from kacli.errors import KacliError
 from kacli.engine.rundir import RunDir, kill_point
@@ -212,8 +212,7 @@ class Trainer:
         # metrics.jsonl: keep the lines of the epochs the checkpoint has seen
         log = self.out / "metrics.jsonl"
         if log.exists() and self.dist.is_main:
-            lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= state["epoch"]]
+            kept = [ln for _, ln, rec in read_jsonl(log) if rec.get("epoch", 0) <= state["epoch"]]
             with atomic_file(log) as f:
                 f.write("".join(ln + "\n" for ln in kept))
         return {

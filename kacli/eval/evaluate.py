@@ -14,10 +14,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kacli.data.dataset import CocoDetection, collate
+from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import AugConfig
+from kacli.engine.distributed import pick_device
 from kacli.errors import KacliError
 from kacli.eval.by_source import UNION, source_metrics, sources_of
 from kacli.eval.coco_eval import coco_metrics, pool_detections
+from kacli.eval.flops import count_parameters, gflops
+from kacli.eval.results import check_results_target, write_results
+from kacli.fsutil import load_json
+from kacli.limits import check_positive, check_side
+from kacli.models.checkpoint import build_model, load_checkpoint
 from kacli.models.postprocess import postprocess
 from kacli.progress import make_progress
 
@@ -153,14 +160,7 @@ def evaluate_checkpoints(
     a COCO results file (:mod:`kacli.eval.results`); checked before any work, replaced only with
     ``force``.
     """
-    from kacli.data.manifest import TaskManifest
-    from kacli.engine.distributed import pick_device
-    from kacli.eval.flops import count_parameters, gflops
-    from kacli.fsutil import load_json
-    from kacli.models.checkpoint import build_model, load_checkpoint
 
-    from kacli.eval.results import check_results_target, write_results
-    from kacli.limits import check_positive, check_side
 
     check_side("--size", size)
     check_side("--max-size", max_size)

@@ -24,11 +24,11 @@ With every image complete for every class this is exactly the unmasked criterion
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
+from kacli.engine.distributed import rank_mean_count
 from kacli.errors import KacliError
 from kacli.losses.matcher import HungarianMatcher
 from kacli.losses.partial import mask_logits, valid_classes
@@ -45,11 +45,7 @@ def _base_name(key: str) -> str:
 
 def num_boxes_across_ranks(targets: list[dict], device: torch.device) -> float:
     """Target boxes in the batch, averaged over torch.distributed ranks when initialised, ≥ 1."""
-    n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return max(float(n.item()), 1.0)
+    return float(rank_mean_count(sum(len(t["labels"]) for t in targets), device).item())
 
 
 class SetCriterion(nn.Module):

@@ -58,10 +58,8 @@ def channel_stats(x: Tensor, mask: Tensor | None = None, eps: float = EPS) -> tu
     valid = _valid(mask, x.shape[:-1], x.device)
     flat = x.to(dtype).reshape(-1, x.shape[-1])
     w = valid.reshape(-1, 1).to(dtype)
-    count = w.sum().clamp(min=1.0)
-    mean = (flat * w).sum(0) / count
-    var = (((flat - mean) * w) ** 2).sum(0) / count
-    return mean, torch.sqrt(var + eps)
+    mean, std = masked_stats(flat * w, w, (0,), eps)
+    return mean[0], std[0]
 
 
 def standardize(
@@ -227,11 +225,11 @@ def _stacked_sq_error(layout: str, s: Tensor, t: Tensor, valid: Tensor, index: T
         if not normalize:
             diff = (s - t) * wt
         elif own:
-            mu_s, sd_s = _masked_stats(s * wt, wt, dims, eps)
-            mu_t, sd_t = _masked_stats(t * wt, wt, dims, eps)
+            mu_s, sd_s = masked_stats(s * wt, wt, dims, eps)
+            mu_t, sd_t = masked_stats(t * wt, wt, dims, eps)
             diff = ((s - mu_s) / sd_s - (t - mu_t) / sd_t) * wt
         else:
-            diff = (s - t) * wt / _masked_stats(t * wt, wt, dims, eps)[1]
+            diff = (s - t) * wt / masked_stats(t * wt, wt, dims, eps)[1]
         return diff.square().sum(dim=tuple(i for i in range(diff.dim()) if i != layer_axis))
     # compressed: teacher k's statistics over its whole sequence; each kept teacher token
     # standardised with the statistics of the part it was taken from
@@ -242,15 +240,17 @@ def _stacked_sq_error(layout: str, s: Tensor, t: Tensor, valid: Tensor, index: T
         # the kept teacher tokens form the target sequence, standardised by its own statistics
         return _stacked_sq_error("gathered", s, kept, valid, None, normalize, eps, own=True)
     w4, w5 = w[:, None, :, None], w[:, None, None, :, None]
-    sd_t = _masked_stats(t * w5, w5, (0, 3), eps)[1][0, :, :, 0]  # (N, L, d)
+    sd_t = masked_stats(t * w5, w5, (0, 3), eps)[1][0, :, :, 0]  # (N, L, d)
     diff = (s - kept) * w4 / sd_t[idx].transpose(1, 2)  # σ of each kept token's part, (B, L, n, d)
     return diff.square().sum(dim=(0, 2, 3))
 
 
-def _masked_stats(t: Tensor, w: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor]:
-    """Mean and standard deviation of ``t`` (zero at padding) over ``dims`` (the batch and token
-    axes), weighted by the 0/1 token mask ``w`` (which broadcasts to ``t`` and varies only along
-    ``dims``), kept as size-1 dimensions; biased variance plus ``eps``, as in :func:`channel_stats`."""
+def masked_stats(t: Tensor, w: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of ``t`` (zero at padding) over ``dims`` (the batch
+    and token axes), weighted by the 0/1 token mask ``w`` (which broadcasts to ``t`` and varies only
+    along ``dims``), kept as size-1 dimensions; biased variance plus ``eps`` under the square root,
+    as in batch normalisation. The one implementation of the SA and SAG statistics
+    (:func:`channel_stats` is it for one sequence)."""
     count = w.sum().clamp(min=1.0)  # valid tokens: the same for every part, layer and channel
     mean = t.sum(dim=dims, keepdim=True) / count
     var = ((t - mean) * w).square().sum(dim=dims, keepdim=True) / count

@@ -24,11 +24,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
+
+from kacli.engine.distributed import rank_mean_count
 
 
 def _class_index(class_index: Tensor | Sequence[int], num_teacher_classes: int, num_classes: int) -> Tensor:
@@ -280,12 +281,7 @@ class TaskAmalgamationLoss(nn.Module):
 
     def num_pairs(self, targets: list[dict[str, Tensor]], num_queries: int, device) -> Tensor:
         """Matched pairs in the batch (``Σ_b min(Q, M_b)``), averaged over ranks, at least 1."""
-        count = sum(min(num_queries, t["conf"].shape[0]) for t in targets)
-        num = torch.tensor(float(count), device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num)
-            num = num / dist.get_world_size()
-        return num.clamp(min=1.0)
+        return rank_mean_count(sum(min(num_queries, t["conf"].shape[0]) for t in targets), device)
 
     def pair_losses(
         self,

@@ -28,6 +28,18 @@ from kacli.models.config import ModelConfig
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 
+def backbone_stride(cfg: ModelConfig) -> int:
+    """Feature-map stride (H/h) of the backbone ``cfg`` names: the tiny CNN 16; a ResNet 32, or 16
+    with a dilated last stage. Known without building the backbone (its ``stride`` attribute)."""
+    return _stride(cfg.backbone, cfg.dilation)
+
+
+def _stride(name: str, dilation: bool) -> int:
+    if name == "tiny":
+        return 16
+    return 16 if dilation else 32
+
+
 def downsample_mask(mask: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
     """Padding mask (B,H,W) bool, True = padding at the bottom/right → (B,h,w) bool.
 
@@ -70,7 +82,7 @@ class ResNetBackbone(nn.Module):
             if not pname.startswith(("layer2.", "layer3.", "layer4.")):
                 p.requires_grad_(False)
         self.num_channels = RESNET_CHANNELS[name]
-        self.stride = 16 if dilation else 32
+        self.stride = _stride(name, dilation)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B,3,H,W), mask (B,H,W) True=pad → feat (B,C,h,w), mask (B,h,w)."""
@@ -98,7 +110,7 @@ class TinyBackbone(nn.Module):
             cin = w
         self.body = nn.Sequential(*stages)
         self.num_channels = widths[-1]
-        self.stride = 16
+        self.stride = _stride("tiny", False)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B,3,H,W), mask (B,H,W) True=pad → feat (B,C,h,w), mask (B,h,w)."""
@@ -119,6 +131,7 @@ _PREFIXES = ("backbone.0.body.", "backbone.body.", "body.")
 
 
 def _read_weights_file(path: Path) -> Any:
+    # imported here, not at the top: kacli.models.checkpoint imports detr, which imports this module
     from kacli.models.checkpoint import torch_load_untrusted
 
     return torch_load_untrusted(path, "weights")

@@ -29,6 +29,9 @@ import torch
 
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_path, sha256_file
+from kacli.models.config import ModelConfig
+from kacli.models.detr import DETR
+from kacli.models.student import Student
 
 FORMAT = "kacli-checkpoint/1"
 KINDS = ("detr", "student")
@@ -127,15 +130,12 @@ def checkpoint_sha256(path: str | Path) -> str:
 
 def build_model(ckpt: dict[str, Any], *, load_weights: bool = True) -> torch.nn.Module:
     """Instantiate the model a checkpoint describes (and load its weights)."""
-    from kacli.models.config import ModelConfig
 
     num_classes = len(ckpt["label_map"]["ids"])
     if ckpt["kind"] == "detr":
-        from kacli.models.detr import DETR
 
         model = DETR(ModelConfig.from_dict(ckpt["arch"]), num_classes)
     else:
-        from kacli.models.student import Student
 
         model = Student.from_arch(ckpt["arch"], num_classes)
     if load_weights:

@@ -73,8 +73,9 @@ from torch import nn
 
 from kacli.errors import KacliError
 from kacli.fsutil import load_json, load_yaml, sha256_file
-from kacli.models.checkpoint import FORMAT, save_checkpoint, torch_load_untrusted
+from kacli.models.checkpoint import FORMAT, resolve_checkpoint_path, save_checkpoint, torch_load_untrusted
 from kacli.models.config import ModelConfig
+from kacli.models.detr import DETR
 
 # fmt: off
 #: DETR's 91 COCO class slots: entry k is the name of COCO category id k ("N/A": unused id).
@@ -180,7 +181,6 @@ def read_source(src: str | Path) -> tuple[Any, dict]:
     if not p.exists():
         raise KacliError("checkpoint not found", p)
     if p.is_dir() and any((p / n).is_file() for n in ("best.pt", "last.pt")):
-        from kacli.models.checkpoint import resolve_checkpoint_path
 
         p = resolve_checkpoint_path(p)  # a kacli run folder
     if p.is_dir():
@@ -563,7 +563,6 @@ def import_checkpoint(
     Raises KacliError (nothing written) for a file that is no checkpoint, needs code to unpickle,
     is not DETR-like, or whose label map does not fit.
     """
-    from kacli.models.detr import DETR
 
     obj, meta = read_source(src)
     path = meta["path"]
