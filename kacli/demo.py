@@ -1,9 +1,18 @@
 """``kacli demo``: the whole pipeline on generated data, on a laptop CPU, in minutes.
 
-Stages: make-demo-data → split-tasks (2 tasks) → train a teacher per task → cache-teachers →
-amalgamate the student (full, and slim = redundancy-compressed) → the raw baseline (plain DETR
-on ground truth, same epochs and schedule as the student) → evaluate every model and the teachers'
-ensemble on the validation split → report.json / report.md / curves.png / predictions/*.png.
+Two scenarios (:data:`SCENARIOS`), sharing every stage:
+
+- ``split`` (the paper's setting): make-demo-data → split-tasks (2 tasks, every image annotated
+  for every category) → train a teacher per task → cache-teachers → amalgamate the student (full,
+  and slim = redundancy-compressed) → the raw baseline (plain DETR on ground truth, same epochs and
+  schedule as the student) → evaluate every model and the teachers' ensemble on the validation
+  split → report.json / report.md / curves.png / predictions/*.png.
+- ``cross-dataset`` (detectors from different datasets): the generated images cut into two
+  disjoint halves, one annotated for the ``convex`` shapes only and one for the ``concave`` ones
+  (:mod:`kacli.data.demo_sources`), merged with merge-tasks; each teacher trains on its own half,
+  the cache runs every teacher on every image, and the students and the baselines users run today
+  (``raw`` = naive merge, ``raw-partial``, ``pseudo``) train on the union; every model is scored
+  per source (each task on its own validation images and categories) and on their union.
 
 The recipe (data, model, schedule) is the ``tiny`` preset; docs/DEMO.md says how it was chosen.
 ``--minutes`` scales every stage's epochs from the recipe's 12-minute design.
@@ -14,8 +23,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -118,6 +128,71 @@ def student_schedule(minutes: float, seed: int) -> dict[str, Any]:
     return {"train.epochs": epochs, "train.seed": seed, "train.eval_every": 2, "train.lr_drop": lr_drop}
 
 
+def _split_tasks(out: Path, seed: int) -> Path:
+    """The ``split`` scenario's tasks: the generated data split by the demo's partition (split-tasks)."""
+    from kacli.data.split import split_tasks
+
+    split_tasks(str(out / "data" / "train.json"), str(out / "data" / "val.json"),
+                str(out / "data" / "tasks-2.yaml"), out / "tasks")
+    return out / "tasks" / "tasks.yaml"
+
+
+def _merged_tasks(out: Path, seed: int) -> Path:
+    """The ``cross-dataset`` scenario's tasks: two sources, each half of the images annotated for one
+    task's categories (``sources/``), merged as two datasets (merge-tasks)."""
+    from kacli.data.demo_sources import write_demo_sources
+    from kacli.data.merge import TaskSource, merge_tasks
+
+    images = str(out / "data" / "images")
+    sources = write_demo_sources(out / "data", out / "sources", seed, force=True)
+    merge_tasks([TaskSource(task, train=str(p["train"]), val=str(p["val"]), images=images, val_images=images)
+                 for task, p in sources.items()], out / "tasks")
+    return out / "tasks" / "tasks.yaml"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """How a demo's tasks come about and which models it compares.
+
+    ``make_tasks(out, seed)`` builds ``out/tasks/tasks.yaml`` from the generated ``out/data`` (the
+    stage named ``tasks_stage``); ``runs`` are the amalgamate runs in training order (row name,
+    overrides on top of :func:`student_schedule`); ``rows`` their order in the report, after the
+    teachers and their ensemble."""
+
+    name: str
+    tasks_stage: str
+    make_tasks: Callable[[Path, int], Path]
+    runs: tuple[tuple[str, Mapping[str, Any]], ...]
+    rows: tuple[str, ...]
+
+
+_KA = {"method": "ka", "lambda_d": RECIPE["student_lambda_d"]}
+_STUDENTS = (
+    ("student", {**_KA, "compress": "none"}),
+    ("student-slim", {**_KA, "compress": "redundancy", "compress_guide": RECIPE["slim_compress_guide"]}),
+)
+SCENARIOS = {
+    "split": Scenario("split", "split", _split_tasks, _STUDENTS + (("raw", {"method": "raw"}),),
+                      ("raw", "student", "student-slim")),
+    # raw on a merged manifest is the naive merge (an image's unannotated objects are background)
+    "cross-dataset": Scenario(
+        "cross-dataset", "merge", _merged_tasks,
+        _STUDENTS + (("raw", {"method": "raw"}), ("raw-partial", {"method": "raw-partial"}),
+                     ("pseudo", {"method": "pseudo"})),
+        ("raw", "raw-partial", "pseudo", "student", "student-slim"),
+    ),
+}
+
+
+def get_scenario(scenario: str | Scenario) -> Scenario:
+    """A scenario by name (``split``, ``cross-dataset``), or the one given."""
+    if isinstance(scenario, Scenario):
+        return scenario
+    if scenario not in SCENARIOS:
+        raise KacliError(f"unknown demo scenario {scenario!r} (scenarios: {', '.join(SCENARIOS)})")
+    return SCENARIOS[scenario]
+
+
 def run_finished(run: Path, epochs: int) -> bool:
     """Whether the training run in ``run`` completed ``epochs`` epochs (best.pt, last.pt and the
     last epoch in metrics.jsonl)."""
@@ -130,9 +205,13 @@ def run_finished(run: Path, epochs: int) -> bool:
 
 def prepare_base(
     out: Path, seed: int, teacher_epochs: int, n_train: int, n_val: int, stage: Callable[[str], Any],
+    scenario: str | Scenario = "split",
 ) -> tuple[dict[str, Path], Path]:
     """The demo's data, tasks, teachers and cache in ``out`` (``data/``, ``tasks/tasks.yaml``,
-    ``runs/teacher-<task>``, ``cache.h5``); what a previous call finished is kept and reused.
+    ``runs/teacher-<task>``, ``cache.h5``; the cross-dataset scenario also ``sources/``); what a
+    previous call finished is kept and reused. Each teacher trains on its task's images (all of
+    them in ``split``, its own half in ``cross-dataset``); the cache holds every teacher on every
+    training image.
 
     ``stage(name)`` returns a context manager around each stage (progress and timing). Returns
     ``({task: teacher run folder}, tasks.yaml path)``.
@@ -140,19 +219,18 @@ def prepare_base(
     from kacli.cache.writer import cache_teachers
     from kacli.data.demo_data import make_demo_data
     from kacli.data.manifest import TaskManifest
-    from kacli.data.split import split_tasks
     from kacli.teacher import train_teacher
 
+    scenario = get_scenario(scenario)
     quiet = lambda msg: None  # noqa: E731
     out = Path(out)
     tasks_path = out / "tasks" / "tasks.yaml"
     with stage("data"):
         if not (out / "data" / "val.json").is_file():
             make_demo_data(out / "data", train_images=n_train, val_images=n_val, seed=seed)
-    with stage("split"):
+    with stage(scenario.tasks_stage):
         if not tasks_path.is_file():
-            split_tasks(str(out / "data" / "train.json"), str(out / "data" / "val.json"),
-                        str(out / "data" / "tasks-2.yaml"), out / "tasks")
+            scenario.make_tasks(out, seed)
     manifest = TaskManifest(tasks_path)
     teachers: dict[str, Path] = {}
     for t in manifest.tasks:
@@ -178,10 +256,13 @@ def run_demo(
     train_images: int | None = None,
     val_images: int | None = None,
     log: Callable[[str], None] = print,
+    scenario: str = "split",
 ) -> dict:
-    """Run the demo into ``out``; returns ``{"rows": [...], "seconds": total, "stages": {...}}``."""
+    """Run the demo's ``scenario`` (:data:`SCENARIOS`) into ``out``; returns ``{"rows": [...],
+    "seconds": total, "stages": {...}, "scenario", "seed", "epochs"}`` (also written as demo.json)."""
     if minutes <= 0:
         raise KacliError(f"--minutes must be positive, got {minutes}")
+    chosen = get_scenario(scenario)
     out = Path(out)
     check_output_dir(out, force)
     # --force: the old demo moves aside and comes back if this one fails; it is deleted only when
@@ -193,7 +274,7 @@ def run_demo(
         os.replace(out, aside)
     try:
         out.mkdir(parents=True)
-        result = _run_demo(out, minutes, seed, train_images, val_images)
+        result = _run_demo(out, chosen, minutes, seed, train_images, val_images)
     except BaseException:
         if aside.exists():
             shutil.rmtree(out, ignore_errors=True)
@@ -203,7 +284,8 @@ def run_demo(
     return result
 
 
-def _run_demo(out: Path, minutes: float, seed: int, train_images: int | None, val_images: int | None) -> dict:
+def _run_demo(out: Path, scenario: Scenario, minutes: float, seed: int, train_images: int | None,
+              val_images: int | None) -> dict:
     from kacli.amalgamate import amalgamate
     from kacli.data.manifest import TaskManifest
     from kacli.eval.evaluate import evaluate_checkpoints
@@ -234,43 +316,37 @@ def _run_demo(out: Path, minutes: float, seed: int, train_images: int | None, va
     runs = out / "runs"
     quiet = lambda msg: None  # noqa: E731  (stages' own chatter would break the one display)
     with shared_progress(unit="stage") as progress:
-        overall = progress.add_task("kacli demo", total=9, info="")
-        teachers, tasks_path = prepare_base(out, seed, teacher_epochs, n_train, n_val, stage)
+        overall = progress.add_task("kacli demo", total=6 + len(scenario.runs), info="")
+        teachers, tasks_path = prepare_base(out, seed, teacher_epochs, n_train, n_val, stage, scenario)
         manifest = TaskManifest(tasks_path)
         student_overrides = student_schedule(minutes, seed)
-        ka = {"method": "ka", "lambda_d": RECIPE["student_lambda_d"]}
-        plans = [
-            ("student", {**ka, "compress": "none"}),
-            ("student-slim", {**ka, "compress": "redundancy", "compress_guide": RECIPE["slim_compress_guide"]}),
-            ("raw", {"method": "raw"}),
-        ]
-        for name, over in plans:
+        for name, over in scenario.runs:
             with stage(name):
                 amalgamate(out / "cache.h5", tasks_path, out_dir=runs / name,
                            overrides={**student_overrides, **over}, log=quiet)
         with stage("evaluate"):
             (out / "eval").mkdir(exist_ok=True)
-            order = [f"teacher-{t.name}" for t in manifest.tasks] + ["ensemble", "raw", "student", "student-slim"]
+            order = [f"teacher-{t.name}" for t in manifest.tasks] + ["ensemble", *scenario.rows]
             results = {}
             for t in manifest.tasks:
                 results[f"teacher-{t.name}"] = evaluate_checkpoints([teachers[t.name]], tasks_path)
             results["ensemble"] = evaluate_checkpoints([teachers[t.name] for t in manifest.tasks], tasks_path)
-            for name in ("raw", "student", "student-slim"):
+            for name in scenario.rows:
                 results[name] = evaluate_checkpoints([runs / name], tasks_path)
             for name in order:
                 r = results[name]
                 r["model"] = name
                 if name.startswith("teacher-"):
                     r["train_seconds"] = run_train_seconds(teachers[name[len("teacher-"):]])
-                elif name in ("raw", "student", "student-slim"):
+                elif name in scenario.rows:
                     r["train_seconds"] = run_train_seconds(runs / name)
                 write_json(out / "eval" / f"{name}.json", r)
             rows = load_rows([out / "eval" / f"{name}.json" for name in order])
-        curves = load_curves([runs / "raw", runs / "student", runs / "student-slim"])
+        curves = load_curves([runs / name for name in scenario.rows])
         write_report(rows, curves, out)
         prediction_pictures(teachers, runs / "student", tasks_path, out / "predictions")
     total = time.perf_counter() - t_start
-    summary = {"rows": rows, "seconds": round(total, 1), "stages": stages, "seed": seed,
+    summary = {"rows": rows, "seconds": round(total, 1), "stages": stages, "seed": seed, "scenario": scenario.name,
                "epochs": {"teacher": teacher_epochs, "student": student_epochs}}
     write_json(out / "demo.json", summary)
     return summary

@@ -7,6 +7,10 @@ Each input becomes one row::
     {"model", "AP", "AP50", "AP75", "per_task": {task: {"AP", "AP50", "AP75"}},
      "params", "gflops", "train_seconds"}
 
+plus ``"per_source": {source: {"AP", "AP50", "AP75"}, "union": {...}}`` for data from several
+datasets (merge-tasks), where ``AP``… are the union's and the tables show one AP column per source
+instead of per task.
+
 AP values are fractions in [0, 1] (shown as percentages); ``gflops`` is in the paper's convention
 (multiply-adds, ``gflops_mac`` of ``kacli.eval.flops``). A run directory's metrics come from its
 ``eval.json`` when present, otherwise from the last evaluation line of ``metrics.jsonl``; its
@@ -57,16 +61,17 @@ def _gflops(value, path: Path) -> float | None:
     return _number(value, "gflops", path)
 
 
-def _per_task(value, path: Path) -> dict:
+def _per_task(value, path: Path, key: str = "per_task") -> dict:
+    """``{name: {"AP", "AP50", "AP75"}}`` of an eval JSON's ``per_task`` (or ``per_source``)."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise KacliError("per_task is not an object", path)
+        raise KacliError(f"{key} is not an object", path)
     out = {}
     for name, m in value.items():
         if not isinstance(m, Mapping):
-            raise KacliError(f"per_task[{name!r}] is not an object", path)
-        out[str(name)] = {k: _number(m.get(k), f"per_task[{name!r}].{k}", path) for k in METRIC_KEYS}
+            raise KacliError(f"{key}[{name!r}] is not an object", path)
+        out[str(name)] = {k: _number(m.get(k), f"{key}[{name!r}].{k}", path) for k in METRIC_KEYS}
     return out
 
 
@@ -76,7 +81,7 @@ def _row_from_eval(data, path: Path, default_name: str) -> dict:
     params = data.get("params")
     if isinstance(params, Mapping):
         params = params.get("total")
-    return {
+    row = {
         "model": str(data.get("model") or default_name),
         **{k: _number(data.get(k), k, path) for k in METRIC_KEYS},
         "per_task": _per_task(data.get("per_task"), path),
@@ -84,6 +89,14 @@ def _row_from_eval(data, path: Path, default_name: str) -> dict:
         "gflops": _gflops(data.get("gflops"), path),
         "train_seconds": _number(data.get("train_seconds"), "train_seconds", path),
     }
+    return _with_sources(row, data, path)
+
+
+def _with_sources(row: dict, data: Mapping, path: Path) -> dict:
+    """``row`` plus ``per_source`` when ``data`` (an eval JSON or a metrics line) scored sources."""
+    if data.get("per_source") is not None:
+        row["per_source"] = _per_task(data["per_source"], path, "per_source")
+    return row
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -130,14 +143,14 @@ def _load_run_dir(path: Path) -> tuple[dict, list[tuple[float, float]], dict]:
         row = _row_from_eval(load_json(eval_path), eval_path, path.name)
     elif evals:
         last = evals[-1]
-        row = {
+        row = _with_sources({
             "model": path.name,
             **{k: _number(last.get(k), k, metrics_path) for k in METRIC_KEYS},
             "per_task": _per_task(last.get("per_task"), metrics_path),
             "params": None,
             "gflops": None,
             "train_seconds": None,
-        }
+        }, last, metrics_path)
     elif records:  # still training, not validated yet
         row = {"model": path.name, **{k: None for k in METRIC_KEYS}, "per_task": {}, "params": None,
                "gflops": None, "train_seconds": None}  # fmt: skip
@@ -192,11 +205,21 @@ def load_curves(paths: Iterable[str | Path]) -> dict[str, list[tuple[float, floa
 # ------------------------------------------------------------------------------------ formatting
 
 
+def _by_source(rows: Sequence[Mapping]) -> bool:
+    """Whether the rows were scored per source (data from several datasets)."""
+    return any(r.get("per_source") for r in rows)
+
+
 def _task_names(rows: Sequence[Mapping]) -> list[str]:
+    """The names of the per-group AP columns: the sources (the union aside) when the rows were
+    scored per source, else the tasks."""
+    from kacli.eval.by_source import UNION
+
+    key = "per_source" if _by_source(rows) else "per_task"
     names: list[str] = []
     for r in rows:
-        for t in r.get("per_task") or {}:
-            if t not in names:
+        for t in r.get(key) or {}:
+            if t not in names and not (key == "per_source" and t == UNION):
                 names.append(t)
     return names
 
@@ -238,7 +261,7 @@ def _cells(row: Mapping, tasks: Sequence[str], raw: Mapping | None, gain: str = 
         if raw is not None and row["model"].startswith("student") and None not in (row.get(k), raw.get(k)):
             cell += gain.format(f"({100 * (row[k] - raw[k]):+.2f})")
         metrics.append(cell)
-    per_task = row.get("per_task") or {}
+    per_task = (row.get("per_source") if row.get("per_source") else row.get("per_task")) or {}
     task_cells = [_pct((per_task.get(t) or {}).get("AP")) for t in tasks]
     return [
         row["model"],
@@ -263,7 +286,8 @@ def rows_table(rows: Sequence[Mapping]) -> Table:
     body = [_cells(dict(r, model=escape(r["model"])), tasks, raw, gain="\n[green]{}[/]") for r in rows]
     table = Table(
         title=TITLE,
-        caption="AP in %; FLOPs = multiply-adds (the paper's convention)",
+        caption="AP in %" + ("; AP, AP50, AP75 of the union of the sources, AP <source> on its own images"
+                              if _by_source(rows) else "") + "; FLOPs = multiply-adds (the paper's convention)",
         box=box.SIMPLE_HEAVY,
         show_edge=False,
         collapse_padding=True,
@@ -290,10 +314,16 @@ def rows_markdown(rows: Sequence[Mapping]) -> str:
     ]
     for r in rows:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r, tasks, raw)) + " |")
+    scope = (
+        "AP, AP50 and AP75 are COCO-style (pycocotools) on the validation split, in %, over the union of the "
+        "sources: each category scored on the images of the sources that annotate it (a detection of a category "
+        "an image's source does not annotate counts neither way); AP <source> scores each source on its own "
+        "images and categories. " if _by_source(rows) else
+        "AP, AP50, AP75 and the per-task AP are COCO-style (pycocotools) on the validation split, in %. "
+    )
     lines += [
         "",
-        "AP, AP50, AP75 and the per-task AP are COCO-style (pycocotools) on the validation split, in %. "
-        "FLOPs count multiply-adds, as the paper does. "
+        scope + "FLOPs count multiply-adds, as the paper does. "
         + ("Student rows show their gain over raw in AP points." if raw is not None else ""),
     ]
     return "\n".join(lines).rstrip() + "\n"
@@ -386,7 +416,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     files = {"report.json": out / "report.json", "report.md": out / "report.md", "curves.png": out / "curves.png"}
     with atomic_file(files["report.json"], encoding="utf-8") as f:
-        json.dump([{k: r.get(k) for k in ROW_KEYS} for r in rows], f, indent=2)
+        json.dump([{**{k: r.get(k) for k in ROW_KEYS}, **({"per_source": r["per_source"]} if "per_source" in r else {})}
+                   for r in rows], f, indent=2)
         f.write("\n")
     with atomic_file(files["report.md"], encoding="utf-8") as f:
         f.write(rows_markdown(rows))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kacli.ablate import ROW_NAMES, ablation_rows, check_claims, parse_rows, parse_settings, summarize
+from kacli.ablate import ROW_NAMES, ablation_rows, check_claims, parse_rows, parse_settings, run_ablation, summarize
 from kacli.amalgamation.config import AmalgamateConfig
 from kacli.config import apply_overrides
 from kacli.errors import KacliError
@@ -101,3 +101,14 @@ def test_ablate_runs_rows_for_each_seed_and_a_rerun_reuses_them(tmp_path):
     assert (out / "ablation.json").read_bytes() == before
     bad = _kacli("ablate", "--out", "x", "--set", "ta.no_such_key=1", cwd=tmp_path)
     assert bad.returncode == 2 and "no_such_key" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_ablate_refuses_a_cross_dataset_demo_folder(tmp_path):
+    """--demo lends a split demo's teachers; a cross-dataset demo's are of other tasks and data."""
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "demo.json").write_text('{"seed": 0, "scenario": "cross-dataset"}\n')
+    (demo / "cache.h5").write_bytes(b"")
+    with pytest.raises(KacliError, match="cross-dataset demo"):
+        run_ablation(tmp_path / "ablation", demos=[demo])
+    assert not (tmp_path / "ablation").exists()

@@ -49,6 +49,50 @@ def test_demo_end_to_end_at_toy_size(cli, tmp_path):
     assert (out / "report.json").read_bytes() == before
 
 
+@pytest.mark.slow
+def test_cross_dataset_demo_end_to_end_at_toy_size(cli, tmp_path):
+    """The cross-dataset scenario: teachers on their halves, students and the three baselines on
+    the union, every row scored per source and on the union, the report's columns per source."""
+    from kacli.models.checkpoint import load_checkpoint
+
+    out = tmp_path / "demo"
+    r = cli("demo", "--scenario", "cross-dataset", "--out", out, "--train-images", 120, "--val-images", 40,
+            "--minutes", 0.3)
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads((out / "report.json").read_text())
+    assert [row["model"] for row in rows] == ["teacher-convex", "teacher-concave", "ensemble", "raw", "raw-partial",
+                                              "pseudo", "student", "student-slim"]
+    for row in rows:
+        ev = json.loads((out / "eval" / f"{row['model']}.json").read_text())
+        teacher = row["model"].removeprefix("teacher-") if row["model"].startswith("teacher-") else None
+        assert set(row["per_source"]) == ({teacher, "union"} if teacher else {"convex", "concave", "union"})
+        assert row["AP"] == ev["AP"] == ev["per_source"]["union"]["AP"]
+        # each source is scored on its own half of the 40 validation images, the union on all of them
+        assert ev["per_source"]["union"]["images"] == (20 if teacher else 40)
+        assert all(ev["per_source"][s]["images"] == 20 for s in row["per_source"] if s != "union")
+    md = (out / "report.md").read_text()
+    assert "| AP convex | AP concave |" in md and "union of the sources" in md and "| pseudo |" in md
+    # each teacher trained on its own half only; the baselines are DETR with their ground-truth losses
+    assert load_checkpoint(out / "runs" / "teacher-convex" / "last.pt")["label_map"]["names"] == [
+        "circle", "square", "triangle", "diamond"]
+    tasks = json.loads((out / "tasks" / "train" / "convex.json").read_text())
+    assert len(tasks["images"]) == 60
+    meta = {name: load_checkpoint(out / "runs" / name / "last.pt")["meta"] for name in
+            ("raw", "raw-partial", "pseudo", "student")}
+    assert {n: (m["method"], m["gt_loss"]) for n, m in meta.items()} == {
+        "raw": ("raw", "none"), "raw-partial": ("raw-partial", "mask"), "pseudo": ("pseudo", "pseudo-gt"),
+        "student": ("ka", "mask")}
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["scenario"] == "cross-dataset"
+    assert set(summary["stages"]) >= {"data", "merge", "cache", "raw-partial", "pseudo", "student", "evaluate"}
+    assert len(list((out / "predictions").glob("*.png"))) >= 3
+
+
+def test_demo_unknown_scenario_is_a_one_line_error(cli, tmp_path):
+    assert_one_line_error(cli("demo", "--scenario", "both", "--out", tmp_path / "d"), "unknown demo scenario")
+    assert not (tmp_path / "d").exists()
+
+
 def test_demo_force_keeps_the_old_demo_when_the_new_one_fails(cli, tmp_path, monkeypatch):
     """--force moves the old demo aside and puts it back when the new one fails."""
     import kacli.data.demo_data
@@ -66,3 +110,61 @@ def test_demo_force_keeps_the_old_demo_when_the_new_one_fails(cli, tmp_path, mon
     assert (out / "report.md").read_text() == "the old report\n"
     assert (out / "runs" / "last.pt").read_bytes() == b"old weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_cross_dataset_scenario_data_two_disjoint_half_labelled_sources(tmp_path):
+    """The cross-dataset demo's tasks: two disjoint halves of the generated images, each annotated
+    for its own task's shapes only (every such shape kept), merged with per-image complete sets."""
+    from kacli.data.dataset import CocoDetection
+    from kacli.data.demo_data import demo_partition, make_demo_data
+    from kacli.data.demo_sources import split_halves
+    from kacli.data.manifest import TaskManifest
+    from kacli.demo import SCENARIOS
+
+    make_demo_data(tmp_path / "data", train_images=120, val_images=40, seed=3, progress=False)
+    tasks_path = SCENARIOS["cross-dataset"].make_tasks(tmp_path, 3)
+    partition = demo_partition()
+    assert list(partition) == ["convex", "concave"]
+    manifest = TaskManifest(tasks_path)
+    assert manifest.merged and manifest.task_names == ["convex", "concave"]
+    names = {c["id"]: c["name"] for c in manifest.categories}
+    for split, count in (("train", 120), ("val", 40)):
+        generated = json.loads((tmp_path / "data" / f"{split}.json").read_text())
+        gen_name = {c["id"]: c["name"] for c in generated["categories"]}
+        files = {}
+        for task in partition:
+            src = json.loads((tmp_path / "sources" / f"{task}-{split}.json").read_text())
+            files[task] = {im["file_name"] for im in src["images"]}
+            assert [c["name"] for c in src["categories"]] == partition[task]
+            # every generated shape of the task's categories on the half's images, and nothing else
+            ids = {im["id"] for im in src["images"]}
+            expected = sorted((a["image_id"], gen_name[a["category_id"]], a["bbox"]) for a in generated["annotations"]
+                              if a["image_id"] in ids and gen_name[a["category_id"]] in partition[task])
+            src_name = {c["id"]: c["name"] for c in src["categories"]}
+            assert sorted((a["image_id"], src_name[a["category_id"]], a["bbox"]) for a in src["annotations"]) == expected
+            assert expected  # the half holds shapes of the task
+        # two disjoint halves covering the split, as split_halves cuts them for this seed
+        assert not files["convex"] & files["concave"]
+        assert len(files["convex"]) == len(files["concave"]) == count // 2
+        assert files["convex"] | files["concave"] == {im["file_name"] for im in generated["images"]}
+        first, _ = split_halves([im["id"] for im in generated["images"]], 3, split)
+        by_id = {im["id"]: im["file_name"] for im in generated["images"]}
+        assert files["convex"] == {by_id[i] for i in first}
+        # the merged split: each image's source and its complete categories
+        merged = json.loads(manifest.split_json(split).read_text())
+        complete = {t: [names[i] for i in ids] for t, ids in merged["complete_category_ids"].items()}
+        assert complete == partition
+        assert {im["file_name"] for im in merged["images"] if im["source"] == "convex"} == files["convex"]
+        for a in merged["annotations"]:
+            source = next(im["source"] for im in merged["images"] if im["id"] == a["image_id"])
+            assert names[a["category_id"]] in partition[source]
+    # a training target's `complete` follows its image's source, in the student's class order
+    label_ids = manifest.student_label_map()["ids"]
+    ds = CocoDetection(manifest.split_json("train"), manifest.image_root("train"), label_ids, train=False)
+    sources = [im["source"] for im in json.loads(manifest.split_json("train").read_text())["images"]]
+    for i in (0, 1, 2, 3):
+        want = [names[c] in partition[sources[i]] for c in label_ids]
+        assert ds[i][1]["complete"].tolist() == want
+    # the halves depend on the seed, and only on it
+    ids = list(range(1, 121))
+    assert split_halves(ids, 3, "train") == split_halves(ids, 3, "train") != split_halves(ids, 4, "train")

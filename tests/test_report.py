@@ -206,3 +206,30 @@ def test_a_run_still_training_is_reported_with_its_curves(cli, tmp_path):
     png = np.asarray(Image.open(out / "training.png").convert("RGB")).astype(int)
     for colour in [(31, 119, 180), (255, 127, 14), (44, 160, 44)]:  # one line per loss term
         assert (np.abs(png - colour).sum(-1) < 10).sum() > 50, colour
+
+
+def test_rows_scored_per_source_show_one_column_per_source(tmp_path):
+    """Data from several datasets: AP is the union's, the AP columns are each source's own images
+    and categories (from per_source, not per_task), and report.json keeps per_source."""
+    def write(name, ap, sources):
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps({"model": name, "AP": ap, "AP50": 0.8, "AP75": 0.5,
+                                 "per_task": {"a": {"AP": 0.01, "AP50": 0.02, "AP75": 0.03}},
+                                 "per_source": {**sources, "union": {"AP": ap, "AP50": 0.8, "AP75": 0.5, "images": 40}},
+                                 "params": 1000, "gflops": 0.01}))
+        return p
+
+    teacher = write("teacher-a", 0.40, {"a": {"AP": 0.40, "AP50": 0.7, "AP75": 0.4, "images": 20}})
+    raw = write("raw", 0.30, {"a": {"AP": 0.25, "AP50": 0.5, "AP75": 0.2, "images": 20},
+                              "b": {"AP": 0.35, "AP50": 0.6, "AP75": 0.3, "images": 20}})
+    rows = load_rows([teacher, raw])
+    md = rows_markdown(rows)
+    assert "| Model | AP | AP50 | AP75 | AP a | AP b | #param. | FLOPs | train |" in md
+    assert "| teacher-a | 40.00 | 80.00 | 50.00 | 40.00 | – |" in md
+    assert "| raw | 30.00 | 80.00 | 50.00 | 25.00 | 35.00 |" in md
+    assert "union of the sources" in md
+    assert [c.header for c in rows_table(rows).columns][4:6] == ["AP a", "AP b"]
+    write_report(rows, {}, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved[1]["per_source"]["b"] == {"AP": 0.35, "AP50": 0.6, "AP75": 0.3}
+    assert saved[1]["per_source"]["union"]["AP"] == 0.30
