@@ -26,8 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from kacli.amalgamate import amalgamate
+from kacli.amalgamation.config import AmalgamateConfig
+from kacli.config import apply_overrides
+from kacli.data.manifest import TaskManifest
+from kacli.demo import (
+    DESIGN_MINUTES,
+    RECIPE,
+    prepare_base,
+    run_finished,
+    run_train_seconds,
+    scaled_epochs,
+    student_schedule,
+)
 from kacli.errors import KacliError
-from kacli.fsutil import load_yaml, write_json, write_yaml
+from kacli.eval.evaluate import evaluate_checkpoints
+from kacli.fsutil import atomic_file, load_json, load_yaml, write_json, write_yaml
+from kacli.progress import shared_progress
+from kacli.report import load_curves, plot_curves
 
 
 @dataclass(frozen=True)
@@ -61,7 +77,6 @@ def _rows(lambda_d: float, guide: float) -> tuple[Row, ...]:
 
 def ablation_rows() -> tuple[Row, ...]:
     """The rows, with the demo recipe's ground-truth weight and slim-student guidance."""
-    from kacli.demo import RECIPE
 
     return _rows(RECIPE["student_lambda_d"], RECIPE["slim_compress_guide"])
 
@@ -109,15 +124,12 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
 
 def _check_settings(settings: Mapping[str, Any]) -> None:
     """Refuse unknown or ill-typed keys before anything trains (one-line KacliError)."""
-    from kacli.amalgamation.config import AmalgamateConfig
-    from kacli.config import apply_overrides
 
     apply_overrides(AmalgamateConfig(), dict(settings))
 
 
 def _demo_seed(demo: Path) -> int:
     """The seed a demo folder was made with (its demo.json), checking it holds a cache and teachers."""
-    from kacli.fsutil import load_json
 
     summary = demo / "demo.json"
     if not summary.is_file():
@@ -263,12 +275,6 @@ def run_ablation(
     Raises:
         KacliError: bad arguments, a folder of another ablation, a demo folder that is not one.
     """
-    from kacli.amalgamate import amalgamate
-    from kacli.demo import (DESIGN_MINUTES, RECIPE, prepare_base, run_finished, run_train_seconds, scaled_epochs,
-                            student_schedule)
-    from kacli.eval.evaluate import evaluate_checkpoints
-    from kacli.progress import shared_progress
-    from kacli.report import load_curves, plot_curves
 
     if not minutes > 0:
         raise KacliError(f"--minutes must be positive, got {minutes}")
@@ -324,7 +330,6 @@ def run_ablation(
                     return False
 
             if seed in lent:
-                from kacli.data.manifest import TaskManifest
 
                 tasks_path = base / "tasks" / "tasks.yaml"
                 TaskManifest(tasks_path)
@@ -362,7 +367,6 @@ def run_ablation(
               "epochs": {"teacher": teacher_epochs, "student": student_schedule(minutes, 0)["train.epochs"]},
               "design_minutes": DESIGN_MINUTES}
     write_json(out / "ablation.json", result)
-    from kacli.fsutil import atomic_file
 
     with atomic_file(out / "ablation.md", encoding="utf-8") as f:
         f.write(ablation_markdown(summary, claims, seeds))

@@ -29,10 +29,24 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from kacli.amalgamate import amalgamate
+from kacli.cache.writer import cache_teachers
+from kacli.data.demo_data import make_demo_data
+from kacli.data.demo_sources import write_demo_sources
+from kacli.data.images import load_image
+from kacli.data.manifest import TaskManifest
+from kacli.data.merge import TaskSource, merge_tasks
+from kacli.data.split import split_tasks
+from kacli.draw import PALETTE, draw_detections
 from kacli.engine.runlog import read_jsonl
 from kacli.errors import KacliError
+from kacli.eval.evaluate import evaluate_checkpoints, make_eval_dataset
 from kacli.fsutil import atomic_path, check_output_dir, write_json
+from kacli.models.checkpoint import build_model, load_checkpoint
+from kacli.models.postprocess import postprocess
 from kacli.progress import shared_progress
+from kacli.report import load_curves, load_rows, write_report
+from kacli.teacher import train_teacher
 
 DESIGN_MINUTES = 12.0
 
@@ -67,12 +81,6 @@ def prediction_pictures(
     in its own colour; right, the student's boxes. Detections scoring under ``threshold`` are left out."""
     from PIL import Image, ImageDraw
 
-    from kacli.data.manifest import TaskManifest
-    from kacli.data.images import load_image
-    from kacli.draw import PALETTE, draw_detections
-    from kacli.eval.evaluate import make_eval_dataset
-    from kacli.models.checkpoint import build_model, load_checkpoint
-    from kacli.models.postprocess import postprocess
 
     manifest = TaskManifest(tasks_path)
     gt_path = manifest.split_json("val")
@@ -130,7 +138,6 @@ def student_schedule(minutes: float, seed: int) -> dict[str, Any]:
 
 def _split_tasks(out: Path, seed: int) -> Path:
     """The ``split`` scenario's tasks: the generated data split by the demo's partition (split-tasks)."""
-    from kacli.data.split import split_tasks
 
     split_tasks(str(out / "data" / "train.json"), str(out / "data" / "val.json"),
                 str(out / "data" / "tasks-2.yaml"), out / "tasks")
@@ -140,8 +147,6 @@ def _split_tasks(out: Path, seed: int) -> Path:
 def _merged_tasks(out: Path, seed: int) -> Path:
     """The ``cross-dataset`` scenario's tasks: two sources, each half of the images annotated for one
     task's categories (``sources/``), merged as two datasets (merge-tasks)."""
-    from kacli.data.demo_sources import write_demo_sources
-    from kacli.data.merge import TaskSource, merge_tasks
 
     images = str(out / "data" / "images")
     sources = write_demo_sources(out / "data", out / "sources", seed, force=True)
@@ -216,10 +221,6 @@ def prepare_base(
     ``stage(name)`` returns a context manager around each stage (progress and timing). Returns
     ``({task: teacher run folder}, tasks.yaml path)``.
     """
-    from kacli.cache.writer import cache_teachers
-    from kacli.data.demo_data import make_demo_data
-    from kacli.data.manifest import TaskManifest
-    from kacli.teacher import train_teacher
 
     scenario = get_scenario(scenario)
     quiet = lambda msg: None  # noqa: E731
@@ -286,10 +287,6 @@ def run_demo(
 
 def _run_demo(out: Path, scenario: Scenario, minutes: float, seed: int, train_images: int | None,
               val_images: int | None) -> dict:
-    from kacli.amalgamate import amalgamate
-    from kacli.data.manifest import TaskManifest
-    from kacli.eval.evaluate import evaluate_checkpoints
-    from kacli.report import load_curves, load_rows, write_report
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}

@@ -35,6 +35,7 @@ from rich.text import Text
 
 from kacli.engine.runlog import read_jsonl
 from kacli.errors import KacliError
+from kacli.eval.by_source import UNION
 from kacli.fsutil import atomic_file, atomic_path, load_json
 
 METRIC_KEYS = ("AP", "AP50", "AP75")
@@ -213,7 +214,6 @@ def _by_source(rows: Sequence[Mapping]) -> bool:
 def _task_names(rows: Sequence[Mapping]) -> list[str]:
     """The names of the per-group AP columns: the sources (the union aside) when the rows were
     scored per source, else the tasks."""
-    from kacli.eval.by_source import UNION
 
     key = "per_source" if _by_source(rows) else "per_task"
     names: list[str] = []
