@@ -330,7 +330,6 @@ def run_ablation(
                     return False
 
             if seed in lent:
-
                 tasks_path = base / "tasks" / "tasks.yaml"
                 TaskManifest(tasks_path)
             else:

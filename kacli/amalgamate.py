@@ -269,7 +269,6 @@ def amalgamate(
     out = Path(out_dir)
     run_dir = RunDir(out, resume, force)  # checks only: out is replaced at the new run's first checkpoint
     if backbone_weights:
-
         rep = load_backbone_weights(model.backbone, backbone_weights)
         log(f"backbone weights from {backbone_weights}: loaded {rep['loaded']} tensors")
     dist = init_distributed(cfg.train.device)

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar
 
-from kacli.engine.runlog import tensorboard_available
+from kacli.engine import runlog
 from kacli.errors import KacliError
 from kacli.fsutil import load_yaml, write_yaml
 
@@ -90,8 +90,7 @@ class TrainConfig:
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigValueError("ema", f"must be in (0, 1) (a decay such as 0.9998), got {self.ema}")
         if self.tensorboard:
-
-            if not tensorboard_available():
+            if not runlog.tensorboard_available():
                 raise ConfigValueError("tensorboard", "needs the tensorboard package (pip install 'kacli[tensorboard]')")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigValueError("device", f"must be auto, cpu or cuda[:N], got {self.device!r}")

@@ -111,7 +111,6 @@ def predict_images(
     paths = [Path(p) for p in images]
     coco_ids: list[int] = []
     if fmt == "coco":
-
         lookup = image_ids_by_name(load_json(image_ids), image_ids) if image_ids is not None else None
         coco_ids = [image_id_for(p, lookup) for p in paths]
     decoded = [load_image(p) for p in paths]  # every image checked before any work
@@ -165,7 +164,6 @@ def predict_images(
             pngs[str(p)] = str(out / png)
             prog.update(task, advance=1)
         if fmt == "coco":
-
             write_results(tmp / "predictions.json", results)
         else:
             with open(tmp / "predictions.json", "w", encoding="utf-8") as f:

@@ -71,11 +71,9 @@ def train_teacher(
     torch.manual_seed(cfg.train.seed)
     model = DETR(cfg.model, len(label_map["ids"]))
     if backbone_weights:
-
         rep = load_backbone_weights(model.backbone, backbone_weights)
         log(f"backbone weights from {backbone_weights}: {_summary(rep)}")
     if init and not resume:
-
         rep = init_from_checkpoint(model, init, len(label_map["ids"]))
         log(f"initialised from {init}: {_summary(rep)}")
 

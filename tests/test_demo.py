@@ -95,7 +95,7 @@ def test_demo_unknown_scenario_is_a_one_line_error(cli, tmp_path):
 
 def test_demo_force_keeps_the_old_demo_when_the_new_one_fails(cli, tmp_path, monkeypatch):
     """--force moves the old demo aside and puts it back when the new one fails."""
-    import kacli.data.demo_data
+    import kacli.demo
 
     out = tmp_path / "demo"
     (out / "runs").mkdir(parents=True)
@@ -105,7 +105,7 @@ def test_demo_force_keeps_the_old_demo_when_the_new_one_fails(cli, tmp_path, mon
     def fail(path, **kw):
         raise kacli.errors.KacliError("disk full", path)
 
-    monkeypatch.setattr(kacli.data.demo_data, "make_demo_data", fail)
+    monkeypatch.setattr(kacli.demo, "make_demo_data", fail)
     assert_one_line_error(cli("demo", "--out", out, "--force"), "disk full")
     assert (out / "report.md").read_text() == "the old report\n"
     assert (out / "runs" / "last.pt").read_bytes() == b"old weights"

@@ -128,7 +128,6 @@ def check(root: Path, **kw) -> list[dict]:
             teachers.append(run)
         add(f"train-teacher {task}", ok, s, result)
     if len(teachers) == 2:
-
         last_layer = RUN_PRESETS[p["preset"]].model.enc_layers  # the projection and the last layer: SA's
         cache = root / "cache.h5"
         ok, s, err = _run(_kacli("cache-teachers", "--tasks", tasks, "--teacher", teachers[0], "--teacher", teachers[1],
@@ -161,7 +160,6 @@ def check(root: Path, **kw) -> list[dict]:
         return rows
     t0 = time.perf_counter()
     try:
-
         r = r50_step_ratio(torch.device("cuda"), 800, 4, 32, rounds=5, steps=4, workers=2, clock=time.perf_counter,
                            max_rounds=30)  # fmt: skip
         ms = {k: 1000 * v["total"] for k, v in r["steps"].items()}

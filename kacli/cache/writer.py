@@ -41,7 +41,6 @@ from kacli.limits import max_views
 def resolve_aug(teachers: Sequence[Teacher], config: str | Path | None, log: Callable[[str], None]) -> AugConfig:
     """The views' augmentation: ``--config``'s ``aug`` section if given, else the first teacher's."""
     if config is not None:
-
         return load_run_config(config, {}).aug
     aug = teachers[0].config.get("aug") if isinstance(teachers[0].config, dict) else None
     if aug is None:

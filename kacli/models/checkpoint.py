@@ -133,10 +133,8 @@ def build_model(ckpt: dict[str, Any], *, load_weights: bool = True) -> torch.nn.
 
     num_classes = len(ckpt["label_map"]["ids"])
     if ckpt["kind"] == "detr":
-
         model = DETR(ModelConfig.from_dict(ckpt["arch"]), num_classes)
     else:
-
         model = Student.from_arch(ckpt["arch"], num_classes)
     if load_weights:
         result = model.load_state_dict(ckpt["model"], strict=False)

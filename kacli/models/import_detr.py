@@ -181,7 +181,6 @@ def read_source(src: str | Path) -> tuple[Any, dict]:
     if not p.exists():
         raise KacliError("checkpoint not found", p)
     if p.is_dir() and any((p / n).is_file() for n in ("best.pt", "last.pt")):
-
         p = resolve_checkpoint_path(p)  # a kacli run folder
     if p.is_dir():
         for name in ("model.safetensors", "pytorch_model.bin"):
