@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kacli.amalgamate import amalgamate
-from kacli.amalgamation.config import load_amalgamate_config, teacher_settings
+from kacli.amalgamate import amalgamate, build_student
+from kacli.amalgamation.config import check_method, load_amalgamate_config, teacher_settings
 from kacli.amalgamation.objective import AmalgamationObjective
 from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cache.writer import cache_teachers
 from kacli.data.demo_data import demo_partition, make_demo_data
+from kacli.data.demo_sources import source_subset
 from kacli.data.manifest import TaskManifest
 from kacli.data.merge import TaskSource, merge_tasks
 from kacli.data.split import split_tasks
@@ -29,20 +30,17 @@ from kacli.eval.evaluate import evaluate_checkpoints
 from kacli.losses.criterion import SetCriterion
 from kacli.losses.matcher import HungarianMatcher
 from kacli.models.checkpoint import load_checkpoint
+from kacli.models.detr import DETR
 from test_amalgamate import _teachers
 
 QUIET = dict(log=lambda *a, **k: None)
 
 
 def half_source(src: Path, out: Path, keep_images, keep_names: set[str]) -> Path:
-    """A COCO json of ``src``'s images ``keep_images`` (indices) annotated only for ``keep_names``."""
+    """A COCO json of ``src``'s images ``keep_images`` (indices in id order) annotated only for ``keep_names``."""
     d = json.loads(src.read_text())
-    images = [im for k, im in enumerate(sorted(d["images"], key=lambda im: im["id"])) if k in keep_images]
-    ids = {im["id"] for im in images}
-    cats = [c for c in d["categories"] if c["name"] in keep_names]
-    cat_ids = {c["id"] for c in cats}
-    anns = [a for a in d["annotations"] if a["image_id"] in ids and a["category_id"] in cat_ids]
-    out.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    ids = [im["id"] for k, im in enumerate(sorted(d["images"], key=lambda im: im["id"])) if k in keep_images]
+    out.write_text(json.dumps(source_subset(d, ids, sorted(keep_names), "one half")))
     return out
 
 
@@ -80,8 +78,6 @@ def _objective(cache_path: Path, overrides: dict) -> tuple[AmalgamationObjective
 
 
 def _losses(cache_path: Path, overrides: dict, model_seed: int = 0) -> dict[str, float]:
-    from kacli.amalgamate import build_student
-
     objective, cache = _objective(cache_path, overrides)
     torch.manual_seed(model_seed)
     model = build_student(objective.cfg, len(cache.label_map["ids"]), 2).train()
@@ -116,8 +112,6 @@ def test_partial_images_bring_their_complete_classes_to_the_loss(merged):
         labels = set(t["labels"].tolist())
         assert labels <= {c for c in range(C) if t["complete"][c]}  # each image's labels are of its source
         assert set(torch.nonzero(t["complete"]).flatten().tolist()) in (convex, set(range(4, 8)))
-    from kacli.models.detr import DETR
-
     torch.manual_seed(0)
     model = DETR(objective.cfg.model, C).train()
     torch.manual_seed(1)
@@ -153,8 +147,6 @@ def test_baselines_train_and_record_their_ground_truth_loss(merged, tmp_path):
 
 def test_a_plain_method_refuses_another_ground_truth_loss(merged):
     cache = TeacherCache(merged["cache"])
-    from kacli.amalgamation.config import check_method
-
     cfg = load_amalgamate_config(None, {"method": "raw", "gt_loss": "mask"}, teacher_settings(cache.attrs))
     with pytest.raises(KacliError, match="--method raw is DETR with the ground-truth loss 'none'"):
         check_method(cfg, 2, cache.layer_names)
@@ -163,8 +155,6 @@ def test_a_plain_method_refuses_another_ground_truth_loss(merged):
 def test_eval_on_a_merged_split_scores_each_source_and_the_union(merged, tmp_path):
     """A teacher is scored on its own source's images and categories; the union scores each
     category only on the images annotated for it."""
-    from kacli.data.dataset import CocoDetection  # noqa: F401  (the eval path's dataset)
-
     m = merged["manifest"]
     teacher = merged["root"] / "x-convex.pt"
     res = evaluate_checkpoints([teacher], m.path, device_pref="cpu")
