@@ -31,6 +31,7 @@ from kacli.losses.criterion import SetCriterion
 from kacli.losses.matcher import HungarianMatcher
 from kacli.models.checkpoint import load_checkpoint
 from kacli.models.detr import DETR
+from conftest import assert_one_line_error
 from test_amalgamate import _teachers
 
 QUIET = dict(log=lambda *a, **k: None)
@@ -167,3 +168,15 @@ def test_eval_on_a_merged_split_scores_each_source_and_the_union(merged, tmp_pat
                                 device_pref="cpu")
     assert set(both["per_source"]) == {"convex", "concave", "union"}
 
+
+
+def test_bad_ground_truth_options_are_one_line_errors_and_write_nothing(merged, cli, tmp_path):
+    run = tmp_path / "run"
+    base = ["amalgamate", "--cache", merged["cache"], "--out", run, "--epochs", "1", "--device", "cpu"]
+    assert_one_line_error(cli(*base, "--method", "raw", "--gt-loss", "mask"),
+                          "--method raw is DETR with the ground-truth loss 'none'")
+    assert_one_line_error(cli(*base, "--gt-loss", "soft"), "gt_loss")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pseudo_threshold: 1.5\n")
+    assert_one_line_error(cli(*base, "--config", bad), "pseudo_threshold", "[0, 1]")
+    assert not run.exists()
