@@ -57,10 +57,26 @@ def raw(path: Path, k: int, layer: str, a: int, b: int):
 def test_quantize_bounds_and_zero_rows():
     x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.54, 0.3], [1e-30, -1e-30, 0.0]])
     q, s = quantize_int8(x)
-    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (3,)
+    assert q.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (3,)
     assert s[0] == 0 and not q[0].any()  # an all-zero row: scale 0, no NaN
-    assert q[1].tolist() == [50, -127, 15] and s[1].item() == pytest.approx(2.54 / 127)
+    assert q[1].tolist() == [50, -127, 15] and s[1].item() == pytest.approx(2.54 / 127, rel=2**-10)
     assert torch.isfinite(q.float() * s[:, None]).all()
+    assert not q[2].any() and 0 < s[2] <= 6e-8  # far below float16's range: the smallest scale, reads 0
+
+
+def test_float16_scales_are_rounded_up_so_nothing_is_clipped():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 64, generator=g) * torch.logspace(-3, 4, 4096)[:, None]  # rows over 7 decades
+    q, s = quantize_int8(x)
+    exact = x.abs().amax(-1) / 127
+    s32 = s.float()
+    # rounded up, by less than one float16 step: 2^-10 relative, 2^-24 below float16's normal range
+    assert (s32 >= exact).all() and (s32 - exact <= torch.maximum(exact * 2**-10, torch.tensor(2**-24))).all()
+    assert (x.abs() / s32[:, None] <= 127).all()  # so no value needs the clamp
+    err = (q.float() * s32[:, None] - x).abs()
+    assert (err <= s32[:, None] / 2 * (1 + 1e-6)).all()  # round to nearest: within half a step
+    big, inf = quantize_int8(torch.tensor([[9e6, 1.0], [float("nan"), 1.0]]))[1]
+    assert torch.isinf(big) and torch.isnan(inf)  # beyond 127 x float16's range, or NaN: non-finite, refused on read
 
 
 def test_int8_round_trip_on_real_teacher_outputs(caches):
@@ -71,7 +87,7 @@ def test_int8_round_trip_on_real_teacher_outputs(caches):
     for e in range(len(f32)):
         x, y = f32.teacher_entry(e), i8.teacher_entry(e)
         assert y["seqs"].dtype == torch.float32 and y["seqs"].shape == x["seqs"].shape
-        bound = x["seqs"].abs().amax(-1, keepdim=True) / 254  # (N, L, n, 1)
+        bound = x["seqs"].abs().amax(-1, keepdim=True) / 254 * (1 + 2**-10)  # (N, L, n, 1); float16 scale rounded up
         err = (x["seqs"] - y["seqs"]).abs()
         worst = max(worst, float((err / bound).max()))
         rounded += int((err > 0).sum())
@@ -97,7 +113,7 @@ def test_reader_returns_q_times_scale_and_int8_batches_dequantise_to_the_same(ca
                 q, scale = raw(path, k, layer, a, b)
                 for item in (s, m):
                     assert item["seqs"].dtype == torch.int8 and torch.equal(item["seqs"][k, j], q)
-                    assert torch.equal(item["seq_scale"][k, j], scale)
+                    assert torch.equal(item["seq_scale"][k, j], scale.float())
     # collate carries int8 and scales (zeros at padding); dequantize_teacher gives the float batch
     items = [stored[e] for e in range(4)]
     _, _, _, teacher = collate_cached(items)
@@ -152,6 +168,28 @@ def test_int8_rank_shards_join_into_the_single_process_file(env, caches, tmp_pat
     assert_same_cache(out, caches["int8"])
 
 
+def test_int8_caches_with_float32_scales_still_read(caches, cli, tmp_path):
+    """int8 caches written before the scales were float16 hold float32 ones: read and verified alike."""
+    old = tmp_path / "old.h5"
+    shutil.copyfile(caches["int8"], old)
+    with h5py.File(old, "r+") as f:
+        for k in range(2):
+            s = f[schema.scale_path(k)][...]
+            del f[schema.scale_path(k)]
+            f.create_dataset(schema.scale_path(k), data=s.astype(np.float32))
+    new, before = TeacherCache(caches["int8"]), TeacherCache(old)
+    for e in (0, 17, 35):
+        assert torch.equal(new.teacher_entry(e)["seqs"], before.teacher_entry(e)["seqs"])
+    res = cli("cache-info", old, "--verify", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["verify"]["ok"], res.stderr
+    with h5py.File(old, "r+") as f:
+        s = f[schema.scale_path(1)][...]
+        del f[schema.scale_path(1)]
+        f.create_dataset(schema.scale_path(1), data=s.astype(np.float64))
+    with pytest.raises(KacliError, match="/teachers/1/scale is float64, expected float16"):
+        TeacherCache(old)
+
+
 def test_cache_info_verify_int8(caches, cli, tmp_path):
     res = cli("cache-info", caches["int8"], "--verify", "--json")
     assert res.exit_code == 0, res.stderr
@@ -161,8 +199,8 @@ def test_cache_info_verify_int8(caches, cli, tmp_path):
         T = int(f["offsets"][-1])
         scales = f[schema.scale_path(0)].id.get_storage_size()
         values = sum(f[schema.seq_path(0, n)].id.get_storage_size() for n in LAYERS)
-    assert s["teachers"][0]["sequence_bytes"] == values + scales  # int8 values + float32 scales (whole chunks)
-    assert values >= T * 3 * 32 and scales >= T * 3 * 4
+    assert s["teachers"][0]["sequence_bytes"] == values + scales  # int8 values + float16 scales (whole chunks)
+    assert values >= T * 3 * 32 and scales >= T * 3 * 2
     for edit, needle in (
         (lambda f: f[schema.scale_path(1)].__setitem__((5, 2), np.nan), "/teachers/1/scale holds 1 non-finite values"),
         (lambda f: f[schema.scale_path(0)].__setitem__((3, 0), -0.5), "/teachers/0/scale holds 1 negative scales"),

@@ -75,7 +75,7 @@ def create_file(job: CacheJob, path: Path, attrs: dict, start: int, end: int) ->
                     f"seq/{layer}", shape=(T, d), dtype=schema.DTYPES[dtype], chunks=(max(1, min(chunk, T)), d)
                 )
             if dtype in schema.SCALED:
-                tg.create_dataset("scale", shape=(T, len(layers)), dtype=np.float32,
+                tg.create_dataset("scale", shape=(T, len(layers)), dtype=schema.SCALE_DTYPE,
                                   chunks=(max(1, min(chunk, T)), len(layers)))
             q, c = t.num_queries, t.num_classes
             per = max(1, min(E, (64 << 10) // (q * (c + 1) * 4)))

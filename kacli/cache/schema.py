@@ -10,7 +10,8 @@ description)::
     /entries/view               (E, 7)        float64  View.to_list(): flip, top, left, height, width, out_h, out_w
     /entries/hw                 (E, 2)        int64    token grid (h, w) = (ceil(out_h/stride), ceil(out_w/stride))
     /teachers/<k>/seq/<layer>   (T, d)        float16 | float32 | int8   valid tokens, row-major per entry
-    /teachers/<k>/scale         (T, L)        float32  int8 only: column j scales layer j's tokens (q · scale)
+    /teachers/<k>/scale         (T, L)        float16  int8 only: column j scales layer j's tokens (q · scale)
+                                                      (older int8 caches hold float32 scales; read alike)
     /teachers/<k>/logits        (E, Q_k, C_k+1) float32
     /teachers/<k>/boxes         (E, Q_k, 4)   float32  cxcywh in [0, 1]
 
@@ -36,8 +37,11 @@ FORMAT = "kacli-cache/1"
 #: Storage schemes of the sequences (the ``dtype`` attribute) → the dtype of the ``seq`` datasets.
 DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
 
-#: Schemes that store a float32 scale per token per layer beside the sequences (``/teachers/<k>/scale``).
+#: Schemes that store a scale per token per layer beside the sequences (``/teachers/<k>/scale``).
 SCALED = ("int8",)
+#: dtype of the stored scales; files written before it was float16 hold float32 ones (both read).
+SCALE_DTYPE = np.float16
+SCALE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 #: Root attributes (name → meaning); ``*`` marks JSON strings.
 ROOT_ATTRS = {
@@ -112,8 +116,8 @@ def token_grid(out_h: int, out_w: int, stride: int) -> tuple[int, int]:
 
 def sequence_bytes_per_token(d_model: int, num_layers: int, num_teachers: int, dtype: str) -> int:
     """Bytes one token costs across all cached layers and teachers: ``d·sizeof(dtype)`` per layer
-    and teacher, plus the float32 scale (4 bytes) for int8."""
-    per_layer = int(d_model) * np.dtype(DTYPES[dtype]).itemsize + (4 if dtype in SCALED else 0)
+    and teacher, plus the float16 scale (2 bytes) for int8."""
+    per_layer = int(d_model) * np.dtype(DTYPES[dtype]).itemsize + (np.dtype(SCALE_DTYPE).itemsize if dtype in SCALED else 0)
     return per_layer * int(num_layers) * int(num_teachers)
 
 
@@ -130,7 +134,7 @@ def estimate_bytes(tokens: int, entries: int, d_model: int, num_layers: int, hea
     """The data bytes of a cache (HDF5 adds a little for its headers and chunk index):
 
     ``T·L·N·(d·sizeof(dtype) + s) + E·Σ_t Q_t·(C_t+5)·4 + E·104 + 8`` with ``s`` = 4 (the
-    float32 scale) for int8 and 0 otherwise.
+    float16 scale) for int8 and 0 otherwise.
     """
     seq = tokens * sequence_bytes_per_token(d_model, num_layers, len(heads), dtype)
     return int(seq + entries * (head_bytes_per_entry(heads) + ENTRY_META_BYTES) + 8)
@@ -277,7 +281,7 @@ def seq_path(teacher: int, layer: str) -> str:
 
 
 def scale_path(teacher: int) -> str:
-    """int8 caches: teacher's (T, L) float32 scales, column j for the j-th cached layer."""
+    """int8 caches: teacher's (T, L) float16 scales, column j for the j-th cached layer."""
     return f"teachers/{teacher}/scale"
 
 
@@ -360,8 +364,8 @@ def validate(h5, path: str | Path, require_complete: bool = True) -> CacheLayout
                     raise KacliError(f"/{seq_path(k, layer)} is {obj.dtype}, the cache says {dtype}", p)
             if dtype in SCALED:
                 obj = ds(scale_path(k), (total, len(layers)))
-                if obj.dtype != np.float32:
-                    raise KacliError(f"/{scale_path(k)} is {obj.dtype}, expected float32", p)
+                if obj.dtype not in SCALE_DTYPES:
+                    raise KacliError(f"/{scale_path(k)} is {obj.dtype}, expected float16 (or float32)", p)
     except (KeyError, TypeError) as e:
         raise KacliError(f"malformed cache attributes ({e})", p) from None
     except OSError as e:
@@ -388,6 +392,8 @@ __all__ = [
     "seq_path",
     "scale_path",
     "SCALED",
+    "SCALE_DTYPE",
+    "SCALE_DTYPES",
     "size_estimates",
     "validate",
 ]

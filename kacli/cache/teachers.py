@@ -133,7 +133,7 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
 
 def stored_sequences(picked: Sequence[torch.Tensor], store_dtype: torch.dtype) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The cached layers' valid tokens ``[(n, d)] * L`` as stored: ``(seqs [(n, d)] * L, scale)``,
-    ``scale`` (n, L) float32 for int8 (:func:`quantize_int8`, computed where the teacher ran), else None."""
+    ``scale`` (n, L) float16 for int8 (:func:`quantize_int8`, computed where the teacher ran), else None."""
     if store_dtype != torch.int8:
         return [x.to(store_dtype).cpu().numpy() for x in picked], None
     pairs = [quantize_int8(x) for x in picked]
