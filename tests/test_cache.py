@@ -8,6 +8,7 @@ run on the replayed image alone.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -24,6 +25,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from cache_rank_reader import entry_digests
 from conftest import assert_one_line_error
 from kacli.cache import schema
 from kacli.cache.output import KILL_ENV
@@ -309,15 +311,73 @@ def test_unreadable_partial_starts_over(env, cli, tmp_path):
     assert_same_cache(out, env.main)
 
 
-@pytest.mark.slow  # torchrun with two processes
-def test_two_ranks_equal_one(env, tmp_path):
-    out = tmp_path / "dist.h5"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kacli"]
-    proc = subprocess.run(cmd + cache_args(env, out), env=subprocess_env(), capture_output=True, timeout=300)
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+@pytest.fixture(scope="module")
+def dist_cache(env, tmp_path_factory):
+    """The cache written by two torchrun ranks (gloo on the CPU), joined by rank 0."""
+    out = tmp_path_factory.mktemp("dist") / "dist.h5"
+    proc = subprocess.run(TORCHRUN_2 + ["-m", "kacli"] + cache_args(env, out), env=subprocess_env(),
+                          capture_output=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    assert "joining 2 shards" in proc.stdout.decode()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.h5"]  # shards removed
-    assert_same_cache(out, env.main)
+    return SimpleNamespace(path=out, stdout=proc.stdout.decode())
+
+
+@pytest.mark.slow  # torchrun with two processes
+def test_two_ranks_equal_one(env, dist_cache):
+    assert "joining 2 shards" in dist_cache.stdout
+    assert sorted(p.name for p in dist_cache.path.parent.iterdir()) == ["dist.h5"]  # shards removed
+    assert_same_cache(dist_cache.path, env.main)
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_later_run_reads_its_share_of_the_one_joined_file(env, dist_cache, tmp_path):
+    """Two gloo ranks open the joined cache itself (no copy), each reads its DistributedSampler
+    share as the trainer draws it, in memory and from disk through a DataLoader worker; then a
+    real two-rank amalgamate trains on it and leaves the file as it was."""
+    joined = dist_cache.path.resolve()
+    before = (joined.read_bytes(), joined.stat().st_mtime_ns)
+    reader = Path(__file__).with_name("cache_rank_reader.py")
+    seed, batch, workers, epoch = 7, 3, 1, 1  # 36 entries → 18 a rank → 6 whole batches
+    args = [str(reader), str(joined), str(tmp_path / "read"), *map(str, (seed, batch, workers, epoch))]
+    proc = subprocess.run(TORCHRUN_2 + args, env=subprocess_env(), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    reports = [json.loads((tmp_path / "read" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in reports] == [(0, 2), (1, 2)]
+
+    ref = TeacherCache(env.main, in_memory=False)  # the single-process cache
+    want = {e: entry_digests(ref[e][0], ref[e][2]) for e in range(len(ref))}
+    ref.close()
+    for mode in ("memory", "disk"):
+        shares = []
+        for rep in reports:
+            got = rep[mode]
+            assert got["sampler"] == rep["memory"]["sampler"]  # both modes draw one order
+            assert [x["entry"] for x in got["read"]] == got["sampler"]  # every promised entry, in its order
+            assert len(got["sampler"]) == len(ref) // 2 and got["sampler"] != sorted(got["sampler"])  # shuffled
+            for x in got["read"]:
+                assert x["digests"] == want[x["entry"]], (mode, rep["rank"], x["entry"])  # bit-equal
+            assert not got["rank_opened_file"]  # the rank itself holds no handle
+            assert rep["pid"] not in {x["pid"] for x in got["read"]}  # read in the DataLoader worker
+            if mode == "disk":  # the worker opened the one joined file itself
+                assert {x["h5"] for x in got["read"]} == {str(joined)}
+            else:  # in memory: the worker never opened the file
+                assert {x["h5"] for x in got["read"]} == {None}
+            shares.append(set(got["sampler"]))
+        assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(len(ref)))
+
+    run = tmp_path / "student"
+    cmd = ["-m", "kacli", "amalgamate", "--cache", str(joined), "--out", str(run), "--epochs", "1", "--batch-size", "3",
+           "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(TORCHRUN_2 + cmd, env=subprocess_env(), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["read", "student"]  # one run folder
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["epoch"], row["steps"]) for row in rows] == [(1, 6)]  # 36 entries / (2 ranks × 3)
+    assert (run / "last.pt").is_file()
+    assert sorted(p.name for p in joined.parent.iterdir()) == ["dist.h5"]  # no copy, no partial, no lock file
+    assert (joined.read_bytes(), joined.stat().st_mtime_ns) == before
 
 
 # -- existing outputs ------------------------------------------------------------------------------
