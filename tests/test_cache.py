@@ -495,3 +495,20 @@ def test_the_manifest_check_names_the_manifest_and_says_what_is_wrong(env, tmp_p
     assert e.value.path == str(edited)
     with pytest.raises(KacliError, match="does not name its tasks.yaml; pass --tasks"):
         cache_manifest({k: v for k, v in attrs.items() if k != "tasks_path"}, env.main)
+
+
+def test_a_locked_cache_is_one_line_naming_the_way_out(env, tmp_path):
+    """A file another process holds open for writing: one line, which also names the switch for
+    filesystems without locks."""
+    path = tmp_path / "held.h5"
+    shutil.copyfile(env.main, path)
+    hold = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == b"open"
+        with pytest.raises(KacliError, match=r"locked by another process .*HDF5_USE_FILE_LOCKING=FALSE") as e:
+            TeacherCache(path)
+        assert "\n" not in str(e.value) and "held.h5" in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -268,7 +268,9 @@ def open_h5(path: str | Path, mode: str = "r", **kw):
         if "truncated" in msg:
             raise KacliError("truncated HDF5 file (an interrupted copy or write?)", p) from None
         if "lock" in msg:
-            raise CacheLockedError("HDF5 file is locked by another process (is another cache-teachers writing it?)", p) from None
+            raise CacheLockedError(
+                "HDF5 file is locked by another process (is another cache-teachers writing it? if nothing is, the "
+                "filesystem may not support locks: HDF5_USE_FILE_LOCKING=FALSE, docs/CACHE.md)", p) from None
         if mode == "r" and ("signature" in msg or "not an HDF5" in msg.lower() or "file format" in msg):
             raise KacliError("not an HDF5 file", p) from None
         first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
