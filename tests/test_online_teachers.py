@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error
-from kacli.amalgamate import amalgamate
+from kacli.amalgamate import amalgamate, build_student
 from kacli.amalgamation.config import load_amalgamate_config, teacher_settings
 from kacli.amalgamation.objective import AmalgamationObjective
 from kacli.amalgamation.online import OnlineTeachers
@@ -29,7 +29,6 @@ from kacli.fsutil import sha256_file
 from kacli.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 from kacli.models.config import model_config
 from kacli.models.detr import DETR
-from kacli.amalgamate import build_student
 
 MODEL = {"backbone": "tiny", "tiny_widths": [8, 8, 16, 16], "d_model": 32, "nheads": 4, "enc_layers": 2,
          "dec_layers": 1, "dim_feedforward": 64, "dropout": 0.0, "num_queries": 6, "pre_norm": True}
