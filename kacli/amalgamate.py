@@ -1,16 +1,26 @@
-"""Training the student from the images and the teacher cache (``kacli amalgamate``, Sec. III).
+"""Training the student (``kacli amalgamate``, Sec. III) from the teachers' outputs: read from the
+teacher cache, or computed by the teachers in the training loop.
 
-No teacher runs and no teacher checkpoint is read here: every teacher output the losses need
-(projected sequence and encoder layers, class logits and boxes) comes from the cache written by
-``cache-teachers``, for exactly the view of the image the student sees (the cache replays it), and
-so do the teachers' settings the student's configuration starts from (caches written before they
-were recorded fall back to the first teacher's checkpoint). The methods, the configuration and
-the loss are in :mod:`kacli.amalgamation`.
+Two sources give the teachers' outputs:
 
-:func:`amalgamate` runs the steps: :func:`open_cache` (the cache and its manifest, checked),
-:func:`resolve_config` (the configuration, checked against the cache), :func:`build_student`,
-the cache read as the objective needs it (:meth:`AmalgamationObjective.needs`),
-:func:`build_objective`, :func:`training_data`, :func:`train_setup`, then the trainer.
+- :class:`CacheSource` (``--cache``): no teacher runs and no teacher checkpoint is read; every
+  teacher output the losses need (projected sequence and encoder layers, class logits and boxes)
+  comes from the cache written by ``cache-teachers``, for exactly the view of the image the student
+  sees (the cache replays its K views), and so do the teachers' settings the student's
+  configuration starts from (caches written before they were recorded fall back to the first
+  teacher's checkpoint).
+- :class:`TeacherSource` (``--teacher`` … ``--tasks``): the teachers are loaded
+  (:func:`kacli.cache.teachers.load_teachers`) and run, frozen, on every batch
+  (:class:`~kacli.amalgamation.online.OnlineTeachers`); the images are fresh training views of the
+  manifest's train split every epoch; the settings come from the first teacher's checkpoint.
+
+The objective sees the same ``teacher`` dict either way, so the same losses apply. The methods,
+the configuration and the loss are in :mod:`kacli.amalgamation`.
+
+:func:`amalgamate` runs the steps: :func:`open_source` (the cache or the teachers, and the
+manifest, checked), :func:`resolve_config` (the configuration, checked against the teachers),
+:func:`build_student`, what the objective needs (:meth:`AmalgamationObjective.needs`),
+:func:`build_objective`, the source's training data, :func:`train_setup`, then the trainer.
 """
 
 from __future__ import annotations
@@ -18,20 +28,24 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from kacli.amalgamation.config import AmalgamateConfig, check_method, load_amalgamate_config, teacher_settings
 from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
+from kacli.amalgamation.online import OnlineTeachers
 from kacli.cache import schema
+from kacli.cache.labels import class_index
 from kacli.cache.reader import TeacherCache, cache_manifest, collate_cached
+from kacli.cache.teachers import Teacher, load_teachers
 from kacli.config import apply_overrides, config_to_dict
-from kacli.data.dataset import collate
+from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.engine.distributed import init_distributed
 from kacli.engine.rundir import RunDir
+from kacli.engine.runconfig import recorded_settings
 from kacli.engine.train import TrainSetup, Trainer
 from kacli.engine.validate import make_validator
 from kacli.errors import KacliError
@@ -47,22 +61,55 @@ from kacli.models.student import Student
 
 
 def check_architecture(model_cfg: ModelConfig, d_model: int, enc_layers: int, stride: int | None,
-                       student_stride: int, where=None) -> None:
-    """The student's width and encoder depth (and token grid) must be the teachers'."""
+                       student_stride: int, where=None, teachers: str = "cached teachers") -> None:
+    """The student's width and encoder depth (and token grid) must be the teachers' (``teachers``:
+    how the messages name them)."""
     if model_cfg.d_model != d_model:
-        raise KacliError(f"student d_model {model_cfg.d_model} differs from the cached teachers' {d_model}", where)
+        raise KacliError(f"student d_model {model_cfg.d_model} differs from the {teachers}' {d_model}", where)
     if model_cfg.enc_layers != enc_layers:
-        raise KacliError(
-            f"student enc_layers {model_cfg.enc_layers} differs from the cached teachers' {enc_layers}", where
-        )
+        raise KacliError(f"student enc_layers {model_cfg.enc_layers} differs from the {teachers}' {enc_layers}", where)
     if stride is not None and int(stride) != int(student_stride):
         raise KacliError(
-            f"student backbone stride {student_stride} differs from the cached teachers' {stride} "
-            "(its token grid would not match the cached sequences)", where
+            f"student backbone stride {student_stride} differs from the {teachers}' {stride} "
+            "(its token grid would not match the teachers' sequences)", where
         )
 
 
-# -- the steps ---------------------------------------------------------------------------------------
+# -- the sources of the teachers' outputs ------------------------------------------------------------
+
+
+class Source(Protocol):
+    """Where the teachers' outputs come from, and what the steps need to know about them.
+
+    Attributes: ``manifest``; ``label_map`` (the union ``{ids, names}``: the student's classes);
+    ``num_teachers`` (N); ``layers`` (the layers the teachers give: ``proj``, ``enc1``, …);
+    ``d_model``, ``enc_layers``, ``stride`` (the teachers'); ``where`` (the file errors name);
+    ``noun`` (how errors name the teachers); ``teacher_label_maps`` (per teacher, its task's
+    ``{ids, names}``).
+    """
+
+    manifest: TaskManifest
+
+    @property
+    def label_map(self) -> dict: ...
+
+    @property
+    def num_teachers(self) -> int: ...
+
+    @property
+    def layers(self) -> list[str]: ...
+
+    def settings(self) -> dict:
+        """``{"model", "aug", "train"}`` of the teachers: what the configuration starts from."""
+
+    def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig) -> tuple[torch.utils.data.Dataset, Callable]:
+        """The training set and its collate function (batches ``(images, mask, targets, teacher)``)."""
+
+    def online_teachers(self, needs: CacheNeeds) -> OnlineTeachers | None:
+        """The teachers the objective runs on every batch; None: the batches carry their outputs."""
+
+    def provenance(self, objective: AmalgamationObjective) -> tuple[dict, dict, dict]:
+        """``(inputs, meta, signature)`` entries of the checkpoint for this source."""
 
 
 @dataclass
@@ -72,6 +119,7 @@ class CacheSource:
     path: Path
     attrs: dict
     manifest: TaskManifest
+    noun = "cached teachers"
 
     @property
     def teachers(self) -> list[dict]:
@@ -92,6 +140,132 @@ class CacheSource:
         lm = self.attrs["label_map"]
         return {"ids": [int(i) for i in lm["ids"]], "names": list(lm["names"])}
 
+    @property
+    def teacher_label_maps(self) -> list[dict]:
+        return [t["label_map"] for t in self.teachers]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.attrs["d_model"])
+
+    @property
+    def enc_layers(self) -> int:
+        return int(self.attrs["enc_layers"])
+
+    @property
+    def stride(self) -> int | None:
+        return self.attrs.get("stride")
+
+    @property
+    def where(self) -> Path:
+        return self.path
+
+    def settings(self) -> dict:
+        return teacher_settings(self.attrs)
+
+    def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig):
+        """The cache read with the objective's layers (int8 travels as int8), with the teachers'
+        outputs when the objective reads them, else its images and ground truth alone."""
+        cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, dequantize=False)
+        return training_data(objective, cache)
+
+    def online_teachers(self, needs: CacheNeeds) -> None:
+        return None
+
+    def content_id(self) -> str:
+        return schema.content_id(self.attrs, self.path.stat().st_size)
+
+    def provenance(self, objective: AmalgamationObjective) -> tuple[dict, dict, dict]:
+        cache_sha = self.content_id()
+        meta = {
+            "teacher_source": "cache",
+            "cache": {
+                "path": str(self.path.resolve()),
+                "content_sha256": cache_sha,
+                "teachers": [{"task": t.get("task"), "checkpoint": t.get("checkpoint"), "sha256": t.get("sha256")}
+                             for t in self.teachers],
+                "layers": objective.layers,
+            },
+        }
+        return {"cache": cache_sha}, meta, {"cache": cache_sha}
+
+
+@dataclass
+class TeacherSource:
+    """The teachers, loaded and checked against the manifest, to run in the training loop."""
+
+    teachers: list[Teacher]
+    manifest: TaskManifest
+    noun = "teachers"
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.teachers)
+
+    @property
+    def layers(self) -> list[str]:
+        """Every layer the teachers give: ``proj``, ``enc1``, …, ``encL``."""
+        return ["proj", *(f"enc{i}" for i in range(1, self.enc_layers + 1))]
+
+    @property
+    def label_map(self) -> dict:
+        return self.manifest.student_label_map()
+
+    @property
+    def teacher_label_maps(self) -> list[dict]:
+        return [t.label_map for t in self.teachers]
+
+    @property
+    def d_model(self) -> int:
+        return self.teachers[0].d_model
+
+    @property
+    def enc_layers(self) -> int:
+        return self.teachers[0].enc_layers
+
+    @property
+    def stride(self) -> int:
+        return self.teachers[0].stride
+
+    @property
+    def where(self) -> Path:
+        return self.teachers[0].path
+
+    def sha256(self) -> list[str]:
+        return [t.sha256 for t in self.teachers]
+
+    def settings(self) -> dict:
+        """The first teacher's architecture, training and augmentation settings, as
+        ``cache-teachers`` would record them."""
+        first = self.teachers[0]
+        base = recorded_settings(first.model.cfg.to_dict(), first.config)
+        aug = first.config.get("aug") if isinstance(first.config, dict) else None
+        if isinstance(aug, Mapping):
+            base["aug"] = dict(aug)
+        return base
+
+    def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig):
+        """The manifest's train split over the union label map, a fresh training view of every
+        image each epoch (``cfg.aug``, seeded by ``train.seed``), padded to the teachers' stride;
+        the batches' teacher is None (the objective runs the teachers)."""
+        m = self.manifest
+        data = CocoDetection(m.split_json("train"), m.image_root("train"), self.label_map["ids"], train=True,
+                             aug=cfg.aug, generator_seed=cfg.train.seed)
+        if data.num_images == 0:
+            raise KacliError("the train split has no images", m.split_json("train"))
+        return data, functools.partial(collate_ground_truth, stride=self.stride)
+
+    def online_teachers(self, needs: CacheNeeds) -> OnlineTeachers | None:
+        return OnlineTeachers.from_teachers(self.teachers, needs.layers) if needs.teacher else None
+
+    def provenance(self, objective: AmalgamationObjective) -> tuple[dict, dict, dict]:
+        described = [{"task": t.task, "checkpoint": str(t.path), "sha256": t.sha256} for t in self.teachers]
+        meta = {"teacher_source": "online", "online": {"teachers": described, "layers": objective.layers}}
+        return {"teachers": self.sha256()}, meta, {"teachers": self.sha256()}
+
+
+# -- the steps ---------------------------------------------------------------------------------------
+
 
 def open_cache(cache_path: str | Path, tasks_path: str | Path | None) -> CacheSource:
     """Validate the (complete) cache and find its manifest: ``tasks_path`` must be the one the cache
@@ -103,26 +277,47 @@ def open_cache(cache_path: str | Path, tasks_path: str | Path | None) -> CacheSo
     return CacheSource(cache_path, attrs, manifest)
 
 
+def open_teachers(teachers: Sequence[str | Path], tasks_path: str | Path | None) -> TeacherSource:
+    """Load the teachers (checkpoints or run folders, in ``tasks_path``'s task order) and check
+    that they fit the manifest and each other (:func:`kacli.cache.teachers.load_teachers`)."""
+    if tasks_path is None:
+        raise KacliError("--teacher needs --tasks: the tasks.yaml whose tasks the teachers detect, in its order")
+    manifest = TaskManifest(tasks_path)
+    return TeacherSource(load_teachers(manifest, list(teachers)), manifest)
+
+
+def open_source(cache_path: str | Path | None, teachers: Sequence[str | Path] | None,
+                tasks_path: str | Path | None) -> CacheSource | TeacherSource:
+    """The cache (``cache_path``) or the teachers to run online (``teachers``): exactly one."""
+    if cache_path is not None and teachers:
+        raise KacliError("give either --cache (train from the teacher cache) or --teacher (run the teachers "
+                         "online), not both")
+    if cache_path is not None:
+        return open_cache(cache_path, tasks_path)
+    if teachers:
+        return open_teachers(teachers, tasks_path)
+    raise KacliError("give --cache FILE (a teacher cache) or one --teacher per task of --tasks (teachers run online)")
+
+
 def resolve_config(
-    source: CacheSource,
+    source: Source,
     cfg: AmalgamateConfig | None,
     config: str | Path | Mapping | None,
     overrides: Mapping[str, Any] | None,
     device: str | None,
 ) -> AmalgamateConfig:
-    """The run's configuration (``cfg``, or ``config`` over the teachers' settings the cache
-    records), with ``overrides`` and ``device``; refused when it cannot train what it says or its
-    student does not fit the cached teachers."""
+    """The run's configuration (``cfg``, or ``config`` over the teachers' settings the source
+    gives), with ``overrides`` and ``device``; refused when it cannot train what it says or its
+    student does not fit the teachers."""
     if cfg is None:
-        cfg = load_amalgamate_config(config, overrides, teacher_settings(source.attrs))
+        cfg = load_amalgamate_config(config, overrides, source.settings())
     elif overrides:
         cfg = apply_overrides(cfg, overrides)
     if device is not None:
         cfg = apply_overrides(cfg, {"train.device": device})
     check_method(cfg, source.num_teachers, source.layers)
-    attrs = source.attrs
-    check_architecture(cfg.model, int(attrs["d_model"]), int(attrs["enc_layers"]), attrs.get("stride"),
-                       backbone_stride(cfg.model), source.path)
+    check_architecture(cfg.model, source.d_model, source.enc_layers, source.stride, backbone_stride(cfg.model),
+                       source.where, source.noun)
     return cfg
 
 
@@ -137,12 +332,14 @@ def build_student(cfg: AmalgamateConfig, num_classes: int, num_teachers: int) ->
     return Student(cfg.model, num_classes, num_teachers, cfg.compress, cfg.compress_seed, proj_init=cfg.proj_init)
 
 
-def build_objective(cfg: AmalgamateConfig, source: CacheSource, cache, needs: CacheNeeds) -> AmalgamationObjective:
-    """The objective over the layers ``needs`` names (``cache`` is read with them), with SAG's
-    W_a (random: drawn here) for ``sag``."""
+def build_objective(cfg: AmalgamateConfig, source: Source, needs: CacheNeeds) -> AmalgamationObjective:
+    """The objective over the layers ``needs`` names, with SAG's W_a (random: drawn here) for
+    ``sag``, and the teachers to run on every batch when the source runs them online."""
     n = source.num_teachers
-    sag_proj = SAGProjection(n, int(source.attrs["d_model"]), len(needs.layers), init=cfg.sag_init) if cfg.method == "sag" else None
-    return AmalgamationObjective(cfg, len(source.label_map["ids"]), n, needs.layers, list(cache.class_index), sag_proj)
+    sag_proj = SAGProjection(n, source.d_model, len(needs.layers), init=cfg.sag_init) if cfg.method == "sag" else None
+    index = class_index(source.label_map, source.teacher_label_maps, source.where)
+    return AmalgamationObjective(cfg, len(source.label_map["ids"]), n, needs.layers, index, sag_proj,
+                                 teachers=source.online_teachers(needs))
 
 
 class GroundTruthOnly(torch.utils.data.Dataset):
@@ -167,22 +364,23 @@ def collate_ground_truth(batch, stride: int):
 
 
 def training_data(objective: AmalgamationObjective, cache) -> tuple[torch.utils.data.Dataset, Callable]:
-    """The training set and its collate function: the cache with the teachers' outputs when the
-    objective reads them, else its images and ground truth alone."""
+    """The training set of a cache and its collate function: the cache with the teachers' outputs
+    when the objective reads them, else its images and ground truth alone."""
 
     if objective.needs_teacher:
         return cache, collate_cached
     return GroundTruthOnly(cache), functools.partial(collate_ground_truth, stride=cache.stride)
 
 
-def train_setup(cfg: AmalgamateConfig, source: CacheSource, cache, model: nn.Module, objective: AmalgamationObjective,
+def train_setup(cfg: AmalgamateConfig, source: Source, model: nn.Module, objective: AmalgamationObjective,
                 out: Path, run_dir, backbone_weights: str | Path | None) -> TrainSetup:
     """What the trainer saves with every checkpoint (kind, architecture, label map, configuration,
-    inputs, provenance) and the run's signature for ``--resume``."""
+    inputs, provenance) and the run's signature for ``--resume``: the cache's content id, or the
+    teachers' sha256 when they run online."""
 
     manifest = source.manifest
-    cache_sha = schema.content_id(cache.attrs, source.path.stat().st_size)
-    inputs = {"tasks.yaml": manifest.sha256, "cache": cache_sha}
+    source_inputs, source_meta, source_signature = source.provenance(objective)
+    inputs = {"tasks.yaml": manifest.sha256, **source_inputs}
     if backbone_weights:
         inputs["backbone_weights"] = sha256_file(backbone_weights)
     if cfg.plain_detr:
@@ -197,13 +395,7 @@ def train_setup(cfg: AmalgamateConfig, source: CacheSource, cache, model: nn.Mod
         "weights": {"lambda_seq": cfg.lambda_seq, "lambda_task": cfg.lambda_task, "lambda_d": cfg.lambda_d},
         "sa": config_to_dict(cfg.sa),
         "ta": config_to_dict(cfg.ta),
-        "cache": {
-            "path": str(source.path.resolve()),
-            "content_sha256": cache_sha,
-            "teachers": [{"task": t.get("task"), "checkpoint": t.get("checkpoint"), "sha256": t.get("sha256")}
-                         for t in source.teachers],
-            "layers": objective.layers,
-        },
+        **source_meta,
         "tasks_path": str(manifest.path),
     }
     return TrainSetup(
@@ -211,7 +403,7 @@ def train_setup(cfg: AmalgamateConfig, source: CacheSource, cache, model: nn.Mod
         train=cfg.train,
         checkpoint_base={"kind": kind, "arch": arch, "label_map": source.label_map, "task": None,
                          "config": config_to_dict(cfg), "inputs": inputs, "meta": meta},
-        signature={"method": cfg.method, "cache": cache_sha, "tasks.yaml": manifest.sha256,
+        signature={"method": cfg.method, **source_signature, "tasks.yaml": manifest.sha256,
                    **{f"arch.{k}": v for k, v in arch.items()}},
         extra_modules=[objective.sag_proj] if objective.sag_proj is not None else [],
         log_name=f"amalgamate {cfg.method}",
@@ -223,7 +415,7 @@ def train_setup(cfg: AmalgamateConfig, source: CacheSource, cache, model: nn.Mod
 
 
 def amalgamate(
-    cache_path: str | Path,
+    cache_path: str | Path | None,
     tasks_path: str | Path | None,
     cfg: AmalgamateConfig | None = None,
     out_dir: str | Path = "runs/student",
@@ -231,40 +423,46 @@ def amalgamate(
     backbone_weights: str | Path | None = None,
     device: str | None = None,
     *,
+    teachers: Sequence[str | Path] | None = None,
     config: str | Path | Mapping | None = None,
     overrides: Mapping[str, Any] | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train a student from the teacher cache; writes ``out_dir/{best,last}.pt``, ``metrics.jsonl``
-    and ``config.yaml``.
+    """Train a student from the teacher cache, or with the teachers run in the training loop;
+    writes ``out_dir/{best,last}.pt``, ``metrics.jsonl`` and ``config.yaml``.
 
     Args:
-        cache_path: ``cache.h5`` written by ``cache-teachers``.
-        tasks_path: the tasks.yaml the cache must come from; None: the one the cache names.
+        cache_path: ``cache.h5`` written by ``cache-teachers``; None with ``teachers``.
+        tasks_path: the tasks.yaml the cache must come from (None: the one the cache names), or
+            the one whose tasks the ``teachers`` detect (required with them).
         cfg: a ready configuration; None: :func:`load_amalgamate_config` of ``config`` over the
             teachers' settings, with ``overrides``.
         out_dir: the run folder.
         resume: continue the run in ``out_dir`` from its ``last.pt``.
         backbone_weights: a ResNet state_dict file for the student's backbone.
         device: ``auto``, ``cpu`` or ``cuda`` (overrides ``train.device``).
+        teachers: one teacher checkpoint (or run folder) per task of ``tasks_path``, in its order,
+            to run online instead of reading a cache (exclusive with ``cache_path``).
         force: start over in a non-empty run folder.
 
     Returns:
         The trainer's summary ``{"best", "last", "train_seconds"}`` plus ``"method"`` and ``"out"``.
 
     Raises:
-        KacliError: a cache from another manifest, a configuration with nothing to learn, a student
-        whose d_model or enc_layers differs from the teachers', compression with one teacher.
+        KacliError: both or neither of ``cache_path`` and ``teachers``; ``teachers`` without
+        ``tasks_path``; a cache from another manifest or teachers that do not fit it (count,
+        order, label maps); a configuration with nothing to learn; a student whose d_model or
+        enc_layers differs from the teachers'; compression with one teacher. Nothing is written then.
     """
 
-    source = open_cache(cache_path, tasks_path)
+    source = open_source(cache_path, teachers, tasks_path)
     cfg = resolve_config(source, cfg, config, overrides, device)
     torch.manual_seed(cfg.train.seed)
     model = build_student(cfg, len(source.label_map["ids"]), source.num_teachers)
     needs = AmalgamationObjective.needs(cfg, source.layers)
-    cache = TeacherCache(source.path, layers=needs.layers, tasks=source.manifest.path,
-                         dequantize=False)  # int8 travels as int8
+    objective = build_objective(cfg, source, needs)
+    train_set, collate_fn = source.training_data(objective, cfg)
 
     out = Path(out_dir)
     run_dir = RunDir(out, resume, force)  # checks only: out is replaced at the new run's first checkpoint
@@ -272,13 +470,13 @@ def amalgamate(
         rep = load_backbone_weights(model.backbone, backbone_weights)
         log(f"backbone weights from {backbone_weights}: loaded {rep['loaded']} tensors")
     dist = init_distributed(cfg.train.device)
+    if objective.teachers is not None:
+        objective.teachers.to(dist.device)
 
-    objective = build_objective(cfg, source, cache, needs)
-    train_set, collate_fn = training_data(objective, cache)
     evaluate = None
     if "val" in source.manifest.splits and cfg.train.eval_every > 0:
         evaluate = make_validator(source.manifest, source.label_map, cfg.aug, dist.device, cfg.train.batch_size)
-    setup = train_setup(cfg, source, cache, model, objective, out, run_dir, backbone_weights)
+    setup = train_setup(cfg, source, model, objective, out, run_dir, backbone_weights)
     result = Trainer(model, objective, train_set, collate_fn, setup, dist, evaluate=evaluate).fit(resume=resume)
     result.update(method=cfg.method, out=str(out))
     return result
@@ -287,12 +485,16 @@ def amalgamate(
 __all__ = [
     "CacheSource",
     "GroundTruthOnly",
+    "Source",
+    "TeacherSource",
     "amalgamate",
     "build_objective",
     "build_student",
     "check_architecture",
     "collate_ground_truth",
     "open_cache",
+    "open_source",
+    "open_teachers",
     "resolve_config",
     "train_setup",
     "training_data",

@@ -300,7 +300,7 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str]) ->
             raise KacliError(f"--compress {cfg.compress} applies to the extended student (--method ka or raw-ext), "
                              f"not --method {cfg.method}")
         if num_teachers < 2:
-            raise KacliError(f"--compress {cfg.compress} needs at least 2 teachers; the cache has {num_teachers}, "
+            raise KacliError(f"--compress {cfg.compress} needs at least 2 teachers, got {num_teachers}, "
                              "so there is nothing to compress")
     if cfg.method == "ka" and cfg.compress == "redundancy" and cfg.compress_guide > 0 and "proj" not in layers:
         raise KacliError("redundancy compression chooses tokens from the teachers' projected sequences, but the "

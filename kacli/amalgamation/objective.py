@@ -9,7 +9,7 @@ Every loss term goes into ``metrics.jsonl`` (the trainer logs every key of the l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from kacli.engine.train import to_device
 from kacli.losses.ground_truth import GroundTruthLoss
 from kacli.losses.sequence import SAGProjection, sa_loss, sag_loss
 from kacli.losses.task import TaskAmalgamationLoss
+
+if TYPE_CHECKING:
+    from kacli.amalgamation.online import OnlineTeachers
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ class AmalgamationObjective(nn.Module):
     ``teacher`` = ``{"seqs" (B,N,L,n,d), "token_mask" (B,n), "logits" [(B,Q_t,C_t+1)],
     "boxes" [(B,Q_t,4)]}`` (``raw``, ``raw-partial`` and ``raw-ext`` ignore ``teacher``; it may
     be None; ``pseudo`` reads its logits and boxes). Targets keep ``complete`` (the classes each
-    image is annotated for) for the ground-truth loss.
+    image is annotated for) for the ground-truth loss. With ``teachers`` (the teachers run
+    online), a batch whose ``teacher`` is None gets it from them, on the training device (under
+    the trainer's autocast), whenever the objective needs it.
 
     Args:
         cfg: the run's configuration.
@@ -95,11 +100,18 @@ class AmalgamationObjective(nn.Module):
         layers: names of the cached layers (``proj``, ``enc1``, …), in the order of ``seqs``' L axis.
         class_index: per teacher, the student class index of each of its classes.
         sag_proj: the SAG projections W_a (``sag`` only); optimise its parameters with the model.
+        teachers: the frozen teachers run on every batch (:class:`~kacli.amalgamation.online.OnlineTeachers`
+            over ``layers``); None: the batches carry the teachers' outputs (the cache).
     """
 
     def __init__(self, cfg: AmalgamateConfig, num_classes: int, num_teachers: int, layers: list[str],
-                 class_index: list[torch.Tensor], sag_proj: SAGProjection | None = None):
+                 class_index: list[torch.Tensor], sag_proj: SAGProjection | None = None,
+                 teachers: OnlineTeachers | None = None):
         super().__init__()
+        if teachers is not None and (len(teachers.models) != num_teachers or teachers.layers != list(layers)):
+            raise ValueError(f"online teachers ({len(teachers.models)}, layers {teachers.layers}) do not match "
+                             f"N={num_teachers}, layers {list(layers)}")
+        self.teachers = teachers
         self.cfg = cfg
         self.method = cfg.method
         self.num_teachers = num_teachers
@@ -155,7 +167,12 @@ class AmalgamationObjective(nn.Module):
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         keep = ("boxes", "labels", "complete")  # complete: the classes the image is annotated for
         targets = to_device([{k: t[k] for k in keep if k in t} for t in targets], device)
-        teacher = to_device(teacher, device) if (teacher is not None and self.needs_teacher) else None
+        if not self.needs_teacher:
+            teacher = None
+        elif teacher is not None:
+            teacher = to_device(teacher, device)
+        elif self.teachers is not None:
+            teacher = self.teachers(images, mask)  # run online: the same dict, already on the device
         teacher = dequantize_teacher(teacher)  # int8 caches: float sequences, made on the device
         bare = model.module if hasattr(model, "module") else model
         compressed = getattr(bare, "compress", "none") != "none"

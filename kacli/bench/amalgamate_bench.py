@@ -5,8 +5,9 @@
    costs what raw DETR costs (plus N − 1 1×1 projections), so that pair measures what the cache
    and the SA/TA losses add; without compression the extended student is compared with
    ``raw-ext`` (the same model on ground truth only).
-2. ``ka`` with the teachers run online (a benchmark-only mode: the N teacher DETRs run on every
-   batch to produce what the cache holds) ÷ ``ka`` from the cache, at N = 2.
+2. ``ka`` with the teachers run online (``kacli amalgamate --teacher ...``: the N teacher DETRs
+   run on every batch to produce what the cache holds, :class:`~kacli.amalgamation.online.OnlineTeachers`)
+   ÷ ``ka`` from the cache, at N = 2.
 3. The decoupled encoder (parts folded into the batch) against the dense masked one
    (concatenated sequence, block-diagonal mask) at N = 2, 4, 8: forward + backward time and
    peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak of the running sum of
@@ -35,7 +36,8 @@ import torch
 
 from kacli.amalgamate import GroundTruthOnly, build_student, collate_ground_truth
 from kacli.amalgamation.config import load_amalgamate_config
-from kacli.amalgamation.objective import AmalgamationObjective, layer_outputs
+from kacli.amalgamation.objective import AmalgamationObjective
+from kacli.amalgamation.online import OnlineTeachers
 from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cache.writer import cache_teachers
 from kacli.config import config_to_dict
@@ -103,7 +105,7 @@ class Variant:
     trainer builds it: ``workers`` processes, pinned memory on CUDA)."""
 
     def __init__(self, name: str, model, objective, dataset, collate_fn, device, workers: int,
-                 prepare: Callable | None = None, batch: int = BATCH):
+                 batch: int = BATCH):
         from torch.utils.data import DataLoader, RandomSampler
 
 
@@ -111,7 +113,6 @@ class Variant:
         self.model = model.to(device).train()
         self.objective = objective
         self.device = device
-        self.prepare = prepare
         extra = [objective.sag_proj] if objective.sag_proj is not None else []
         self.optimizer = torch.optim.AdamW(param_groups(self.model, 1e-4, 1e-5, extra), lr=1e-4, weight_decay=1e-4)
         sampler = RandomSampler(dataset, replacement=True, num_samples=10**6,
@@ -127,8 +128,6 @@ class Variant:
         _sync(self.device)
         t0 = clock()
         batch = next(self.batches)
-        if self.prepare is not None:
-            batch = self.prepare(batch)
         _sync(self.device)
         t1 = clock()
         losses = self.objective(self.model, batch, self.device)
@@ -141,22 +140,6 @@ class Variant:
         _sync(self.device)
         t3 = clock()
         return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "total": t3 - t0}
-
-
-def online_teacher_batch(teachers: list, images: torch.Tensor, mask: torch.Tensor, layers: list[str]) -> dict:
-    """Run the teachers on a batch and arrange their outputs as ``collate_cached``'s ``teacher``
-    (benchmark-only: kacli never trains with online teachers)."""
-
-    seqs, logits, boxes = [], [], []
-    token_mask = None
-    with torch.no_grad():
-        for t in teachers:
-            out = t(images, mask)
-            seqs.append(torch.stack(layer_outputs(out, layers), dim=1))  # (B, L, n, d)
-            logits.append(out["pred_logits"])
-            boxes.append(out["pred_boxes"])
-            token_mask = out["enc_mask"]
-    return {"seqs": torch.stack(seqs, dim=1), "token_mask": token_mask, "logits": logits, "boxes": boxes}
 
 
 def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -217,27 +200,23 @@ def step_benchmark(setup: dict, device: torch.device, rounds: int, steps: int, w
     C = len(cache.label_map["ids"])
     layers = cache.layer_names
     base = {k: setup["preset"][k] for k in ("model", "aug", "train")}
-    teachers = [build_model(load_checkpoint(p)).to(device).eval() for p in setup["teachers"]]
+    teachers = [build_model(load_checkpoint(p)).to(device) for p in setup["teachers"]]
 
-    def online(batch):
-        images, mask, targets, _ = batch
-        images, mask = images.to(device), mask.to(device)
-        return images, mask, targets, online_teacher_batch(teachers, images, mask, layers)
-
-    def variant(name, method, compress, cached, prepare=None):
+    def variant(name, method, compress, cached, online=False):
         cfg = load_amalgamate_config(base, {"method": method, "compress": compress})
         torch.manual_seed(0)
         model = build_student(cfg, C, NUM_TEACHERS)
-        objective = AmalgamationObjective(cfg, C, NUM_TEACHERS, layers, cache.class_index)
+        run = OnlineTeachers(teachers, layers) if online else None  # teacher None in the batch: run them
+        objective = AmalgamationObjective(cfg, C, NUM_TEACHERS, layers, cache.class_index, teachers=run)
         data, collate_fn = (cache, collate_cached) if cached else (gt_only, gt_collate)
-        return Variant(name, model, objective, data, collate_fn, device, workers, prepare, setup["batch"])
+        return Variant(name, model, objective, data, collate_fn, device, workers, batch=setup["batch"])
 
     plans = {
-        "raw": ("raw", "none", False, None),
-        "raw-ext": ("raw-ext", "none", False, None),
-        "ka": ("ka", "none", True, None),
-        "ka-compressed": ("ka", "redundancy", True, None),
-        "ka-online": ("ka", "none", False, online),
+        "raw": ("raw", "none", False),
+        "raw-ext": ("raw-ext", "none", False),
+        "ka": ("ka", "none", True),
+        "ka-compressed": ("ka", "redundancy", True),
+        "ka-online": ("ka", "none", False, True),
     }
     variants = [variant(name, *plans[name]) for name in names]
     return time_variants(variants, rounds, steps, warmup, clock, pairs, max_rounds)
@@ -392,7 +371,7 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
         "raw-ext": f"raw-ext: extended student (N = {NUM_TEACHERS}), ground truth",
         "ka": "ka: extended student, SA + TA + GT from the cache",
         "ka-compressed": "ka --compress redundancy, from the cache",
-        "ka-online": f"ka with the {NUM_TEACHERS} teachers run every step (benchmark-only)",
+        "ka-online": f"ka with the {NUM_TEACHERS} teachers run every step (amalgamate --teacher)",
     }
     for k, v in step.items():
         lines.append(f"| {labels[k]} | {1000 * v['data']:.1f} | {1000 * v['forward']:.1f} | "

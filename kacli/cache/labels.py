@@ -69,3 +69,17 @@ def remap_logits(logits: Tensor, class_map: Sequence[int]) -> Tensor:
     rest = torch.ones(c_t + 1, dtype=torch.bool, device=logits.device)
     rest[idx] = False  # no-object (index c_t) stays in the rest
     return torch.cat([logits[..., idx], logits[..., rest].logsumexp(-1, keepdim=True)], dim=-1)
+
+
+def class_index(label_map: Mapping, teacher_maps: Sequence[Mapping], path: str | Path | None = None) -> list[Tensor]:
+    """Per teacher, ``(C_t,)`` int64: the position in the union ``label_map`` of each of its
+    (task's) classes, matched by category id.
+
+    Raises:
+        KacliError: a teacher's category is not in the union (naming ``path``).
+    """
+    pos = {int(c): k for k, c in enumerate(label_map["ids"])}
+    try:
+        return [torch.tensor([pos[int(c)] for c in lm["ids"]], dtype=torch.int64) for lm in teacher_maps]
+    except KeyError as e:
+        raise KacliError(f"a teacher's category {e} is not in the label map", path) from None

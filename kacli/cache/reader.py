@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kacli.cache import schema
+from kacli.cache.labels import class_index
 from kacli.cache.quant import dequantize as dequantize_int8
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
@@ -121,11 +122,7 @@ class TeacherCache(Dataset):
         self._scale_cols = [cached.index(n) for n in self.layer_names]  # columns of /teachers/<k>/scale
         self.label_map = {"ids": [int(i) for i in a["label_map"]["ids"]], "names": list(a["label_map"]["names"])}
         self.teacher_label_maps = [t["label_map"] for t in a["teachers"]]
-        pos = {c: k for k, c in enumerate(self.label_map["ids"])}
-        try:
-            self.class_index = [torch.tensor([pos[int(c)] for c in lm["ids"]], dtype=torch.int64) for lm in self.teacher_label_maps]
-        except KeyError as e:
-            raise KacliError(f"a teacher's category {e} is not in the cache's label map", self.path) from None
+        self.class_index = class_index(self.label_map, self.teacher_label_maps, self.path)
 
         if split_dataset is None:
             manifest = cache_manifest(a, self.path, tasks)

@@ -1,9 +1,10 @@
-"""``kacli amalgamate``: train the student from the images and the teacher cache."""
+"""``kacli amalgamate``: train the student from the images and the teacher cache, or with the teachers
+run in the training loop."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -20,20 +21,29 @@ def register(app: typer.Typer) -> None:
         "amalgamate",
         epilog=(
             "Example: kacli amalgamate --cache cache.h5 --method ka --compress redundancy --epochs 50 "
-            "--out runs/student"
+            "--out runs/student. Teachers online (no cache): kacli amalgamate --teacher runs/teacher-a "
+            "--teacher runs/teacher-b --tasks tasks/tasks.yaml --epochs 50 --out runs/student"
         ),
     )(amalgamate_cmd)
 
 
 @cli_errors
 def amalgamate_cmd(
-    cache: Path = typer.Option(..., "--cache", metavar="FILE", show_default=False,
-                               help="Teacher cache written by cache-teachers."),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", metavar="FILE", show_default=False,
+        help="Teacher cache written by cache-teachers (or give --teacher to run the teachers online).",
+    ),
+    teacher: Optional[List[Path]] = typer.Option(
+        None, "--teacher", metavar="CKPT_OR_RUN_DIR", show_default=False,
+        help="Teacher checkpoint or run folder, one per task in tasks.yaml's order (repeat; needs --tasks): "
+        "the teachers run in the training loop on fresh views every epoch instead of reading a cache.",
+    ),
     out: Path = typer.Option(..., "--out", metavar="RUN_DIR", show_default=False,
                              help="Run folder (best.pt, last.pt, metrics.jsonl, config.yaml)."),
     tasks: Optional[Path] = typer.Option(
         None, "--tasks", metavar="FILE", show_default=False,
-        help="tasks.yaml; must be the one the cache was made from (default: the one it names).",
+        help="tasks.yaml; must be the one the cache was made from (default: the one it names); "
+        "required with --teacher.",
     ),
     config: Optional[str] = typer.Option(
         None, "--config", metavar="FILE", show_default=False,
@@ -80,7 +90,7 @@ def amalgamate_cmd(
     force: bool = typer.Option(False, "--force", help="Start over in a non-empty run folder (replaced when the new "
                                "run saves its first checkpoint)."),
 ):  # fmt: skip
-    """Train one student from the teacher cache (no teacher runs): SA + TA + ground truth, or a baseline.
+    """Train one student from the teacher cache, or with the teachers run online: SA + TA + ground truth, or a baseline.
 
     The student detects the union of the teachers' categories; its checkpoint evaluates and predicts like any model (kacli eval, kacli predict)."""
     from kacli.amalgamate import amalgamate
@@ -100,7 +110,7 @@ def amalgamate_cmd(
     }
     result = amalgamate(
         cache, tasks, None, out, resume=resume, backbone_weights=backbone_weights, device=device,
-        config=config, overrides=overrides, force=force, log=console.print,
+        teachers=teacher or None, config=config, overrides=overrides, force=force, log=console.print,
     )
     console.print(summary_table(result))
 

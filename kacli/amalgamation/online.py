@@ -1,0 +1,84 @@
+"""The teachers run inside the training loop (``kacli amalgamate --teacher ...``): :class:`OnlineTeachers`.
+
+Instead of reading a cache written by ``cache-teachers``, the objective runs the frozen teacher
+DETRs on each batch the student sees and arranges their outputs exactly as
+:func:`kacli.cache.reader.collate_cached` gives the cached ones, so the same losses apply to both.
+The teachers are never trained: they stay in eval mode (whatever ``.train()`` is called with),
+run without gradients, are in no optimiser and in no checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from kacli.amalgamation.objective import layer_outputs
+from kacli.cache.labels import remap_logits
+
+if TYPE_CHECKING:
+    from kacli.cache.teachers import Teacher
+
+
+class OnlineTeachers(nn.Module):
+    """N frozen teacher DETRs that turn a batch into the ``teacher`` dict of ``collate_cached``.
+
+    Args:
+        models: the teacher DETRs, in the manifest's task order (they share d_model, encoder
+            depth and backbone stride: :func:`kacli.cache.teachers.load_teachers` checks it).
+        layers: the layers to return, in the order of ``seqs``' L axis (``proj``, ``enc1``, …:
+            ``proj`` is the projected backbone sequence, ``encI`` encoder layer I's output).
+        class_maps: per teacher, None, or the teacher class of each of its task's classes
+            (:func:`kacli.cache.labels.match_classes`): its logits are then remapped to the
+            task's classes (:func:`kacli.cache.labels.remap_logits`), as the cache stores them.
+
+    ``forward(images (B,3,H,W), mask (B,H,W) True=pad)`` with H and W multiples of the
+    teachers' stride returns ``{"seqs" (B,N,L,n,d) float32, "token_mask" (B,n) bool True=pad,
+    "logits" [(B,Q_t,C_t+1) float32] * N, "boxes" [(B,Q_t,4) float32] * N}``, ``n = (H/stride)·
+    (W/stride)`` tokens row-major, zeros in ``seqs`` at padding. Under autocast the teachers run
+    in its dtype; the outputs are float32 as the cache reader gives them.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], layers: Sequence[str],
+                 class_maps: Sequence[Sequence[int] | None] | None = None):
+        super().__init__()
+        if not models:
+            raise ValueError("OnlineTeachers needs at least one teacher")
+        self.models = nn.ModuleList(models)
+        self.layers = list(layers)
+        self.class_maps = [None if c is None else list(c) for c in (class_maps or [None] * len(models))]
+        if len(self.class_maps) != len(self.models):
+            raise ValueError(f"{len(self.class_maps)} class maps for {len(self.models)} teachers")
+        self.requires_grad_(False)
+        self.train(False)
+
+    @classmethod
+    def from_teachers(cls, teachers: Sequence[Teacher], layers: Sequence[str]) -> OnlineTeachers:
+        """The models and class maps of :func:`kacli.cache.teachers.load_teachers`' teachers."""
+        return cls([t.model for t in teachers], layers, [t.class_map for t in teachers])
+
+    def train(self, mode: bool = True) -> OnlineTeachers:
+        """Always eval mode: the teachers' dropout and batch statistics stay off."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict:
+        first = next(self.parameters(), None)
+        if first is not None and first.device != images.device:
+            self.to(images.device)
+        seqs, logits, boxes = [], [], []
+        token_mask = None
+        for model, class_map in zip(self.models, self.class_maps):
+            out = model(images, mask)
+            seqs.append(torch.stack([x.float() for x in layer_outputs(out, self.layers)], dim=1))  # (B, L, n, d)
+            lg = out["pred_logits"].float()
+            logits.append(lg if class_map is None else remap_logits(lg, class_map))
+            boxes.append(out["pred_boxes"].float())
+            token_mask = out["enc_mask"]
+        stacked = torch.stack(seqs, dim=1)  # (B, N, L, n, d)
+        stacked = stacked.masked_fill(token_mask[:, None, None, :, None], 0.0)  # zeros at padding, as cached
+        return {"seqs": stacked, "token_mask": token_mask.bool(), "logits": logits, "boxes": boxes}
+
+
+__all__ = ["OnlineTeachers"]
