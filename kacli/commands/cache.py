@@ -45,7 +45,7 @@ def cache_teachers(
     layers: str = typer.Option("all", "--layers", help="Sequences to store: 'all', or e.g. 'proj,1,3' (encoder layers by number)."),
     dtype: str = typer.Option(
         "float16", "--dtype",
-        help="Storage of the sequences: float16, float32, or int8 (a float32 scale per token and layer; about half float16's bytes).",
+        help="Storage of the sequences: float16, float32, or int8 (a float16 scale per token and layer; about half float16's bytes).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", metavar="B", help="Entries per teacher batch."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
