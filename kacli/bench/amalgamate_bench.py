@@ -336,7 +336,7 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
             setup = make_setup(Path(tmp), device)
             _log(f"amalgamate bench: setup {time.perf_counter() - t0:.1f} s")
             step = step_benchmark(setup, device, rounds, steps, warmup, workers, clock, pairs=TINY_PAIRS,
-                                  max_rounds=4 * rounds)  # fmt: skip
+                                  max_rounds=10 * rounds)  # fmt: skip
         _log("step times: " + ", ".join(f"{k} {1000 * v['total']:.1f} ms" for k, v in step.items()))
         r50_res = r50_step_ratio(device, R50["image_size"], R50["batch"], R50["images"], 5, 2, workers, clock,
                                  max_rounds=40)  # fmt: skip
