@@ -372,6 +372,7 @@ def test_every_rank_of_a_later_run_reads_its_share_of_the_one_joined_file(env, d
            "--device", "cpu"]  # fmt: skip
     proc = subprocess.run(TORCHRUN_2 + cmd, env=subprocess_env(), capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert proc.stdout.decode().count("student (ka)") == 1  # one summary table, rank 0's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["read", "student"]  # one run folder
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(row["epoch"], row["steps"]) for row in rows] == [(1, 6)]  # 36 entries / (2 ranks × 3)

@@ -112,7 +112,10 @@ def amalgamate_cmd(
         cache, tasks, None, out, resume=resume, backbone_weights=backbone_weights, device=device,
         teachers=teacher or None, config=config, overrides=overrides, force=force, log=console.print,
     )
-    console.print(summary_table(result))
+    from kacli.progress import is_main_process
+
+    if is_main_process():  # under torchrun, one table (rank 0's, which validated), not one per rank
+        console.print(summary_table(result))
 
 
 def summary_table(result: dict) -> Table:
