@@ -2,69 +2,49 @@
 
 A source is a group of validation images and the categories their annotations are complete for
 (vehicles on one dataset's images, animals on another's). Each source is scored with pycocotools'
-COCOeval restricted to its images (``params.imgIds``) and categories (``params.catIds``); a
+COCOeval on its images and categories alone (:func:`kacli.eval.coco_eval.coco_metrics`); a
 detection of another source's category on its images is neither right nor wrong there, since
 nobody annotated it.
 
 The ``union`` row scores every category on the images of the sources that annotate it, and only
-there: COCOeval evaluates all (category, image) pairs of the union, and the pairs no source
-annotates are dropped before accumulation (pycocotools skips ``evalImgs`` entries that are None,
-as it does for images without ground truth or detections of a category). Each category's AP is
-then the AP over its sources' images; with disjoint sources it is the category's AP in its own
-source's row, and with one source covering every image it is plain COCOeval.
+there: its ground truth and detections keep only the (image, category) pairs some source
+annotates, and COCOeval runs on them (a pair with neither is skipped by pycocotools, as for any
+image without ground truth or detections of a category). Each category's AP is then the AP over
+its sources' images; with disjoint sources it is the category's AP in its own source's row, and
+with one source covering every image it is plain COCOeval.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from pycocotools.cocoeval import COCOeval
-
+from kacli.data.manifest import COMPLETE_KEY
 from kacli.errors import KacliError
-from kacli.eval.coco_eval import (
-    SUMMARY_KEYS,
-    _coco_from_dict,
-    _detections,
-    _ground_truth,
-    _mean_valid,
-    _none_if_missing,
-    _quiet,
-)
+from kacli.eval.coco_eval import SUMMARY_KEYS, coco_metrics
 
 UNION = "union"
 
 
-def _evaluate(coco_gt, coco_dt, image_ids: list[int], cat_ids: list[int], names: dict,
-              pairs: set[tuple[int, int]] | None = None) -> dict:
-    """COCOeval over ``image_ids`` × ``cat_ids``; with ``pairs``, only the (image, category) pairs in it."""
-    result: dict = {key: None for key in SUMMARY_KEYS}
-    result["per_category"] = {c: {"name": names[c], "AP": None, "AP50": None} for c in cat_ids}
-    result["images"] = len(image_ids)
-    result["categories"] = list(cat_ids)
-    if not image_ids or not cat_ids:
-        return result
-    ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
-    ev.params.imgIds = list(image_ids)
-    ev.params.catIds = list(cat_ids)
-    with _quiet():
-        ev.evaluate()
-        if pairs is not None:
-            # evalImgs is laid out category-major, then area range, then image (COCOeval.evaluate)
-            p = ev.params
-            n_img, n_area = len(p.imgIds), len(p.areaRng)
-            for k, cid in enumerate(p.catIds):
-                for i, iid in enumerate(p.imgIds):
-                    if (iid, cid) not in pairs:
-                        for a in range(n_area):
-                            ev.evalImgs[(k * n_area + a) * n_img + i] = None
-        ev.accumulate()
-        ev.summarize()
-    for i, key in enumerate(SUMMARY_KEYS):
-        result[key] = _none_if_missing(ev.stats[i])
-    precision = ev.eval["precision"]  # (IoU, recall, category, area, maxDets); IoU 0 = .50
-    for k, cid in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        result["per_category"][cid] = {"name": names[cid], "AP": _mean_valid(p), "AP50": _mean_valid(p[0])}
+def _restricted(gt: Mapping, detections: list[Mapping], images: list[int], cats: list[int], names: dict,
+                keep=None) -> dict:
+    """:func:`coco_metrics` over ``images`` × ``cats`` (ground truth and detections on other images
+    dropped; ``keep(image_id, category_id)`` drops more), as a source's row: ``per_task`` replaced
+    by ``categories``, the ids scored."""
+    if not images or not cats:
+        result: dict = {key: None for key in SUMMARY_KEYS}
+        result["per_category"] = {c: {"name": names[c], "AP": None, "AP50": None} for c in cats}
+        result["images"] = len(images)
+    else:
+        on = set(images)
+
+        def kept(a) -> bool:
+            return a["image_id"] in on and (keep is None or keep(a["image_id"], a["category_id"]))
+
+        sub = {"images": [im for im in gt["images"] if im["id"] in on],
+               "annotations": [a for a in gt["annotations"] if kept(a)], "categories": gt["categories"]}
+        result = coco_metrics(sub, [d for d in detections if kept(d)], category_ids=cats)
+        result.pop("per_task")
+    result["categories"] = list(cats)
     return result
 
 
@@ -72,7 +52,7 @@ def sources_of(gt: Mapping) -> dict[str, tuple[list[int], list[int]]] | None:
     """``{source: (image ids, complete category ids)}`` of a split written by ``merge-tasks`` (its
     images carry ``source``, the file ``complete_category_ids``); None for a single-dataset split,
     where every image is annotated for every category."""
-    complete = gt.get("complete_category_ids")
+    complete = gt.get(COMPLETE_KEY)
     if not isinstance(complete, Mapping):
         return None
     images: dict[str, list[int]] = {str(name): [] for name in complete}
@@ -104,11 +84,14 @@ def source_metrics(
     Raises:
         KacliError: a source names an image or a category that is not in ``gt``, or is called "union".
     """
-    gt_d = _ground_truth(gt)
-    names = {c["id"]: c.get("name", str(c["id"])) for c in gt_d["categories"]}
-    known_images = {im["id"] for im in gt_d["images"]}
-    coco_gt = _coco_from_dict(gt_d)
-    coco_dt = _coco_from_dict(_detections(gt_d, detections))
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise KacliError(f"ground truth is not a COCO dict: no {key!r} list")
+    names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
+    known_images = {im["id"] for im in gt["images"]}
+    for d in detections:
+        if d["image_id"] not in known_images:
+            raise KacliError(f"detection for image id {d['image_id']!r}, which is not in the ground truth")
     groups: dict[str, tuple[list[int], list[int]]] = {}
     for name, (image_ids, cat_ids) in sources.items():
         if name == UNION:
@@ -121,10 +104,10 @@ def source_metrics(
         if unknown:
             raise KacliError(f"source {name!r}: category id {unknown[0]!r} is not in the ground truth")
         groups[name] = (images, cats)
-    out = {name: _evaluate(coco_gt, coco_dt, images, cats, names) for name, (images, cats) in groups.items()}
+    out = {name: _restricted(gt, detections, images, cats, names) for name, (images, cats) in groups.items()}
     pairs = {(i, c) for images, cats in groups.values() for i in images for c in cats}
     all_images = sorted({i for i, _ in pairs})
     all_cats = sorted({c for _, c in pairs})
-    out[UNION] = _evaluate(coco_gt, coco_dt, all_images, all_cats, names, pairs)
+    out[UNION] = _restricted(gt, detections, all_images, all_cats, names, keep=lambda i, c: (i, c) in pairs)
     return out
 
