@@ -11,6 +11,7 @@ from pycocotools.cocoeval import COCOeval
 
 from kacli.errors import KacliError
 from kacli.eval.by_source import source_metrics
+from kacli.eval.evaluate import evaluate_detections
 from kacli.eval.coco_eval import SUMMARY_KEYS
 
 # Images 1, 2 come from a vehicle dataset (car 1, bus 2), images 3, 4 from an animal one (dog 3);
@@ -97,3 +98,18 @@ def test_bad_sources_are_named():
         source_metrics(GT, DETS, {"union": ([1], [1])})
     empty = source_metrics(GT, DETS, {"none": ([], [1])})
     assert empty["none"]["AP"] is None and empty["union"]["images"] == 0
+
+
+def test_per_task_on_a_merged_split_only_for_the_sources_the_model_covers():
+    """A vehicles-only model on a merged split whose animal source also labels cars: the animals'
+    row is scored on cars alone (per_source), but it is not the animals task's AP (per_task)."""
+    merged = {**GT, "images": [{**im, "source": "vehicles" if im["id"] <= 2 else "animals"} for im in GT["images"]],
+              "complete_category_ids": {name: cats for name, (_, cats) in SOURCES.items()}}
+    tasks = {"vehicles": [1, 2], "animals": [3, 1]}
+    vehicles_only = [d for d in DETS if d["category_id"] in (1, 2)]
+    got = evaluate_detections(merged, vehicles_only, [1, 2], tasks)
+    assert list(got["per_task"]) == ["vehicles"]
+    assert set(got["per_source"]) == {"vehicles", "animals", "union"}
+    assert got["per_task"]["vehicles"]["AP"] == pytest.approx(source_metrics(GT, DETS, {"v": SOURCES["vehicles"]})["v"]["AP"])
+    everything = evaluate_detections(merged, DETS, [1, 2, 3], tasks)
+    assert list(everything["per_task"]) == ["vehicles", "animals"]

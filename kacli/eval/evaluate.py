@@ -96,8 +96,9 @@ def evaluate_detections(
     source's categories) a detection of a category nobody annotated on that image is neither right
     nor wrong, so the metrics are :func:`~kacli.eval.by_source.source_metrics`': ``AP``… and
     ``per_category`` are the union's (every category scored on the images annotated for it),
-    ``per_task`` each task's source (its images, its categories) and ``per_source`` every source's
-    metrics and the union's."""
+    ``per_task`` each task's source (its images, its categories) for the sources whose categories
+    the model covers, and ``per_source`` every source's metrics (over the categories the model has)
+    and the union's."""
     covered = set(category_ids)
     sources = sources_of(gt)
     if sources is None:
@@ -111,7 +112,8 @@ def evaluate_detections(
     union = per_source[UNION]
     result = {k: v for k, v in union.items() if k not in ("categories",)}
     result["per_task"] = {name: {k: m[k] for k in ("AP", "AP50", "AP75")}
-                          for name, m in per_source.items() if name != UNION and name in tasks}
+                          for name, m in per_source.items()
+                          if name != UNION and name in tasks and set(sources[name][1]) <= covered}
     result["per_source"] = {name: {k: m[k] for k in ("AP", "AP50", "AP75", "images")} for name, m in per_source.items()}
     return result
 
