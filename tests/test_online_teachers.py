@@ -205,3 +205,21 @@ def test_library_refuses_both_and_neither_sources(env, tmp_path):
     with pytest.raises(KacliError, match="--teacher"):
         amalgamate(None, env["manifest"].path, None, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("overrides, teacher", [
+    ({"method": "raw-ext", "gt_loss": "pseudo-gt", "lambda_d": 0.0}, True),  # raw-ext's GT loss has weight 1 anyway
+    ({"method": "raw-ext"}, False),
+    ({"sa.enabled": False, "ta.enabled": False, "gt_loss": "pseudo-gt"}, True),
+    ({"sa.enabled": False, "ta.enabled": False, "compress": "redundancy", "compress_guide": 0.0}, False),
+])
+def test_what_a_method_needs_is_what_its_objective_reads(env, overrides, teacher):
+    """needs() (what the cache reader or the online teachers provide) and the objective's own
+    needs_teacher agree, so a batch never lacks the teachers' outputs a loss reads."""
+    cache = TeacherCache(env["cache"], layers="all")
+    cfg = load_amalgamate_config(None, overrides, teacher_settings(cache.attrs))
+    needs = AmalgamationObjective.needs(cfg, cache.layer_names)
+    objective = AmalgamationObjective(cfg, len(cache.label_map["ids"]), 2, needs.layers, cache.class_index)
+    assert needs.teacher == objective.needs_teacher == teacher
+    if "compress_guide" in overrides:  # unguided compression reads no proj: a cache without it serves
+        assert AmalgamationObjective.needs(cfg, ["enc1", "enc2"]).layers == ["enc1"]

@@ -33,17 +33,20 @@ class CacheNeeds:
         layers: the cached layers to load, in the order of the batch's ``seqs`` L axis (at least
             one: the reader returns one even when no loss reads it).
         teacher: the batches carry the teachers' outputs; False: images and ground truth only.
-        predictions: a loss reads the teachers' class logits and boxes (TA).
     """
 
     layers: list[str]
     teacher: bool
-    predictions: bool
+
+
+def uses_ground_truth(cfg: AmalgamateConfig) -> bool:
+    """The ground-truth loss is on: DETR's and ``raw-ext``'s only loss (weight 1), else weighted by λ_d."""
+    return cfg.plain_detr or cfg.method == "raw-ext" or cfg.lambda_d > 0
 
 
 def uses_pseudo_labels(cfg: AmalgamateConfig) -> bool:
     """The ground-truth loss adds the teachers' confident predictions as hard labels (``pseudo-gt``)."""
-    return cfg.ground_truth_loss == "pseudo-gt" and (cfg.plain_detr or cfg.lambda_d > 0)
+    return cfg.ground_truth_loss == "pseudo-gt" and uses_ground_truth(cfg)
 
 
 def uses_sequences(cfg: AmalgamateConfig) -> bool:
@@ -60,6 +63,12 @@ def teachers_pick_tokens(cfg: AmalgamateConfig, layers: Sequence[str]) -> bool:
     """``ka``'s redundancy compression chooses the kept tokens from the teachers' projected
     sequences (cached layer ``proj``) during at least part of training."""
     return cfg.method == "ka" and cfg.compress == "redundancy" and "proj" in layers and cfg.compress_guide > 0
+
+
+def needs_teachers(cfg: AmalgamateConfig, layers: Sequence[str]) -> bool:
+    """The batches must carry the teachers' outputs: a loss reads them (SA/SAG, TA, pseudo-labels),
+    or ``ka``'s redundancy compression chooses tokens from the teachers' projected sequences."""
+    return uses_sequences(cfg) or uses_predictions(cfg) or uses_pseudo_labels(cfg) or teachers_pick_tokens(cfg, layers)
 
 
 def layer_outputs(out: dict, layers: list[str]) -> list[torch.Tensor]:
@@ -126,7 +135,7 @@ class AmalgamationObjective(nn.Module):
             beta_giou=ta.beta_giou, threshold=ta.threshold, topk=ta.topk, temperature=ta.temperature,
             noobj_weight=ta.noobj_weight,
         )
-        self.use_gt = cfg.plain_detr or cfg.method == "raw-ext" or cfg.lambda_d > 0
+        self.use_gt = uses_ground_truth(cfg)
         self.use_seq = uses_sequences(cfg)
         self.use_task = uses_predictions(cfg)
         if cfg.method == "sag" and sag_proj is None:
@@ -147,20 +156,17 @@ class AmalgamationObjective(nn.Module):
         tokens (its guide); else the first layer, which no loss reads."""
         if uses_sequences(cfg):
             layers = list(cached)
-        elif cfg.method == "ka" and cfg.compress == "redundancy":
+        elif teachers_pick_tokens(cfg, cached):
             layers = ["proj"]
         else:
             layers = list(cached[:1])
-        predictions = uses_predictions(cfg) or uses_pseudo_labels(cfg)
-        teacher = uses_sequences(cfg) or predictions or teachers_pick_tokens(cfg, layers)
-        return CacheNeeds(layers, teacher, predictions)
+        return CacheNeeds(layers, needs_teachers(cfg, layers))
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether the batch must carry the teachers' outputs (a loss reads them, or ``ka``'s
-        redundancy compression chooses tokens from the teachers' projected sequences)."""
-        return (self.use_seq or self.use_task or (self.use_gt and self.criterion.needs_teacher)
-                or teachers_pick_tokens(self.cfg, self.layers))
+        """Whether the batch must carry the teachers' outputs: :func:`needs_teachers` of this
+        objective's configuration and layers (the answer :meth:`needs` gave)."""
+        return needs_teachers(self.cfg, self.layers)
 
     def forward(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
         images, mask, targets, teacher = batch
@@ -228,5 +234,5 @@ class AmalgamationObjective(nn.Module):
                        index=out.get("part_idx"), reduction=self.cfg.sa.reduction, stats=self.cfg.sa.stats)
 
 
-__all__ = ["AmalgamationObjective", "CacheNeeds", "layer_outputs", "teachers_pick_tokens", "uses_predictions",
+__all__ = ["AmalgamationObjective", "CacheNeeds", "layer_outputs", "needs_teachers", "teachers_pick_tokens", "uses_ground_truth", "uses_predictions",
            "uses_pseudo_labels", "uses_sequences"]
