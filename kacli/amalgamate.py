@@ -470,8 +470,6 @@ def amalgamate(
         rep = load_backbone_weights(model.backbone, backbone_weights)
         log(f"backbone weights from {backbone_weights}: loaded {rep['loaded']} tensors")
     dist = init_distributed(cfg.train.device)
-    if objective.teachers is not None:
-        objective.teachers.to(dist.device)
 
     evaluate = None
     if "val" in source.manifest.splits and cfg.train.eval_every > 0:

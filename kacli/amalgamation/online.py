@@ -47,9 +47,13 @@ class OnlineTeachers(nn.Module):
             raise ValueError("OnlineTeachers needs at least one teacher")
         self.models = nn.ModuleList(models)
         self.layers = list(layers)
-        self.class_maps = [None if c is None else list(c) for c in (class_maps or [None] * len(models))]
-        if len(self.class_maps) != len(self.models):
-            raise ValueError(f"{len(self.class_maps)} class maps for {len(self.models)} teachers")
+        maps = list(class_maps or [None] * len(models))
+        if len(maps) != len(self.models):
+            raise ValueError(f"{len(maps)} class maps for {len(self.models)} teachers")
+        # index tensors made once, moved with the module: no host-to-device copy per step
+        for k, c in enumerate(maps):
+            if c is not None:
+                self.register_buffer(f"class_map_{k}", torch.as_tensor(list(c), dtype=torch.long), persistent=False)
         self.requires_grad_(False)
         self.train(False)
 
@@ -67,18 +71,22 @@ class OnlineTeachers(nn.Module):
         first = next(self.parameters(), None)
         if first is not None and first.device != images.device:
             self.to(images.device)
-        seqs, logits, boxes = [], [], []
+        seqs = None  # (B, N, L, n, d) float32, filled in place
+        logits, boxes = [], []
         token_mask = None
-        for model, class_map in zip(self.models, self.class_maps):
+        for k, model in enumerate(self.models):
             out = model(images, mask)
-            seqs.append(torch.stack([x.float() for x in layer_outputs(out, self.layers)], dim=1))  # (B, L, n, d)
+            for j, x in enumerate(layer_outputs(out, self.layers)):
+                if seqs is None:
+                    seqs = x.new_zeros((x.shape[0], len(self.models), len(self.layers), *x.shape[1:]), dtype=torch.float32)
+                seqs[:, k, j] = x
             lg = out["pred_logits"].float()
+            class_map = getattr(self, f"class_map_{k}", None)
             logits.append(lg if class_map is None else remap_logits(lg, class_map))
             boxes.append(out["pred_boxes"].float())
             token_mask = out["enc_mask"]
-        stacked = torch.stack(seqs, dim=1)  # (B, N, L, n, d)
-        stacked = stacked.masked_fill(token_mask[:, None, None, :, None], 0.0)  # zeros at padding, as cached
-        return {"seqs": stacked, "token_mask": token_mask.bool(), "logits": logits, "boxes": boxes}
+        seqs.masked_fill_(token_mask[:, None, None, :, None], 0.0)  # zeros at padding, as cached
+        return {"seqs": seqs, "token_mask": token_mask.bool(), "logits": logits, "boxes": boxes}
 
 
 __all__ = ["OnlineTeachers"]

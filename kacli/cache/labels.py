@@ -57,7 +57,8 @@ def remap_logits(logits: Tensor, class_map: Sequence[int]) -> Tensor:
 
     Args:
         logits: ``(..., C_t + 1)``, the teacher's classes then no-object.
-        class_map: ``(C,)`` distinct teacher class indices, one per task class.
+        class_map: ``(C,)`` distinct teacher class indices, one per task class (a sequence, or an
+            int64 tensor, best on ``logits``' device: then nothing is copied from the host).
 
     Returns:
         ``(..., C + 1)``: ``out[..., k] = logits[..., class_map[k]]`` and ``out[..., C] =
@@ -65,7 +66,7 @@ def remap_logits(logits: Tensor, class_map: Sequence[int]) -> Tensor:
         the teacher's probability of task class k and ``softmax(out)[C]`` the sum of the rest.
     """
     c_t = logits.shape[-1] - 1
-    idx = torch.as_tensor(list(class_map), dtype=torch.long, device=logits.device)
+    idx = (class_map if isinstance(class_map, Tensor) else torch.as_tensor(list(class_map), dtype=torch.long)).to(logits.device)
     rest = torch.ones(c_t + 1, dtype=torch.bool, device=logits.device)
     rest[idx] = False  # no-object (index c_t) stays in the rest
     return torch.cat([logits[..., idx], logits[..., rest].logsumexp(-1, keepdim=True)], dim=-1)
