@@ -327,3 +327,28 @@ def test_a_torn_last_line_of_metrics_jsonl_is_left_out_and_resume_drops_it(tmp_p
     with pytest.raises(KacliError, match="malformed JSON on line 1") as e:
         read_jsonl(log)
     assert e.value.path == str(log)
+
+
+def test_ema_averages_float_tensors_and_copies_integer_buffers():
+    """BatchNorm's running statistics are averaged like weights; its num_batches_tracked (int64)
+    follows the model."""
+    from kacli.engine.ema import WeightEMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = WeightEMA(net, 0.5)
+    states = []
+    for _ in range(3):
+        net(torch.randn(8, 3))  # train mode: running stats and num_batches_tracked move
+        with torch.no_grad():
+            net[0].weight.add_(0.1)
+        states.append({k: v.clone() for k, v in net.state_dict().items()})
+        ema.update(net)
+    want = dict(states[0])  # the first update copies
+    for n, w in enumerate(states[1:], start=1):
+        d = min(0.5, (1 + n) / (10 + n))
+        want = {k: (d * want[k] + (1 - d) * w[k]) if w[k].is_floating_point() else w[k] for k in w}
+    got = ema.module.state_dict()
+    assert got["1.num_batches_tracked"].dtype == torch.int64 and int(got["1.num_batches_tracked"]) == 3
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)

@@ -36,28 +36,25 @@ def warmed_decay(decay: float, averaged: int) -> float:
     return min(decay, (1.0 + averaged) / (10.0 + averaged))
 
 
-def _ema_update(decay: float):
-    """AveragedModel's ``multi_avg_fn``: ``avg ← d · avg + (1 − d) · current`` in place, ``d`` warmed."""
-
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
-        d = warmed_decay(decay, int(num_averaged))
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
-        for a, c in zip(averaged, current):
-            if not a.is_floating_point():
-                a.copy_(c)  # integer buffers (BatchNorm's num_batches_tracked) follow the model
-
-    return update
-
-
 class WeightEMA:
     """The moving average of ``model``'s parameters and buffers (a copy on the same device)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = check_decay(decay)
-        self.averaged = AveragedModel(model, multi_avg_fn=_ema_update(self.decay), use_buffers=True)
+        self._d = self.decay  # the warmed decay of the coming update, set by update()
+        self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=True)
         self.averaged.requires_grad_(False)
+
+    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        """AveragedModel's ``multi_avg_fn``, called once per (device, dtype) group of tensors:
+        ``avg ← d · avg + (1 − d) · current`` in place; integer buffers (BatchNorm's
+        ``num_batches_tracked``) follow the model. ``num_averaged`` is a copy of the count on the
+        tensors' device, not read here (reading it would wait for the device): ``d`` was computed
+        from the count on the host."""
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - self._d)
+        else:
+            torch._foreach_copy_(averaged, current)
 
     @property
     def module(self) -> nn.Module:
@@ -67,6 +64,7 @@ class WeightEMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold the current weights of ``model`` (the bare model, not a DDP wrapper) into the average."""
+        self._d = warmed_decay(self.decay, int(self.averaged.n_averaged))  # the count lives on the host
         self.averaged.update_parameters(model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
