@@ -213,10 +213,12 @@ def test_bad_merges_are_one_line_errors_and_write_nothing(sources, cli, tmp_path
         (merge_args(yolo, coco, out, "--task", f"none={empty}"), ["e.json", "task 'none' is empty"]),
         (merge_args(yolo, coco, out, "--rename", "dog=person"), [str(coco), "'Person' and 'dog'", "one name 'person'"]),
         (["merge-tasks", "--teacher-only", f"coco={ckpt}", "--out", out], ["coco.pt", "every task is teacher-only"]),
+        (["merge-tasks", "--task", f"union={coco}", "--out", out], [str(coco), "'union'", "row of all sources"]),
     ]
+    before = sorted(tmp_path.iterdir())
     for args, needles in cases:
         assert_one_line_error(cli(*args), *needles)
-        assert not out.exists()
+        assert sorted(tmp_path.iterdir()) == before  # no output, no temporary folder beside it
 
 
 def test_train_teacher_refuses_a_teacher_only_task(sources, cli, tmp_path):

@@ -36,6 +36,8 @@ FORMAT_MERGED = "kacli-tasks/2"
 FORMATS = (FORMAT, FORMAT_MERGED)
 #: Top-level key of a merged split json: ``{source name: [category ids its images are complete for]}``.
 COMPLETE_KEY = "complete_category_ids"
+#: The name evaluation gives the row of all sources together; no task of a merged manifest may take it.
+UNION = "union"
 MANIFEST_NAME = "tasks.yaml"
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from kacli.data.coco import count_summary
-from kacli.data.manifest import COMPLETE_KEY, FORMAT_MERGED, MANIFEST_NAME, validate_manifest
+from kacli.data.manifest import COMPLETE_KEY, FORMAT_MERGED, MANIFEST_NAME, UNION, validate_manifest
 from kacli.data.names import name_key, rename_keys, renamed
 from kacli.data.readers import read_source
 from kacli.data.schemes import RESERVED, TASK_NAME
@@ -169,8 +169,9 @@ def _check_names(tasks: list[TaskSource]) -> None:
     if not tasks:
         raise KacliError("no tasks: give --task NAME=SOURCE (and --teacher-only NAME=CHECKPOINT)")
     for t in tasks:
-        if not TASK_NAME.match(t.name) or t.name in RESERVED:
-            raise KacliError(f"task name {t.name!r} must be letters, digits, '_', '.', '-' and not 'all'", t.where)
+        if not TASK_NAME.match(t.name) or t.name in RESERVED or t.name == UNION:
+            raise KacliError(f"task name {t.name!r} must be letters, digits, '_', '.', '-' and not 'all' or "
+                             f"{UNION!r} (evaluation's row of all sources)", t.where)
     if all(t.teacher is not None for t in tasks):
         raise KacliError("every task is teacher-only: at least one task needs images (--task NAME=SOURCE)", tasks[0].teacher)
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from kacli.data.manifest import COMPLETE_KEY
+from kacli.data.manifest import COMPLETE_KEY, UNION
 from kacli.errors import KacliError
 from kacli.eval.coco_eval import SUMMARY_KEYS, coco_metrics
 
-UNION = "union"
 
 
 def _restricted(gt: Mapping, detections: list[Mapping], images: list[int], cats: list[int], names: dict,
