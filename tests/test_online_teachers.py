@@ -167,20 +167,28 @@ def test_cli_trains_with_online_teachers_and_records_them(cli, env, tmp_path):
     student = build_model(ck)
     assert set(ck["model"]) == set(student.state_dict()) and ck.get("extra_modules") == []
     assert ck["label_map"] == env["manifest"].student_label_map()
-    # --resume refuses other teachers, continues with the same ones
+    # --resume refuses other teachers (the run's files untouched), continues with the same ones
+    def files():
+        return {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = files()
     r = cli(*_cli_args(env, run, *env["wide"], extra=["--resume", "--epochs", 2]))
     assert_one_line_error(r, "another run", "teachers")
+    assert files() == before
     r = cli(*_cli_args(env, run, *env["teachers"], extra=["--resume", "--epochs", 2]))
     assert r.exit_code == 0, r.stderr
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     # nor does a run from the cache resume it
+    before = files()
     r = cli("amalgamate", "--cache", env["cache"], "--out", run, "--resume", "--epochs", 3, "--device", "cpu")
     assert_one_line_error(r, "another run")
+    assert files() == before
 
 
 def test_cli_bad_teacher_input_is_one_line_and_writes_nothing(cli, env, tmp_path):
     out = tmp_path / "never"
     t1, t2 = env["teachers"]
+    listed = sorted(tmp_path.iterdir())
     r = cli("amalgamate", "--cache", env["cache"], "--teacher", t1, "--teacher", t2, "--out", out)
     assert_one_line_error(r, "--cache", "--teacher", "not both")
     r = cli("amalgamate", "--out", out)
@@ -194,7 +202,7 @@ def test_cli_bad_teacher_input_is_one_line_and_writes_nothing(cli, env, tmp_path
     odd = _teacher(tmp_path / "odd.pt", {"ids": [998], "names": ["griffin"]}, 3)
     r = cli(*_cli_args(env, out, t1, odd))
     assert_one_line_error(r, "odd.pt", "label map is not task")
-    assert not out.exists()
+    assert sorted(tmp_path.iterdir()) == [*listed, tmp_path / "odd.pt"]  # no run folder, no temporary one
 
 
 def test_library_refuses_both_and_neither_sources(env, tmp_path):
