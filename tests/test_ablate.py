@@ -111,4 +111,4 @@ def test_ablate_refuses_a_cross_dataset_demo_folder(tmp_path):
     (demo / "cache.h5").write_bytes(b"")
     with pytest.raises(KacliError, match="cross-dataset demo"):
         run_ablation(tmp_path / "ablation", demos=[demo])
-    assert not (tmp_path / "ablation").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no ablation folder, no temporary one

@@ -173,10 +173,11 @@ def test_eval_on_a_merged_split_scores_each_source_and_the_union(merged, tmp_pat
 def test_bad_ground_truth_options_are_one_line_errors_and_write_nothing(merged, cli, tmp_path):
     run = tmp_path / "run"
     base = ["amalgamate", "--cache", merged["cache"], "--out", run, "--epochs", "1", "--device", "cpu"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pseudo_threshold: 1.5\n")
+    listed = sorted(tmp_path.iterdir())
     assert_one_line_error(cli(*base, "--method", "raw", "--gt-loss", "mask"),
                           "--method raw is DETR with the ground-truth loss 'none'")
     assert_one_line_error(cli(*base, "--gt-loss", "soft"), "gt_loss")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("pseudo_threshold: 1.5\n")
     assert_one_line_error(cli(*base, "--config", bad), "pseudo_threshold", "[0, 1]")
-    assert not run.exists()
+    assert sorted(tmp_path.iterdir()) == listed  # no run folder, no temporary one
