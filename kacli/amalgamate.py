@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -61,9 +61,9 @@ from kacli.models.student import Student
 
 
 def check_architecture(model_cfg: ModelConfig, d_model: int, enc_layers: int, stride: int | None,
-                       student_stride: int, where=None, teachers: str = "cached teachers") -> None:
+                       student_stride: int, where: Path, teachers: str) -> None:
     """The student's width and encoder depth (and token grid) must be the teachers' (``teachers``:
-    how the messages name them)."""
+    how the messages name them, e.g. "cached teachers"; ``where``: the file they name)."""
     if model_cfg.d_model != d_model:
         raise KacliError(f"student d_model {model_cfg.d_model} differs from the {teachers}' {d_model}", where)
     if model_cfg.enc_layers != enc_layers:
@@ -76,40 +76,6 @@ def check_architecture(model_cfg: ModelConfig, d_model: int, enc_layers: int, st
 
 
 # -- the sources of the teachers' outputs ------------------------------------------------------------
-
-
-class Source(Protocol):
-    """Where the teachers' outputs come from, and what the steps need to know about them.
-
-    Attributes: ``manifest``; ``label_map`` (the union ``{ids, names}``: the student's classes);
-    ``num_teachers`` (N); ``layers`` (the layers the teachers give: ``proj``, ``enc1``, …);
-    ``d_model``, ``enc_layers``, ``stride`` (the teachers'); ``where`` (the file errors name);
-    ``noun`` (how errors name the teachers); ``teacher_label_maps`` (per teacher, its task's
-    ``{ids, names}``).
-    """
-
-    manifest: TaskManifest
-
-    @property
-    def label_map(self) -> dict: ...
-
-    @property
-    def num_teachers(self) -> int: ...
-
-    @property
-    def layers(self) -> list[str]: ...
-
-    def settings(self) -> dict:
-        """``{"model", "aug", "train"}`` of the teachers: what the configuration starts from."""
-
-    def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig) -> tuple[torch.utils.data.Dataset, Callable]:
-        """The training set and its collate function (batches ``(images, mask, targets, teacher)``)."""
-
-    def online_teachers(self, needs: CacheNeeds) -> OnlineTeachers | None:
-        """The teachers the objective runs on every batch; None: the batches carry their outputs."""
-
-    def provenance(self, objective: AmalgamationObjective) -> tuple[dict, dict, dict]:
-        """``(inputs, meta, signature)`` entries of the checkpoint for this source."""
 
 
 @dataclass
@@ -164,10 +130,14 @@ class CacheSource:
         return teacher_settings(self.attrs)
 
     def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig):
-        """The cache read with the objective's layers (int8 travels as int8), with the teachers'
-        outputs when the objective reads them, else its images and ground truth alone."""
-        cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, dequantize=False)
-        return training_data(objective, cache)
+        """The training set and its collate function: the cache read with the objective's layers
+        (int8 travels as int8) when the objective reads the teachers' outputs, else the cache's
+        entries as images and ground truth alone (the same views; the outputs are never loaded)."""
+        if objective.needs_teacher:
+            cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, dequantize=False)
+            return cache, collate_cached
+        cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, in_memory=False)
+        return cache.dataset, functools.partial(collate_ground_truth, stride=cache.stride)
 
     def online_teachers(self, needs: CacheNeeds) -> None:
         return None
@@ -205,7 +175,7 @@ class TeacherSource:
     @property
     def layers(self) -> list[str]:
         """Every layer the teachers give: ``proj``, ``enc1``, …, ``encL``."""
-        return ["proj", *(f"enc{i}" for i in range(1, self.enc_layers + 1))]
+        return schema.layer_names("all", self.enc_layers)
 
     @property
     def label_map(self) -> dict:
@@ -262,6 +232,13 @@ class TeacherSource:
         described = [{"task": t.task, "checkpoint": str(t.path), "sha256": t.sha256} for t in self.teachers]
         meta = {"teacher_source": "online", "online": {"teachers": described, "layers": objective.layers}}
         return {"teachers": self.sha256()}, meta, {"teachers": self.sha256()}
+
+
+#: Where the teachers' outputs come from: both give ``manifest``, ``label_map`` (the union: the
+#: student's classes), ``num_teachers``, ``layers``, ``d_model``, ``enc_layers``, ``stride``,
+#: ``where`` and ``noun`` (the file and the words errors name), ``teacher_label_maps``,
+#: ``settings()``, ``training_data()``, ``online_teachers()`` and ``provenance()``.
+Source = CacheSource | TeacherSource
 
 
 # -- the steps ---------------------------------------------------------------------------------------
@@ -342,34 +319,11 @@ def build_objective(cfg: AmalgamateConfig, source: Source, needs: CacheNeeds) ->
                                  teachers=source.online_teachers(needs))
 
 
-class GroundTruthOnly(torch.utils.data.Dataset):
-    """The images and targets of a :class:`~kacli.cache.reader.TeacherCache` without reading the
-    teachers' outputs (``raw``, ``raw-ext``): the same entries, views and labels."""
-
-    def __init__(self, cache):
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, e: int):
-        return self.cache.dataset[e]
-
-
 def collate_ground_truth(batch, stride: int):
     """``collate`` padded to a multiple of ``stride`` (as ``collate_cached`` pads), teacher None."""
 
     images, mask, targets = collate(batch, size_divisibility=stride)
     return images, mask, targets, None
-
-
-def training_data(objective: AmalgamationObjective, cache) -> tuple[torch.utils.data.Dataset, Callable]:
-    """The training set of a cache and its collate function: the cache with the teachers' outputs
-    when the objective reads them, else its images and ground truth alone."""
-
-    if objective.needs_teacher:
-        return cache, collate_cached
-    return GroundTruthOnly(cache), functools.partial(collate_ground_truth, stride=cache.stride)
 
 
 def train_setup(cfg: AmalgamateConfig, source: Source, model: nn.Module, objective: AmalgamationObjective,
@@ -482,7 +436,6 @@ def amalgamate(
 
 __all__ = [
     "CacheSource",
-    "GroundTruthOnly",
     "Source",
     "TeacherSource",
     "amalgamate",
@@ -495,5 +448,4 @@ __all__ = [
     "open_teachers",
     "resolve_config",
     "train_setup",
-    "training_data",
 ]

@@ -24,6 +24,7 @@ so that repeated runs of ``make bench`` agree within about twice that.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -33,8 +34,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.data import DataLoader, RandomSampler
 
-from kacli.amalgamate import GroundTruthOnly, build_student, collate_ground_truth
+from kacli.amalgamate import build_student, collate_ground_truth
 from kacli.amalgamation.config import load_amalgamate_config
 from kacli.amalgamation.objective import AmalgamationObjective
 from kacli.amalgamation.online import OnlineTeachers
@@ -106,9 +108,6 @@ class Variant:
 
     def __init__(self, name: str, model, objective, dataset, collate_fn, device, workers: int,
                  batch: int = BATCH):
-        from torch.utils.data import DataLoader, RandomSampler
-
-
         self.name = name
         self.model = model.to(device).train()
         self.objective = objective
@@ -191,11 +190,8 @@ def step_benchmark(setup: dict, device: torch.device, rounds: int, steps: int, w
                    names: tuple[str, ...] = ("raw", "raw-ext", "ka", "ka-compressed", "ka-online"),
                    pairs: tuple[tuple[str, str], ...] = (), max_rounds: int | None = None,
                    ) -> dict[str, dict]:
-    import functools
-
-
     cache = TeacherCache(setup["cache"])
-    gt_only = GroundTruthOnly(cache)
+    gt_only = cache.dataset  # the same entries' images and ground truth, without the teachers' outputs
     gt_collate = functools.partial(collate_ground_truth, stride=cache.stride)
     C = len(cache.label_map["ids"])
     layers = cache.layer_names
