@@ -134,10 +134,11 @@ def _demo_seed(demo: Path) -> int:
     summary = demo / "demo.json"
     if not summary.is_file():
         raise KacliError("not a finished kacli demo folder (no demo.json)", demo)
-    scenario = load_json(summary).get("scenario", "split")
+    recorded = load_json(summary)
+    scenario = recorded.get("scenario", "split")
     if scenario != "split":
         raise KacliError(f"is a {scenario} demo; the ablation runs on the split demo's tasks and teachers", demo)
-    seed = load_json(summary).get("seed")
+    seed = recorded.get("seed")
     if not isinstance(seed, int):
         raise KacliError("demo.json does not record the demo's seed (made by an older kacli; rerun the demo)", summary)
     if not (demo / "cache.h5").is_file():

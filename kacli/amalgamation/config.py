@@ -19,7 +19,7 @@ each a plain DETR on the union of the sources' images, ground-truth weight 1:
 
 - ``raw`` is the naive merge: a category an image's source does not label is background there.
 - ``raw-partial``: DETR with the partial-label loss (``gt_loss: mask``).
-- ``pseudo``: DETR on the ground truth plus the teachers' confident cached predictions of the
+- ``pseudo``: DETR on the ground truth plus the teachers' confident predictions (cached or online) of the
   categories each image lacks, as hard labels (``gt_loss: pseudo-gt``; autodistill-style).
 
 ``gt_loss`` (:data:`~kacli.losses.ground_truth.GT_LOSSES`) is the ground-truth loss of ``ka``,
@@ -122,7 +122,8 @@ class AmalgamateConfig:
     ``model``, ``aug`` and ``train`` default to the teachers' (the first teacher's architecture and
     training settings as the cache records them, and the cache's augmentation; see
     :func:`teacher_settings`), so a config file only names what differs.
-    ``aug`` matters only for validation (``eval_size``, ``max_size``): training views come from the cache.
+    From a cache ``aug`` matters only for validation (``eval_size``, ``max_size``): the training
+    views are the cached ones; with the teachers run online it also draws every training view.
 
     Attributes:
         method: ``ka``, ``raw``, ``raw-ext``, ``sag``, ``raw-partial`` or ``pseudo`` (see the module

@@ -1,8 +1,9 @@
 """The teachers run inside the training loop (``kacli amalgamate --teacher ...``): :class:`OnlineTeachers`.
 
 Instead of reading a cache written by ``cache-teachers``, the objective runs the frozen teacher
-DETRs on each batch the student sees and arranges their outputs exactly as
-:func:`kacli.cache.reader.collate_cached` gives the cached ones, so the same losses apply to both.
+DETRs on each batch the student sees and arranges their outputs as
+:func:`kacli.cache.reader.collate_cached` gives the cached ones (``seqs``, ``token_mask``,
+``logits``, ``boxes``: what the losses read), so the same losses apply to both.
 The teachers are never trained: they stay in eval mode (whatever ``.train()`` is called with),
 run without gradients, are in no optimiser and in no checkpoint.
 """

@@ -24,13 +24,13 @@ SCALE_DTYPE = torch.float16  # the stored scales' dtype
 
 
 def round_up_half(x: torch.Tensor) -> torch.Tensor:
-    """Non-negative float32 ``x`` → the smallest float16 ``>= x`` (inf beyond float16's range).
+    """Non-negative float32 ``x`` → the smallest float16 (:data:`SCALE_DTYPE`) ``>= x`` (inf beyond float16's range).
 
     Works on any device: a float16 rounded down is moved to the next one by adding 1 to its bit
     pattern (for non-negative finite float16 values the patterns are ordered as the values)."""
-    h = x.to(torch.float16)
+    h = x.to(SCALE_DTYPE)
     low = h.to(torch.float32) < x
-    return torch.where(low, (h.view(torch.int16) + 1).view(torch.float16), h)
+    return torch.where(low, (h.view(torch.int16) + 1).view(SCALE_DTYPE), h)
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The teachers of ``cache-teachers``: load and check them, and run them over batches of entries.
+"""The teachers: load and check them (``cache-teachers``, and ``amalgamate --teacher``), and run
+them over batches of cache entries (``cache-teachers``).
 
 :func:`load_teachers` loads one DETR checkpoint per task and checks that they fit the manifest and
 each other; :func:`teacher_batches` runs them over consecutive entries of a

@@ -247,12 +247,6 @@ class TaskManifest:
     def splits(self) -> list[str]:
         return list(self.data["splits"])
 
-    @property
-    def sources(self) -> dict | list:
-        """As written: ``{split: dataset record}`` (format 1) or the list of :meth:`source_records` (format 2)."""
-        src = self.data["sources"]
-        return [dict(s) for s in src] if isinstance(src, list) else dict(src)
-
     def _split(self, split: str) -> dict:
         s = self.data["splits"].get(split)
         if s is None:

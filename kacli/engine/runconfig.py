@@ -54,8 +54,8 @@ def load_run_config(source: str | Path | None, overrides: dict[str, Any]) -> Det
 
 def recorded_settings(arch: Any, config: Any) -> dict:
     """``{"model", "train"}`` a DETR checkpoint records about its run: its architecture (``arch``)
-    and its run config's ``train`` section; a part that is not a mapping is left out (``{}`` when
-    neither is). This is what ``cache-teachers`` stores as the cache's ``teacher_settings``."""
+    and, beside it, its run config's ``train`` section: ``{}`` without an architecture, no
+    ``train`` when the config has none. This is what ``cache-teachers`` stores as the cache's ``teacher_settings``."""
     settings: dict = {}
     if isinstance(arch, dict):
         settings["model"] = dict(arch)
