@@ -81,7 +81,6 @@ def prediction_pictures(
     in its own colour; right, the student's boxes. Detections scoring under ``threshold`` are left out."""
     from PIL import Image, ImageDraw
 
-
     manifest = TaskManifest(tasks_path)
     gt_path = manifest.split_json("val")
     models = {f"teacher {name}": load_checkpoint(p) for name, p in teachers.items()}

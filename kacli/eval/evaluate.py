@@ -163,7 +163,6 @@ def evaluate_checkpoints(
     ``force``.
     """
 
-
     check_side("--size", size)
     check_side("--max-size", max_size)
     check_positive("--batch-size", batch_size)
