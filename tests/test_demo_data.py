@@ -35,23 +35,31 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def test_same_seed_same_bytes(tmp_path):
-    a = make_demo_data(tmp_path / "a", train_images=12, val_images=4, seed=3, progress=False)
-    make_demo_data(tmp_path / "b", train_images=12, val_images=4, seed=3, progress=False)
-    make_demo_data(tmp_path / "c", train_images=12, val_images=4, seed=4, progress=False)
+    a = make_demo_data(tmp_path / "a", train_images=12, val_images=4, test_images=5, seed=3, progress=False)
+    make_demo_data(tmp_path / "b", train_images=12, val_images=4, test_images=5, seed=3, progress=False)
+    make_demo_data(tmp_path / "c", train_images=12, val_images=4, test_images=5, seed=4, progress=False)
     da, db, dc = digest(tmp_path / "a"), digest(tmp_path / "b"), digest(tmp_path / "c")
-    assert len(da) == 12 + 4 + 3  # pngs, train.json, val.json, tasks-2.yaml
+    assert len(da) == 12 + 4 + 5 + 4  # pngs, train.json, val.json, test.json, tasks-2.yaml
     assert da == db
     assert da["train.json"] != dc["train.json"] and da["images/train/000001.png"] != dc["images/train/000001.png"]
-    # Image i of a split depends on (seed, split, i) only: more images leave the first ones unchanged.
-    make_demo_data(tmp_path / "d", train_images=14, val_images=4, seed=3, progress=False)
+    # The three splits are different images: image 1 of each split differs from the others'.
+    firsts = {da[f"images/{s}/000001.png"] for s in ("train", "val", "test")}
+    assert len(firsts) == 3
+    # Image i of a split depends on (seed, split, i) only: more images, or no test split, leave the
+    # other images unchanged (a test split added later keeps train and val byte for byte).
+    make_demo_data(tmp_path / "d", train_images=14, val_images=4, test_images=7, seed=3, progress=False)
     dd = digest(tmp_path / "d")
     assert all(dd[k] == v for k, v in da.items() if k.endswith(".png"))
-    assert a["splits"]["train"]["images"] == 12
+    make_demo_data(tmp_path / "e", train_images=12, val_images=4, seed=3, progress=False)
+    de = digest(tmp_path / "e")
+    assert "test.json" not in de and not any(k.startswith("images/test/") for k in de)
+    assert all(da[k] == v for k, v in de.items())
+    assert (a["splits"]["train"]["images"], a["splits"]["test"]["images"]) == (12, 5)
 
 
 def test_counts_boxes_and_pixels(tmp_path):
-    s = make_demo_data(tmp_path / "demo", train_images=40, val_images=10, seed=0, progress=False)
-    for split, n in (("train", 40), ("val", 10)):
+    s = make_demo_data(tmp_path / "demo", train_images=40, val_images=10, test_images=10, seed=0, progress=False)
+    for split, n in (("train", 40), ("val", 10), ("test", 10)):
         d = json.loads((tmp_path / "demo" / f"{split}.json").read_text())
         assert d["categories"] == CATEGORIES
         assert [im["id"] for im in d["images"]] == list(range(1, n + 1))
@@ -75,7 +83,7 @@ def test_counts_boxes_and_pixels(tmp_path):
                     ix = max(0, min(p[0] + p[2], q[0] + q[2]) - max(p[0], q[0]))
                     iy = max(0, min(p[1] + p[3], q[1] + q[3]) - max(p[1], q[1]))
                     assert ix * iy <= 0.1 * min(p[2] * p[3], q[2] * q[3])
-    assert sum(s["per_category"].values()) == s["splits"]["train"]["annotations"] + s["splits"]["val"]["annotations"]
+    assert sum(s["per_category"].values()) == sum(s["splits"][k]["annotations"] for k in ("train", "val", "test"))
 
 
 @pytest.mark.parametrize("w, h", [(12, 12), (30, 26), (48, 48)])
@@ -132,7 +140,12 @@ def test_cli(cli, tmp_path):
     r = cli("make-demo-data", "--out", out, "--train-images", 5, "--val-images", 2, "--seed", 1)
     assert r.exit_code == 0, r.stderr
     assert "train" in r.stdout and (out / "train.json").is_file() and len(list((out / "images" / "val").iterdir())) == 2
+    # the command writes a test split by default: 500 images, reported on, selected on by nothing
+    assert len(json.loads((out / "test.json").read_text())["images"]) == 500
+    assert len(list((out / "images" / "test").iterdir())) == 500
     assert_one_line_error(cli("make-demo-data", "--out", out, "--train-images", 5), str(out), "--force")
     assert_one_line_error(cli("make-demo-data", "--out", tmp_path / "x", "--size", 48), "--size must be at least")
-    assert cli("make-demo-data", "--out", out, "--train-images", 3, "--val-images", 1, "--force").exit_code == 0
+    assert cli("make-demo-data", "--out", out, "--train-images", 3, "--val-images", 1, "--test-images", 2,
+               "--force").exit_code == 0
+    assert len(json.loads((out / "test.json").read_text())["images"]) == 2
     assert len(json.loads((out / "train.json").read_text())["images"]) == 3

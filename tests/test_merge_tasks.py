@@ -136,6 +136,28 @@ def test_merge_two_datasets_shares_person_and_records_complete_categories(source
     assert [i["source"] for i in val["images"]] == ["vehicles"] and m.tasks[1].counts["val"]["images"] == 0
 
 
+def test_merge_with_a_test_source(sources, cli, tmp_path):
+    """--test NAME=SRC: a third split, each source's images and categories as for val."""
+    yolo, coco = sources
+    out = tmp_path / "tasks"
+    res = cli(*merge_args(yolo, coco, out, "--test", f"vehicles={yolo}:val", "--test", f"animals={coco}"))
+    assert res.exit_code == 0, res.stderr
+    m = TaskManifest(out)
+    assert m.splits == ["train", "val", "test"]
+    recs = {(s["name"], s["split"]): s for s in m.source_records()}
+    assert recs[("vehicles", "test")]["complete_category_ids"] == [1, 2, 3]
+    assert recs[("animals", "test")]["complete_category_ids"] == [2, 4]
+    test = json.loads(m.split_json("test").read_text())
+    assert [i["source"] for i in test["images"]] == ["vehicles", "animals", "animals"]
+    assert [(a["image_id"], a["category_id"]) for a in test["annotations"]] == [(1, 2), (2, 2), (2, 4), (3, 4)]
+    assert m.tasks[0].counts["test"]["annotations"] == 1 and m.tasks[1].counts["test"]["annotations"] == 3
+    # --test of an unknown task, or twice for one task: one line, nothing written
+    assert_one_line_error(cli(*merge_args(yolo, coco, tmp_path / "o", "--test", f"birds={coco}")), "no task 'birds'")
+    assert_one_line_error(cli(*merge_args(yolo, coco, tmp_path / "o", "--test", f"animals={coco}",
+                                          "--test", f"animals={coco}")), "names task 'animals' twice")
+    assert not (tmp_path / "o").exists()
+
+
 def test_dataset_complete_masks_follow_the_label_map(sources, tmp_path):
     yolo, coco = sources
     tasks_yaml = tmp_path / "tasks"

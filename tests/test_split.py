@@ -154,6 +154,23 @@ def test_partition_file_split_contents(cli, coco3, tmp_path):
         assert m.image_root(split) == (coco3).resolve()
 
 
+def test_test_split_written_beside_val(cli, coco3, tmp_path):
+    """--test adds a third split, laid out as val: selection happens on val, reports on test."""
+    part = write_partition(tmp_path / "p.yaml", "tasks:\n  pets: [cat, 2]\n  road: [car, bus]\n")
+    out = tmp_path / "out"
+    r = cli("split-tasks", "--train", coco3 / "train.json", "--val", coco3 / "val.json", "--test", coco3 / "val.json",
+            "--scheme", part, "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert "test: dropped 0 degenerate" in r.stdout
+    m = TaskManifest(out)
+    assert m.splits == ["train", "val", "test"]
+    assert m.data["sources"]["test"]["path"] == m.data["sources"]["val"]["path"]
+    assert m.tasks[1].counts["test"] == m.tasks[1].counts["val"] == {"images": 3, "images_with_objects": 1,
+                                                                         "annotations": 2}
+    assert json.loads(m.split_json("test", "road").read_text())["annotations"] == \
+        json.loads(m.split_json("val", "road").read_text())["annotations"]
+
+
 def test_val_categories_checked_and_task_lists_complete(coco3, tmp_path):
     # A val json listing fewer categories still gets each task's full category list.
     d = json.loads((coco3 / "val.json").read_text())

@@ -18,13 +18,13 @@ from kacli.commands._common import cli_errors, console
 def register(app: typer.Typer) -> None:
     app.command(
         "make-demo-data",
-        epilog="Example: kacli make-demo-data --out demo-data --train-images 2000 --val-images 300 --seed 0",
+        epilog="Example: kacli make-demo-data --out demo-data --train-images 2000 --val-images 300 --test-images 500 --seed 0",
     )(make_demo_data)
     app.command(
         "split-tasks",
         epilog=(
-            "Example: kacli split-tasks --train VOCdevkit/VOC2007:trainval --val VOCdevkit/VOC2007:test "
-            "--scheme voc-2 --out tasks"
+            "Example: kacli split-tasks --train VOCdevkit/VOC2012:train --val VOCdevkit/VOC2012:val "
+            "--test VOCdevkit/VOC2007:test --scheme voc-2 --out tasks"
         ),
     )(split_tasks)
     app.command(
@@ -44,7 +44,12 @@ def split_tasks(
         help="Training set: COCO json, VOC root or YOLO root/data.yaml, as PATH or PATH:SPLIT.",
     ),
     val: Optional[str] = typer.Option(
-        None, "--val", metavar="SRC", show_default=False, help="Validation set, written like --train."
+        None, "--val", metavar="SRC", show_default=False,
+        help="Validation set, written like --train: training runs select their checkpoint on it.",
+    ),
+    test: Optional[str] = typer.Option(
+        None, "--test", metavar="SRC", show_default=False,
+        help="Test set, written like --train: for the reported figures (kacli eval --split test); nothing selects on it.",
     ),
     images: Optional[Path] = typer.Option(
         None, "--images", metavar="DIR", show_default=False,
@@ -67,7 +72,7 @@ def split_tasks(
     its own categories' boxes. Category ids stay the dataset's."""
     from kacli.data.split import split_tasks as run
 
-    manifest = run(train, val, scheme, out, force=force, allow_partial=allow_partial, images=images)
+    manifest = run(train, val, scheme, out, force=force, allow_partial=allow_partial, images=images, test_spec=test)
     if as_json:
         console.print_json(json.dumps(manifest))
         return
@@ -107,7 +112,8 @@ def merge_tasks(
         help="A task and its training set (COCO json, VOC root or YOLO root/data.yaml, PATH or PATH:SPLIT). Repeat.",
     ),
     val: Optional[List[str]] = typer.Option(
-        None, "--val", metavar="NAME=SRC", show_default=False, help="A task's validation set, written like --task."
+        None, "--val", metavar="NAME=SRC", show_default=False,
+        help="A task's validation set, written like --task: training runs select their checkpoint on it.",
     ),
     images: Optional[List[str]] = typer.Option(
         None, "--images", metavar="NAME=DIR", show_default=False, help="Image folder of a task's COCO json training set."
@@ -115,6 +121,14 @@ def merge_tasks(
     val_images: Optional[List[str]] = typer.Option(
         None, "--val-images", metavar="NAME=DIR", show_default=False,
         help="Image folder of a task's COCO json validation set.",
+    ),
+    test: Optional[List[str]] = typer.Option(
+        None, "--test", metavar="NAME=SRC", show_default=False,
+        help="A task's test set, written like --task: for the reported figures (kacli eval --split test).",
+    ),
+    test_images: Optional[List[str]] = typer.Option(
+        None, "--test-images", metavar="NAME=DIR", show_default=False,
+        help="Image folder of a task's COCO json test set.",
     ),
     categories: Optional[List[str]] = typer.Option(
         None, "--categories", metavar="NAME=CAT,CAT", show_default=False,
@@ -141,7 +155,7 @@ def merge_tasks(
     from kacli.data.merge import merge_tasks as run
     from kacli.data.merge import renames_from_options, shared_categories, tasks_from_options
 
-    tasks = tasks_from_options(task, val, images, val_images, categories, teacher_only)
+    tasks = tasks_from_options(task, val, images, val_images, categories, teacher_only, test, test_images)
     manifest = run(tasks, out, renames=renames_from_options(rename), force=force)
     shared = shared_categories(manifest)
     if as_json:
@@ -186,18 +200,20 @@ def merge_table(manifest: dict, shared: list[dict]) -> Table:
 def make_demo_data(
     out: Path = typer.Option(..., "--out", metavar="DIR", show_default=False, help="Output folder."),
     train_images: int = typer.Option(2000, "--train-images", min=1, help="Training images."),
-    val_images: int = typer.Option(300, "--val-images", min=0, help="Validation images."),
+    val_images: int = typer.Option(300, "--val-images", min=0, help="Validation images (checkpoint selection)."),
+    test_images: int = typer.Option(500, "--test-images", min=0, help="Test images (the reported figures)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
     size: int = typer.Option(64, "--size", metavar="PX", help="Image side in pixels."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ):
     """Generate the demo dataset: synthetic shapes of 8 categories in COCO format.
 
-    Writes DIR/images/, DIR/train.json, DIR/val.json and the demo's 2-task partition DIR/tasks-2.yaml;
-    the same seed gives the same bytes."""
+    Writes DIR/images/, DIR/train.json, DIR/val.json, DIR/test.json and the demo's 2-task partition
+    DIR/tasks-2.yaml; the same seed gives the same bytes. Training runs select their checkpoint on val;
+    report on test, which nothing was selected on."""
     from kacli.data.demo_data import make_demo_data as run
 
-    summary = run(out, train_images=train_images, val_images=val_images, seed=seed, size=size, force=force)
+    summary = run(out, train_images=train_images, val_images=val_images, test_images=test_images, seed=seed, size=size, force=force)
     table = Table(title=f"demo data ({summary['seconds']:.1f} s)")
     table.add_column("split", style="bold")
     table.add_column("images", justify="right")

@@ -14,9 +14,11 @@ object is here" is a colour test the first convolution learns at once and traini
 telling the shapes apart. A textured backdrop of random colour made the same model need several
 times more steps.
 
-Layout written under ``DIR``: ``images/{train,val}/NNNNNN.png``, ``train.json`` and ``val.json``
-(``file_name`` relative to ``DIR/images``), ``tasks-2.yaml``. The same seed gives byte-identical files;
-image ``i`` of a split depends only on ``(seed, split, i)``.
+Layout written under ``DIR``: ``images/{train,val,test}/NNNNNN.png``, ``train.json``, ``val.json`` and
+``test.json`` (``file_name`` relative to ``DIR/images``), ``tasks-2.yaml``. Runs select their checkpoint
+on ``val``; ``test`` is the split results are reported on, which no selection looks at. The same seed
+gives byte-identical files; image ``i`` of a split depends only on ``(seed, split, i)``, so adding a
+split or changing another split's size leaves a split's images as they were.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ TINT = 10.0
 NOISE = 4.0  # standard deviation of the pixel noise
 MIN_CONTRAST = 100.0  # least RGB distance of a shape's colour from the backdrop
 MAX_OVERLAP = 0.05  # intersection / smaller box area allowed between two shapes' boxes
-SPLIT_CODES = {"train": 0, "val": 1}
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
 def demo_partition() -> dict[str, list[str]]:
@@ -152,20 +154,24 @@ def make_demo_data(
     out: str | Path,
     train_images: int = 2000,
     val_images: int = 300,
+    test_images: int = 0,
     seed: int = 0,
     size: int = DEFAULT_SIZE,
     force: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Write the demo dataset under ``out`` (see the module docstring); return a summary
-    ``{out, seed, size, seconds, splits: {train: {images, annotations, json}, val: ...}, per_category}``."""
-    if train_images < 1 or val_images < 0:
-        raise KacliError("need at least 1 training image and 0 or more validation images", out)
+    """Write the demo dataset under ``out`` (see the module docstring; ``test.json`` only when
+    ``test_images`` > 0, as ``kacli make-demo-data`` asks by default); return a summary
+    ``{out, seed, size, seconds, splits: {train: {images, annotations, json}, val: ..., test: ...},
+    per_category}``."""
+    if train_images < 1 or val_images < 0 or test_images < 0:
+        raise KacliError("need at least 1 training image and 0 or more validation and test images", out)
     if size < 2 * MAX_SIZE:
         raise KacliError(f"--size must be at least {2 * MAX_SIZE} px to hold {MAX_SIZE}-px shapes", out)
     out = Path(out)
     t0 = time.perf_counter()
-    splits = {"train": train_images, "val": val_images}
+    # test.json only when asked for: a dataset without one is a dataset without a test split
+    splits = {"train": train_images, "val": val_images} | ({"test": test_images} if test_images else {})
     summary: dict = {"out": str(out), "seed": seed, "size": size, "splits": {}, "per_category": {}}
     per_cat = {c["name"]: 0 for c in CATEGORIES}
 

@@ -7,8 +7,9 @@ in its order). A source's COCO json lists only its own categories, as a dataset 
 categories would; the objects of the other task's categories stay in its images, unannotated.
 ``merge-tasks`` then builds the manifest from these sources as from any two datasets.
 
-Written under ``DIR``: ``<task>-train.json`` and ``<task>-val.json`` per task, ``file_name`` as in
-the generated ``train.json`` / ``val.json`` (relative to the generated ``images/`` folder). The
+Written under ``DIR``: ``<task>-<split>.json`` per task and split (``train``, ``val``, and ``test``
+where the generated data has it), ``file_name`` as in the generated ``<split>.json`` (relative to the
+generated ``images/`` folder). The
 same seed and data give byte-identical files.
 """
 
@@ -57,7 +58,9 @@ def write_demo_sources(data_dir: str | Path, out: str | Path, seed: int, force: 
     tasks = demo_partition()
     paths: dict[str, dict[str, Path]] = {t: {} for t in tasks}
     with atomic_dir(out, force=force) as tmp:
-        for split in ("train", "val"):
+        for split in ("train", "val", "test"):
+            if split == "test" and not (data_dir / "test.json").is_file():
+                continue
             coco = load_json(data_dir / f"{split}.json")
             halves = split_halves([im["id"] for im in coco["images"]], seed, split)
             for (task, names), ids in zip(tasks.items(), halves):

@@ -1,7 +1,7 @@
 """``merge_tasks``: tasks from several datasets → ``tasks.yaml`` (format 2) plus one COCO json per
 split and task, laid out as ``split-tasks`` lays them out.
 
-Each task is one training source (and optionally a validation source) read by
+Each task is one training source (and optionally a validation and a test source) read by
 :func:`kacli.data.readers.read_source`, holding that source's categories or a named subset, or a
 teacher-only task: no images, its categories taken from its teacher's label map. Categories are
 matched across tasks by name (:mod:`kacli.data.names`: case- and space-insensitive, after the
@@ -36,19 +36,25 @@ from kacli.fsutil import atomic_dir, check_output_dir, sha256_file
 from kacli.models.checkpoint import load_checkpoint, resolve_checkpoint_path
 
 SCHEME = "merged"
+# The splits besides train a task may have: val (checkpoint selection) and test (the reported figures).
+EVAL_SPLITS = ("val", "test")
+SPLIT_WORDS = {"val": "validation", "test": "test"}
 
 
 @dataclass
 class TaskSource:
     """One task of a merge: a training source (``train``, ``PATH[:SPLIT]``) and optionally a
-    validation source, or a ``teacher`` checkpoint and no images; ``categories`` picks a subset by
-    name; ``images`` / ``val_images`` are the image folders of COCO json sources."""
+    validation source (checkpoint selection) and a test source (the reported figures), or a
+    ``teacher`` checkpoint and no images; ``categories`` picks a subset by name; ``images`` /
+    ``val_images`` / ``test_images`` are the image folders of COCO json sources."""
 
     name: str
     train: str | None = None
     val: str | None = None
     images: str | None = None
     val_images: str | None = None
+    test: str | None = None
+    test_images: str | None = None
     categories: list[str] | None = None
     teacher: str | None = None
 
@@ -69,7 +75,7 @@ def _pairs(values, option: str) -> list[tuple[str, str]]:
 
 
 def tasks_from_options(
-    task=(), val=(), images=(), val_images=(), categories=(), teacher_only=()
+    task=(), val=(), images=(), val_images=(), categories=(), teacher_only=(), test=(), test_images=()
 ) -> list[TaskSource]:
     """The ``merge-tasks`` options (lists of ``NAME=VALUE`` strings) → tasks, ``--task`` ones first,
     then ``--teacher-only`` ones, each in the order given."""
@@ -87,7 +93,9 @@ def tasks_from_options(
             by_name[name] = t
             tasks.append(t)
     for option, values, field in (("--val", val, "val"), ("--images", images, "images"),
-                                  ("--val-images", val_images, "val_images"), ("--categories", categories, "categories")):
+                                  ("--val-images", val_images, "val_images"), ("--test", test, "test"),
+                                  ("--test-images", test_images, "test_images"),
+                                  ("--categories", categories, "categories")):
         for name, value in _pairs(values, option):
             t = by_name.get(name)
             if t is None:
@@ -203,8 +211,9 @@ def merge_tasks(tasks: list[TaskSource], out: str | Path, renames: dict[str, str
             teachers[t.name] = teacher_label_map(t.teacher)
         else:
             data[t.name] = {"train": _read(t.train, t.images, t.name, "train")}
-            if t.val is not None:
-                data[t.name]["val"] = _read(t.val, t.val_images, t.name, "val")
+            for split in EVAL_SPLITS:
+                if getattr(t, split) is not None:
+                    data[t.name][split] = _read(getattr(t, split), getattr(t, f"{split}_images"), t.name, split)
     everywhere = [c["name"] for d in data.values() for s in d.values() for c in s["categories"]]
     everywhere += [n for _, _, lm in teachers.values() for n in lm["names"]]
     known = {name_key(n) for n in everywhere}
@@ -231,7 +240,7 @@ def merge_tasks(tasks: list[TaskSource], out: str | Path, renames: dict[str, str
         task_cats[t.name].sort(key=lambda c: union[c["key"]]["id"])
 
     # 3. per split: the sources' images under one root, annotations renumbered
-    splits = ["train"] + (["val"] if any("val" in d for d in data.values()) else [])
+    splits = ["train"] + [s for s in EVAL_SPLITS if any(s in d for d in data.values())]
     manifest: dict = {
         "format": FORMAT_MERGED,
         "scheme": SCHEME,
@@ -265,8 +274,9 @@ def merge_tasks(tasks: list[TaskSource], out: str | Path, renames: dict[str, str
     return manifest
 
 
-def _val_map(t: TaskSource, train: dict, val: dict, cats: list[dict], keys: dict) -> dict[int, int | None]:
-    """Validation category id → the train category it is (by name), None when outside the task's subset."""
+def _val_map(t: TaskSource, train: dict, val: dict, cats: list[dict], keys: dict, split: str) -> dict[int, int | None]:
+    """Validation (or test) category id → the train category it is (by name), None when outside the
+    task's subset."""
     train_keys = {name_key(renamed(c["name"], keys)) for c in train["categories"]}
     mine = {c["key"]: c["id"] for c in cats}
     out = {}
@@ -274,7 +284,7 @@ def _val_map(t: TaskSource, train: dict, val: dict, cats: list[dict], keys: dict
         k = name_key(renamed(c["name"], keys))
         if k not in train_keys:
             raise KacliError(
-                f"category {c['name']!r} of task {t.name!r}'s validation source is not in its training source",
+                f"category {c['name']!r} of task {t.name!r}'s {SPLIT_WORDS[split]} source is not in its training source",
                 val["info"]["source"]["path"],
             )
         out[int(c["id"])] = mine.get(k)
@@ -301,7 +311,7 @@ def _merge_split(split: str, tasks: list[TaskSource], data: dict, task_cats: dic
             id_map = {c["id"]: union[c["key"]]["id"] for c in cats}
             ids = [union[c["key"]]["id"] for c in cats]
         else:
-            to_train = _val_map(t, data[t.name]["train"], d, cats, keys)
+            to_train = _val_map(t, data[t.name]["train"], d, cats, keys, split)
             train_uid = {c["id"]: union[c["key"]]["id"] for c in cats}
             id_map = {v: train_uid[tid] for v, tid in to_train.items() if tid is not None}
             ids = sorted(set(id_map.values()))

@@ -49,11 +49,13 @@ def split_tasks(
     force: bool = False,
     allow_partial: bool = False,
     images: str | Path | None = None,
+    test_spec: str | Path | None = None,
 ) -> dict:
-    """Split ``train_spec`` (and ``val_spec``) into tasks by ``scheme``; write ``out``.
+    """Split ``train_spec`` (and ``val_spec``, ``test_spec``) into tasks by ``scheme``; write ``out``.
 
     Args:
-        train_spec, val_spec: dataset sources ``PATH[:SPLIT]`` (COCO json, VOC root, YOLO root/yaml).
+        train_spec, val_spec, test_spec: dataset sources ``PATH[:SPLIT]`` (COCO json, VOC root, YOLO
+            root/yaml). Training runs select their checkpoint on val; test is for reported figures.
         scheme: ``voc-2``, ``voc-4``, ``coco-2``, ``balanced:N`` or a partition YAML file.
         out: output folder; must be absent or empty unless ``force``.
         allow_partial: let categories stay outside every task (their annotations are dropped).
@@ -65,6 +67,7 @@ def split_tasks(
     out = Path(out)
     check_output_dir(out, force)
     specs = {"train": train_spec} | ({"val": val_spec} if val_spec is not None else {})
+    specs |= {"test": test_spec} if test_spec is not None else {}
     data = {split: read_source(spec, images) for split, spec in specs.items()}
     for split, d in data.items():
         if not d["images"]:  # nothing to train or validate on: refuse it here, not at train time
