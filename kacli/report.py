@@ -4,8 +4,13 @@ Inputs are eval JSON files (written by ``kacli eval --json``) and run directorie
 ``metrics.jsonl``, one JSON object per line, and ``eval.json`` when the run was evaluated).
 Each input becomes one row::
 
-    {"model", "AP", "AP50", "AP75", "per_task": {task: {"AP", "AP50", "AP75"}},
+    {"model", "split", "checkpoint", "AP", "AP50", "AP75", "per_task": {task: {"AP", "AP50", "AP75"}},
      "params", "gflops", "train_seconds"}
+
+``split`` names the images the AP was computed on (an eval JSON's ``split``; ``val`` for a run's
+validation lines) and ``checkpoint`` the model that was scored (the checkpoint file an eval JSON
+names, ``best.pt`` or ``last.pt``; ``epoch N`` for a validation line); the tables show both, so a
+figure on the split that selected the checkpoint is never mistaken for one on held-out images.
 
 plus ``"per_source": {source: {"AP", "AP50", "AP75"}, "union": {...}}`` for data from several
 datasets (merge-tasks), where ``AP``… are the union's and the tables show one AP column per source
@@ -39,7 +44,7 @@ from kacli.eval.by_source import UNION
 from kacli.fsutil import atomic_file, atomic_path, load_json
 
 METRIC_KEYS = ("AP", "AP50", "AP75")
-ROW_KEYS = ("model", "AP", "AP50", "AP75", "per_task", "params", "gflops", "train_seconds")
+ROW_KEYS = ("model", "split", "checkpoint", "AP", "AP50", "AP75", "per_task", "params", "gflops", "train_seconds")
 TITLE = "TABLE I: knowledge amalgamation results"
 
 
@@ -84,6 +89,8 @@ def _row_from_eval(data, path: Path, default_name: str) -> dict:
         params = params.get("total")
     row = {
         "model": str(data.get("model") or default_name),
+        "split": str(data["split"]) if isinstance(data.get("split"), str) else None,
+        "checkpoint": _checkpoint_name(data),
         **{k: _number(data.get(k), k, path) for k in METRIC_KEYS},
         "per_task": _per_task(data.get("per_task"), path),
         "params": None if params is None else int(_number(params, "params", path)),
@@ -91,6 +98,17 @@ def _row_from_eval(data, path: Path, default_name: str) -> dict:
         "train_seconds": _number(data.get("train_seconds"), "train_seconds", path),
     }
     return _with_sources(row, data, path)
+
+
+def _checkpoint_name(data: Mapping) -> str | None:
+    """The file name of the checkpoint an eval JSON scored (``best.pt``, ``last.pt``); an ensemble's
+    members' names joined with ``+`` when they differ; None when it names none."""
+    members = data.get("members") if isinstance(data.get("members"), list) else []
+    paths = [m.get("checkpoint") for m in members if isinstance(m, Mapping)] or [data.get("checkpoint")]
+    names = [Path(p).name for p in paths if isinstance(p, str) and p]
+    if not names:
+        return None
+    return "+".join(dict.fromkeys(names))
 
 
 def _with_sources(row: dict, data: Mapping, path: Path) -> dict:
@@ -146,6 +164,8 @@ def _load_run_dir(path: Path) -> tuple[dict, list[tuple[float, float]], dict]:
         last = evals[-1]
         row = _with_sources({
             "model": path.name,
+            "split": "val",
+            "checkpoint": f"epoch {last['epoch']:g}",
             **{k: _number(last.get(k), k, metrics_path) for k in METRIC_KEYS},
             "per_task": _per_task(last.get("per_task"), metrics_path),
             "params": None,
@@ -153,7 +173,8 @@ def _load_run_dir(path: Path) -> tuple[dict, list[tuple[float, float]], dict]:
             "train_seconds": None,
         }, last, metrics_path)
     elif records:  # still training, not validated yet
-        row = {"model": path.name, **{k: None for k in METRIC_KEYS}, "per_task": {}, "params": None,
+        row = {"model": path.name, "split": None, "checkpoint": None, **{k: None for k in METRIC_KEYS},
+               "per_task": {}, "params": None,
                "gflops": None, "train_seconds": None}  # fmt: skip
     else:
         raise KacliError("no epoch finished yet (metrics.jsonl holds no line) and no eval.json", path)
@@ -265,6 +286,8 @@ def _cells(row: Mapping, tasks: Sequence[str], raw: Mapping | None, gain: str = 
     task_cells = [_pct((per_task.get(t) or {}).get("AP")) for t in tasks]
     return [
         row["model"],
+        row.get("split") or "–",
+        row.get("checkpoint") or "–",
         *metrics,
         *task_cells,
         _params(row.get("params")),
@@ -273,8 +296,9 @@ def _cells(row: Mapping, tasks: Sequence[str], raw: Mapping | None, gain: str = 
     ]
 
 
-def _headers(tasks: Sequence[str]) -> list[str]:
-    return ["Model", "AP", "AP50", "AP75", *[f"AP {t}" for t in tasks], "#param.", "FLOPs", "train"]
+def _headers(tasks: Sequence[str], short: bool = False) -> list[str]:
+    return ["Model", "split", "ckpt" if short else "checkpoint", "AP", "AP50", "AP75", *[f"AP {t}" for t in tasks], "#param.", "FLOPs",
+            "train"]
 
 
 def rows_table(rows: Sequence[Mapping]) -> Table:
@@ -292,10 +316,10 @@ def rows_table(rows: Sequence[Mapping]) -> Table:
         show_edge=False,
         collapse_padding=True,
     )
-    for i, h in enumerate(_headers(tasks)):
+    for i, h in enumerate(_headers(tasks, short=True)):
         lines = [line for row in body for line in Text.from_markup(row[i]).plain.splitlines()]
         width = min(24, max(len(x) for x in [h, *lines]))
-        table.add_column(escape(h), justify="left" if i == 0 else "right", no_wrap=True, min_width=width)
+        table.add_column(escape(h), justify="left" if i < 3 else "right", no_wrap=True, min_width=width)
     for cells in body:
         table.add_row(*cells)
     return table
@@ -310,16 +334,16 @@ def rows_markdown(rows: Sequence[Mapping]) -> str:
         f"## {TITLE}",
         "",
         "| " + " | ".join(headers) + " |",
-        "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|",
+        "|" + "|".join([":---"] * 3 + ["---:"] * (len(headers) - 3)) + "|",
     ]
     for r in rows:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r, tasks, raw)) + " |")
     scope = (
-        "AP, AP50 and AP75 are COCO-style (pycocotools) on the validation split, in %, over the union of the "
+        "AP, AP50 and AP75 are COCO-style (pycocotools) on the split each row names, in %, over the union of the "
         "sources: each category scored on the images of the sources that annotate it (a detection of a category "
         "an image's source does not annotate counts neither way); AP <source> scores each source on its own "
         "images and categories. " if _by_source(rows) else
-        "AP, AP50, AP75 and the per-task AP are COCO-style (pycocotools) on the validation split, in %. "
+        "AP, AP50, AP75 and the per-task AP are COCO-style (pycocotools) on the split each row names, in %. "
     )
     lines += [
         "",

@@ -44,6 +44,8 @@ def inputs(tmp_path):
         json.dumps(
             {
                 "model": "student",
+                "split": "test",
+                "checkpoint": "/runs/student/best.pt",
                 "AP": 0.2534,
                 "AP50": 0.4321,
                 "AP75": 0.2,
@@ -63,6 +65,8 @@ def inputs(tmp_path):
         json.dumps(
             {
                 "model": "teacher-t1",
+                "split": "test",
+                "checkpoint": "/runs/teacher-t1/last.pt",
                 "AP": 0.4615,
                 "AP50": 0.7419,
                 "AP75": 0.478,
@@ -82,6 +86,9 @@ def test_rows_from_run_dirs_and_eval_json(inputs):
     assert [r["model"] for r in rows] == ["teacher-t1", "raw", "student"]
     t, r, s = rows
     assert (t["AP"], t["params"], t["gflops"], t["train_seconds"]) == (0.4615, 41_300_000, 12.7, None)
+    # Each row says which images and which checkpoint its AP is: an eval JSON's split and file,
+    # a run's last validation line (the checkpoint of that epoch, on val).
+    assert [(x["split"], x["checkpoint"]) for x in rows] == [("test", "last.pt"), ("val", "epoch 2"), ("test", "best.pt")]
     # raw: no eval.json, so the last evaluation line; train time from the last line that has it.
     assert (r["AP"], r["AP50"], r["AP75"], r["train_seconds"]) == (0.20, 0.35, 0.15, 30.5)
     assert r["params"] is None and r["per_task"] == {}
@@ -97,20 +104,22 @@ def test_markdown_table_contents(inputs):
     md = rows_markdown(load_rows([teacher, raw, student]))
     lines = md.splitlines()
     assert lines[0] == "## TABLE I: knowledge amalgamation results"
-    assert lines[2] == "| Model | AP | AP50 | AP75 | AP t1 | AP t2 | #param. | FLOPs | train |"
-    assert "| teacher-t1 | 46.15 | 74.19 | 47.80 | 46.15 | – | 41.3M | 12.7G | – |" in lines
-    assert "| raw | 20.00 | 35.00 | 15.00 | – | – | – | – | 0:00:30 |" in lines
+    assert lines[2] == "| Model | split | checkpoint | AP | AP50 | AP75 | AP t1 | AP t2 | #param. | FLOPs | train |"
+    assert "| teacher-t1 | test | last.pt | 46.15 | 74.19 | 47.80 | 46.15 | – | 41.3M | 12.7G | – |" in lines
+    assert "| raw | val | epoch 2 | 20.00 | 35.00 | 15.00 | – | – | – | – | 0:00:30 |" in lines
     # The student shows its gain over raw in AP points, as the paper's Table I does.
-    assert "| student | 25.34 (+5.34) | 43.21 (+8.21) | 20.00 (+5.00) | 30.00 | 20.68 | 0.66M | 0.0523G | 1:02:05 |" in lines
+    assert ("| student | test | best.pt | 25.34 (+5.34) | 43.21 (+8.21) | 20.00 (+5.00) | 30.00 | 20.68 | 0.66M "
+            "| 0.0523G | 1:02:05 |") in lines
 
 
 def test_rich_table_has_one_column_per_task(inputs):
     raw, student, teacher = inputs
     table = rows_table(load_rows([teacher, raw, student]))
     headers = [c.header for c in table.columns]
-    assert headers == ["Model", "AP", "AP50", "AP75", "AP t1", "AP t2", "#param.", "FLOPs", "train"]
-    assert [Text.from_markup(c).plain for c in table.columns[1].cells] == ["46.15", "20.00", "25.34\n(+5.34)"]
-    assert list(table.columns[7].cells) == ["12.7G", "–", "0.0523G"]
+    assert headers == ["Model", "split", "ckpt", "AP", "AP50", "AP75", "AP t1", "AP t2", "#param.", "FLOPs", "train"]
+    assert list(table.columns[1].cells) == ["test", "val", "test"]
+    assert [Text.from_markup(c).plain for c in table.columns[3].cells] == ["46.15", "20.00", "25.34\n(+5.34)"]
+    assert list(table.columns[9].cells) == ["12.7G", "–", "0.0523G"]
 
 
 def test_write_report_files(inputs, tmp_path):
@@ -213,7 +222,7 @@ def test_rows_scored_per_source_show_one_column_per_source(tmp_path):
     and categories (from per_source, not per_task), and report.json keeps per_source."""
     def write(name, ap, sources):
         p = tmp_path / f"{name}.json"
-        p.write_text(json.dumps({"model": name, "AP": ap, "AP50": 0.8, "AP75": 0.5,
+        p.write_text(json.dumps({"model": name, "split": "test", "AP": ap, "AP50": 0.8, "AP75": 0.5,
                                  "per_task": {"a": {"AP": 0.01, "AP50": 0.02, "AP75": 0.03}},
                                  "per_source": {**sources, "union": {"AP": ap, "AP50": 0.8, "AP75": 0.5, "images": 40}},
                                  "params": 1000, "gflops": 0.01}))
@@ -224,11 +233,11 @@ def test_rows_scored_per_source_show_one_column_per_source(tmp_path):
                               "b": {"AP": 0.35, "AP50": 0.6, "AP75": 0.3, "images": 20}})
     rows = load_rows([teacher, raw])
     md = rows_markdown(rows)
-    assert "| Model | AP | AP50 | AP75 | AP a | AP b | #param. | FLOPs | train |" in md
-    assert "| teacher-a | 40.00 | 80.00 | 50.00 | 40.00 | – |" in md
-    assert "| raw | 30.00 | 80.00 | 50.00 | 25.00 | 35.00 |" in md
+    assert "| Model | split | checkpoint | AP | AP50 | AP75 | AP a | AP b | #param. | FLOPs | train |" in md
+    assert "| teacher-a | test | – | 40.00 | 80.00 | 50.00 | 40.00 | – |" in md
+    assert "| raw | test | – | 30.00 | 80.00 | 50.00 | 25.00 | 35.00 |" in md
     assert "union of the sources" in md
-    assert [c.header for c in rows_table(rows).columns][4:6] == ["AP a", "AP b"]
+    assert [c.header for c in rows_table(rows).columns][6:8] == ["AP a", "AP b"]
     write_report(rows, {}, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved[1]["per_source"]["b"] == {"AP": 0.35, "AP50": 0.6, "AP75": 0.3}
