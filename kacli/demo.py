@@ -5,14 +5,18 @@ Two scenarios (:data:`SCENARIOS`), sharing every stage:
 - ``split`` (the paper's setting): make-demo-data → split-tasks (2 tasks, every image annotated
   for every category) → train a teacher per task → cache-teachers → amalgamate the student (full,
   and slim = redundancy-compressed) → the raw baseline (plain DETR on ground truth, same epochs and
-  schedule as the student) → evaluate every model and the teachers' ensemble on the validation
-  split → report.json / report.md / curves.png / predictions/*.png.
+  schedule as the student) → evaluate every model and the teachers' ensemble on the test split →
+  report.json / report.md / curves.png / predictions/*.png.
 - ``cross-dataset`` (detectors from different datasets): the generated images cut into two
   disjoint halves, one annotated for the ``convex`` shapes only and one for the ``concave`` ones
   (:mod:`kacli.data.demo_sources`), merged with merge-tasks; each teacher trains on its own half,
   the cache runs every teacher on every image, and the students and the baselines users run today
   (``raw`` = naive merge, ``raw-partial``, ``pseudo``) train on the union; every model is scored
-  per source (each task on its own validation images and categories) and on their union.
+  per source (each task on its own test images and categories) and on their union. Each teacher
+  trains for the split scenario's steps: twice its epochs, on half the images.
+
+Every training run selects its ``best.pt`` on the validation split; every reported figure is on the
+test split, which no selection looked at.
 
 The recipe (data, model, schedule) is the ``tiny`` preset; docs/DEMO.md says how it was chosen.
 ``--minutes`` scales every stage's epochs from the recipe's 12-minute design.
@@ -54,6 +58,8 @@ DESIGN_MINUTES = 12.0
 RECIPE = {
     "train_images": 2000,
     "val_images": 300,
+    # the split every reported figure is computed on; nothing selects on it
+    "test_images": 500,
     "teacher_epochs": 32,
     "student_epochs": 18,
     # raw and the students alike: the learning rate drops ×0.1 for the last 2 of 18 epochs
@@ -68,6 +74,11 @@ RECIPE = {
 }
 
 
+# The split the demo reports on, and how each run's reported checkpoint was chosen.
+REPORT_SPLIT = "test"
+SELECTION = "best.pt: the epoch of highest AP on the val split"
+
+
 def scaled_epochs(epochs: int, minutes: float) -> int:
     """``epochs`` of the 12-minute design scaled to a ``minutes`` budget (at least 1)."""
     return max(1, round(epochs * minutes / DESIGN_MINUTES))
@@ -75,21 +86,21 @@ def scaled_epochs(epochs: int, minutes: float) -> int:
 
 def prediction_pictures(
     teachers: dict[str, Path], student: Path, tasks_path: Path, out_dir: Path, count: int = 6,
-    threshold: float = 0.5,
+    threshold: float = 0.5, split: str = REPORT_SPLIT,
 ) -> list[Path]:
-    """The paper's Fig. 5 for a few validation images: left, every teacher's boxes, each teacher
+    """The paper's Fig. 5 for a few images of ``split``: left, every teacher's boxes, each teacher
     in its own colour; right, the student's boxes. Detections scoring under ``threshold`` are left out."""
     from PIL import Image, ImageDraw
 
     manifest = TaskManifest(tasks_path)
-    gt_path = manifest.split_json("val")
+    gt_path = manifest.split_json(split)
     models = {f"teacher {name}": load_checkpoint(p) for name, p in teachers.items()}
     models["student"] = load_checkpoint(student)
     built = {name: build_model(ck).eval() for name, ck in models.items()}
     datasets = {}
     for name, ck in models.items():
         aug = (ck.get("config") or {}).get("aug") or {}
-        datasets[name] = make_eval_dataset(gt_path, manifest.image_root("val"), ck["label_map"]["ids"],
+        datasets[name] = make_eval_dataset(gt_path, manifest.image_root(split), ck["label_map"]["ids"],
                                            aug.get("eval_size", 800), aug.get("max_size", 1333))
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(datasets.values()))
@@ -119,7 +130,7 @@ def prediction_pictures(
         draw = ImageDraw.Draw(sheet)
         draw.text((4, 4), "teachers", fill=(0, 0, 0))
         draw.text((left.width + 12, 4), "student (amalgamated)", fill=(0, 0, 0))
-        path = out_dir / f"val_{i:02d}.png"
+        path = out_dir / f"{split}_{i:02d}.png"
         with atomic_path(path) as tmp:
             sheet.save(tmp, format="PNG")
         written.append(path)
@@ -139,7 +150,7 @@ def _split_tasks(out: Path, seed: int) -> Path:
     """The ``split`` scenario's tasks: the generated data split by the demo's partition (split-tasks)."""
 
     split_tasks(str(out / "data" / "train.json"), str(out / "data" / "val.json"),
-                str(out / "data" / "tasks-2.yaml"), out / "tasks")
+                str(out / "data" / "tasks-2.yaml"), out / "tasks", test_spec=str(out / "data" / "test.json"))
     return out / "tasks" / "tasks.yaml"
 
 
@@ -149,7 +160,8 @@ def _merged_tasks(out: Path, seed: int) -> Path:
 
     images = str(out / "data" / "images")
     sources = write_demo_sources(out / "data", out / "sources", seed, force=True)
-    merge_tasks([TaskSource(task, train=str(p["train"]), val=str(p["val"]), images=images, val_images=images)
+    merge_tasks([TaskSource(task, train=str(p["train"]), val=str(p["val"]), images=images, val_images=images,
+                            test=str(p["test"]) if "test" in p else None, test_images=images if "test" in p else None)
                  for task, p in sources.items()], out / "tasks")
     return out / "tasks" / "tasks.yaml"
 
@@ -161,13 +173,15 @@ class Scenario:
     ``make_tasks(out, seed)`` builds ``out/tasks/tasks.yaml`` from the generated ``out/data`` (the
     stage named ``tasks_stage``); ``runs`` are the amalgamate runs in training order (row name,
     overrides on top of :func:`student_schedule`); ``rows`` their order in the report, after the
-    teachers and their ensemble."""
+    teachers and their ensemble. ``teacher_epoch_factor`` multiplies the recipe's teacher epochs:
+    a teacher that sees a fraction of the images trains for more epochs, so for the same steps."""
 
     name: str
     tasks_stage: str
     make_tasks: Callable[[Path, int], Path]
     runs: tuple[tuple[str, Mapping[str, Any]], ...]
     rows: tuple[str, ...]
+    teacher_epoch_factor: int = 1
 
 
 _KA = {"method": "ka", "lambda_d": RECIPE["student_lambda_d"]}
@@ -184,8 +198,10 @@ SCENARIOS = {
         _STUDENTS + (("raw", {"method": "raw"}), ("raw-partial", {"method": "raw-partial"}),
                      ("pseudo", {"method": "pseudo"})),
         ("raw", "raw-partial", "pseudo", "student", "student-slim"),
+        teacher_epoch_factor=2,  # each teacher has half the images: the split scenario's steps
     ),
 }
+
 
 
 def get_scenario(scenario: str | Scenario) -> Scenario:
@@ -195,6 +211,12 @@ def get_scenario(scenario: str | Scenario) -> Scenario:
     if scenario not in SCENARIOS:
         raise KacliError(f"unknown demo scenario {scenario!r} (scenarios: {', '.join(SCENARIOS)})")
     return SCENARIOS[scenario]
+
+
+def scenario_teacher_epochs(scenario: str | Scenario, minutes: float) -> int:
+    """The teachers' epochs of ``scenario`` at a ``minutes`` budget (the recipe's, scaled, times the
+    scenario's ``teacher_epoch_factor``)."""
+    return scaled_epochs(RECIPE["teacher_epochs"] * get_scenario(scenario).teacher_epoch_factor, minutes)
 
 
 def run_finished(run: Path, epochs: int) -> bool:
@@ -209,7 +231,7 @@ def run_finished(run: Path, epochs: int) -> bool:
 
 def prepare_base(
     out: Path, seed: int, teacher_epochs: int, n_train: int, n_val: int, stage: Callable[[str], Any],
-    scenario: str | Scenario = "split",
+    scenario: str | Scenario = "split", n_test: int | None = None,
 ) -> tuple[dict[str, Path], Path]:
     """The demo's data, tasks, teachers and cache in ``out`` (``data/``, ``tasks/tasks.yaml``,
     ``runs/teacher-<task>``, ``cache.h5``; the cross-dataset scenario also ``sources/``); what a
@@ -225,9 +247,11 @@ def prepare_base(
     quiet = lambda msg: None  # noqa: E731
     out = Path(out)
     tasks_path = out / "tasks" / "tasks.yaml"
+    n_test = RECIPE["test_images"] if n_test is None else n_test
     with stage("data"):
-        if not (out / "data" / "val.json").is_file():
-            make_demo_data(out / "data", train_images=n_train, val_images=n_val, seed=seed)
+        if not (out / "data" / "test.json").is_file():
+            make_demo_data(out / "data", train_images=n_train, val_images=n_val, test_images=n_test, seed=seed,
+                           force=True)
     with stage(scenario.tasks_stage):
         if not tasks_path.is_file():
             scenario.make_tasks(out, seed)
@@ -257,6 +281,7 @@ def run_demo(
     val_images: int | None = None,
     log: Callable[[str], None] = print,
     scenario: str = "split",
+    test_images: int | None = None,
 ) -> dict:
     """Run the demo's ``scenario`` (:data:`SCENARIOS`) into ``out``; returns ``{"rows": [...],
     "seconds": total, "stages": {...}, "scenario", "seed", "epochs"}`` (also written as demo.json)."""
@@ -274,7 +299,7 @@ def run_demo(
         os.replace(out, aside)
     try:
         out.mkdir(parents=True)
-        result = _run_demo(out, chosen, minutes, seed, train_images, val_images)
+        result = _run_demo(out, chosen, minutes, seed, train_images, val_images, test_images)
     except BaseException:
         if aside.exists():
             shutil.rmtree(out, ignore_errors=True)
@@ -285,14 +310,15 @@ def run_demo(
 
 
 def _run_demo(out: Path, scenario: Scenario, minutes: float, seed: int, train_images: int | None,
-              val_images: int | None) -> dict:
+              val_images: int | None, test_images: int | None) -> dict:
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
-    teacher_epochs = scaled_epochs(RECIPE["teacher_epochs"], minutes)
+    teacher_epochs = scenario_teacher_epochs(scenario, minutes)
     student_epochs = scaled_epochs(RECIPE["student_epochs"], minutes)
     n_train = train_images or RECIPE["train_images"]
     n_val = val_images or RECIPE["val_images"]
+    n_test = RECIPE["test_images"] if test_images is None else test_images
 
     def stage(name: str):
         class _Stage:
@@ -313,7 +339,7 @@ def _run_demo(out: Path, scenario: Scenario, minutes: float, seed: int, train_im
     quiet = lambda msg: None  # noqa: E731  (stages' own chatter would break the one display)
     with shared_progress(unit="stage") as progress:
         overall = progress.add_task("kacli demo", total=6 + len(scenario.runs), info="")
-        teachers, tasks_path = prepare_base(out, seed, teacher_epochs, n_train, n_val, stage, scenario)
+        teachers, tasks_path = prepare_base(out, seed, teacher_epochs, n_train, n_val, stage, scenario, n_test)
         manifest = TaskManifest(tasks_path)
         student_overrides = student_schedule(minutes, seed)
         for name, over in scenario.runs:
@@ -325,10 +351,11 @@ def _run_demo(out: Path, scenario: Scenario, minutes: float, seed: int, train_im
             order = [f"teacher-{t.name}" for t in manifest.tasks] + ["ensemble", *scenario.rows]
             results = {}
             for t in manifest.tasks:
-                results[f"teacher-{t.name}"] = evaluate_checkpoints([teachers[t.name]], tasks_path)
-            results["ensemble"] = evaluate_checkpoints([teachers[t.name] for t in manifest.tasks], tasks_path)
+                results[f"teacher-{t.name}"] = evaluate_checkpoints([teachers[t.name]], tasks_path, split=REPORT_SPLIT)
+            results["ensemble"] = evaluate_checkpoints([teachers[t.name] for t in manifest.tasks], tasks_path,
+                                                       split=REPORT_SPLIT)
             for name in scenario.rows:
-                results[name] = evaluate_checkpoints([runs / name], tasks_path)
+                results[name] = evaluate_checkpoints([runs / name], tasks_path, split=REPORT_SPLIT)
             for name in order:
                 r = results[name]
                 r["model"] = name
@@ -343,7 +370,8 @@ def _run_demo(out: Path, scenario: Scenario, minutes: float, seed: int, train_im
         prediction_pictures(teachers, runs / "student", tasks_path, out / "predictions")
     total = time.perf_counter() - t_start
     summary = {"rows": rows, "seconds": round(total, 1), "stages": stages, "seed": seed, "scenario": scenario.name,
-               "epochs": {"teacher": teacher_epochs, "student": student_epochs}}
+               "epochs": {"teacher": teacher_epochs, "student": student_epochs},
+               "split": REPORT_SPLIT, "selection": SELECTION}
     write_json(out / "demo.json", summary)
     return summary
 

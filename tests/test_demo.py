@@ -15,9 +15,14 @@ from conftest import assert_one_line_error
 @pytest.mark.slow
 def test_demo_end_to_end_at_toy_size(cli, tmp_path):
     out = tmp_path / "demo"
-    r = cli("demo", "--out", out, "--train-images", 48, "--val-images", 12, "--minutes", 0.5)
+    r = cli("demo", "--out", out, "--train-images", 48, "--val-images", 12, "--test-images", 16, "--minutes", 0.5)
     assert r.exit_code == 0, r.stderr
     rows = json.loads((out / "report.json").read_text())
+    # every reported figure is on the 16 test images; runs were selected on val (best.pt)
+    assert {row["split"] for row in rows} == {"test"}
+    assert [row["checkpoint"] for row in rows] == ["best.pt"] * 6
+    assert json.loads((out / "eval" / "student.json").read_text())["images"] == 16
+    assert len(json.loads((out / "tasks" / "test" / "all.json").read_text())["images"]) == 16
     names = [row["model"] for row in rows]
     assert names == ["teacher-convex", "teacher-concave", "ensemble", "raw", "student", "student-slim"]
     by = {row["model"]: row for row in rows}
@@ -35,8 +40,9 @@ def test_demo_end_to_end_at_toy_size(cli, tmp_path):
     assert "| student-slim |" in md and "| raw |" in md
     assert Image.open(out / "curves.png").size[0] > 100
     pictures = sorted((out / "predictions").glob("*.png"))
-    assert len(pictures) >= 3
+    assert len(pictures) >= 3 and all(p.name.startswith("test_") for p in pictures)
     summary = json.loads((out / "demo.json").read_text())
+    assert summary["split"] == "test" and "val" in summary["selection"]
     assert set(summary["stages"]) >= {"data", "split", "cache", "student", "student-slim", "raw", "evaluate"}
     # curves come from each run's validation AP per epoch
     for run in ("raw", "student", "student-slim"):
@@ -57,7 +63,7 @@ def test_cross_dataset_demo_end_to_end_at_toy_size(cli, tmp_path):
 
     out = tmp_path / "demo"
     r = cli("demo", "--scenario", "cross-dataset", "--out", out, "--train-images", 120, "--val-images", 40,
-            "--minutes", 0.3)
+            "--test-images", 40, "--minutes", 0.3)
     assert r.exit_code == 0, r.stderr
     rows = json.loads((out / "report.json").read_text())
     assert [row["model"] for row in rows] == ["teacher-convex", "teacher-concave", "ensemble", "raw", "raw-partial",
@@ -67,8 +73,8 @@ def test_cross_dataset_demo_end_to_end_at_toy_size(cli, tmp_path):
         teacher = row["model"].removeprefix("teacher-") if row["model"].startswith("teacher-") else None
         assert set(row["per_source"]) == ({teacher, "union"} if teacher else {"convex", "concave", "union"})
         assert row["AP"] == ev["AP"] == ev["per_source"]["union"]["AP"]
-        # each source is scored on its own half of the 40 validation images, the union on all of them
-        assert ev["per_source"]["union"]["images"] == (20 if teacher else 40)
+        # each source is scored on its own half of the 40 test images, the union on all of them
+        assert ev["split"] == "test" and ev["per_source"]["union"]["images"] == (20 if teacher else 40)
         assert all(ev["per_source"][s]["images"] == 20 for s in row["per_source"] if s != "union")
     md = (out / "report.md").read_text()
     assert "| AP convex | AP concave |" in md and "union of the sources" in md and "| pseudo |" in md
@@ -84,6 +90,10 @@ def test_cross_dataset_demo_end_to_end_at_toy_size(cli, tmp_path):
         "student": ("ka", "mask")}
     summary = json.loads((out / "demo.json").read_text())
     assert summary["scenario"] == "cross-dataset"
+    # each teacher sees half the images for twice the split demo's epochs (1 at this budget): the same steps
+    assert summary["epochs"]["teacher"] == 2 and summary["epochs"]["student"] == 1
+    teacher_lines = (out / "runs" / "teacher-convex" / "metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(x)["epoch"] for x in teacher_lines) == 2
     assert set(summary["stages"]) >= {"data", "merge", "cache", "raw-partial", "pseudo", "student", "evaluate"}
     assert len(list((out / "predictions").glob("*.png"))) >= 3
 
@@ -121,14 +131,14 @@ def test_cross_dataset_scenario_data_two_disjoint_half_labelled_sources(tmp_path
     from kacli.data.manifest import TaskManifest
     from kacli.demo import SCENARIOS
 
-    make_demo_data(tmp_path / "data", train_images=120, val_images=40, seed=3, progress=False)
+    make_demo_data(tmp_path / "data", train_images=120, val_images=40, test_images=20, seed=3, progress=False)
     tasks_path = SCENARIOS["cross-dataset"].make_tasks(tmp_path, 3)
     partition = demo_partition()
     assert list(partition) == ["convex", "concave"]
     manifest = TaskManifest(tasks_path)
     assert manifest.merged and manifest.task_names == ["convex", "concave"]
     names = {c["id"]: c["name"] for c in manifest.categories}
-    for split, count in (("train", 120), ("val", 40)):
+    for split, count in (("train", 120), ("val", 40), ("test", 20)):
         generated = json.loads((tmp_path / "data" / f"{split}.json").read_text())
         gen_name = {c["id"]: c["name"] for c in generated["categories"]}
         files = {}

@@ -21,7 +21,10 @@ def register(app: typer.Typer) -> None:
         minutes: float = typer.Option(12.0, "--minutes", help="Budget: scales every stage's epochs."),
         seed: int = typer.Option(0, "--seed", help="Seed of the data and of every training."),
         train_images: Optional[int] = typer.Option(None, "--train-images", help="Override the demo's 2,000."),
-        val_images: Optional[int] = typer.Option(None, "--val-images", help="Override the demo's 300."),
+        val_images: Optional[int] = typer.Option(
+            None, "--val-images", help="Override the demo's 300 (checkpoint selection)."),
+        test_images: Optional[int] = typer.Option(
+            None, "--test-images", min=1, help="Override the demo's 500 (every reported figure)."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
         scenario: str = typer.Option(
             "split", "--scenario",
@@ -39,7 +42,7 @@ def register(app: typer.Typer) -> None:
         from kacli.report import load_rows, rows_table
 
         summary = run_demo(out, minutes=minutes, seed=seed, force=force, train_images=train_images,
-                           val_images=val_images, log=console.print, scenario=scenario)
+                           val_images=val_images, log=console.print, scenario=scenario, test_images=test_images)
         rows = load_rows([out / "eval" / f"{r['model']}.json" for r in summary["rows"]])
         console.print(rows_table(rows))
         console.print(
