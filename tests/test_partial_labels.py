@@ -1,4 +1,4 @@
-"""Ground-truth losses on partially annotated images (mask, pseudo-gt) and hard pseudo-labels."""
+"""Ground-truth losses on partially annotated images (mask, marginal, pseudo-gt) and hard pseudo-labels."""
 
 from __future__ import annotations
 
@@ -90,6 +90,90 @@ def test_mask_keeps_a_labelled_class_even_when_not_complete():
         crit(outputs, [_t([0], [T], [True, True]), _t([0], [T])])
 
 
+# -- marginal --------------------------------------------------------------------------------------
+
+# 3 classes + no-object (∅), one image complete for classes 0 and 2 (class 1 unlabelled), one target
+# of class 0 at box T. Logits are logs of these weights (c0, c1, c2, ∅):
+#   q0 (6, 1, 1, 2) box T    matched: masked softmax /9 → p0 = 6/9, ce = log(3/2) (mask and marginal)
+#   q1 (1, 4, 1, 2) far      unmatched: full /8 → p_∅ + p_1 = 6/8, marginal term log(4/3);
+#                                       mask: /4 → p_∅ = 2/4, ce log 2
+#   q2 (1, 1, 2, 4) far      unmatched: full /8 → p_∅ + p_1 = 5/8, log(8/5); mask: /7 → log(7/4)
+# Weights 1 (matched) and eos_coef .1 (unmatched), divided by their sum 1.2.
+# The auxiliary output differs in q1 only: (1, 2, 1, 1) → full /5, p_∅ + p_1 = 3/5, log(5/3).
+M_WEIGHTS = [[6.0, 1.0, 1.0, 2.0], [1.0, 4.0, 1.0, 2.0], [1.0, 1.0, 2.0, 4.0]]
+M_AUX = [[6.0, 1.0, 1.0, 2.0], [1.0, 2.0, 1.0, 1.0], [1.0, 1.0, 2.0, 4.0]]
+M_BOXES = [T, [0.8, 0.8, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]]
+MARGINAL = (math.log(3 / 2) + 0.1 * math.log(4 / 3) + 0.1 * math.log(8 / 5)) / 1.2
+MARGINAL_AUX = (math.log(3 / 2) + 0.1 * math.log(5 / 3) + 0.1 * math.log(8 / 5)) / 1.2
+MASKED = (math.log(3 / 2) + 0.1 * math.log(2) + 0.1 * math.log(7 / 4)) / 1.2
+
+
+def _marginal_case():
+    logits = torch.log(torch.tensor([M_WEIGHTS])).requires_grad_(True)
+    outputs = {"pred_logits": logits, "pred_boxes": torch.tensor([M_BOXES]),
+               "aux_outputs": [{"pred_logits": torch.log(torch.tensor([M_AUX])),
+                                "pred_boxes": torch.tensor([M_BOXES])}]}
+    return outputs, [_t([0], [T], [True, False, True])]
+
+
+def test_marginal_loss_equals_hand_computation_on_a_partial_image():
+    outputs, targets = _marginal_case()
+    got = GroundTruthLoss(3, "marginal", eos_coef=0.1)(outputs, targets)
+    assert got["loss_ce"].item() == pytest.approx(MARGINAL, abs=1e-6)
+    assert got["loss_ce_0"].item() == pytest.approx(MARGINAL_AUX, abs=1e-6)  # the auxiliary layer alike
+    assert got["loss_bbox"].item() == pytest.approx(0.0, abs=1e-7)  # q0, on the target's box, is matched
+    assert got["total"].item() == pytest.approx(MARGINAL + MARGINAL_AUX, abs=1e-5)  # box losses 0
+    masked = GroundTruthLoss(3, "mask", eos_coef=0.1)(outputs, targets)
+    assert masked["loss_ce"].item() == pytest.approx(MASKED, abs=1e-6)
+    # the same matching as mask: the box losses are the same
+    for key in ("loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_0"):
+        assert torch.equal(got[key], masked[key]), key
+
+
+def _unlabelled_step(mode: str, lr: float = 12.0) -> tuple[torch.Tensor, float]:
+    """The gradient of loss_ce w.r.t. the logits (1, 3, 4) and p(class 1) of q1 over the full softmax
+    after one SGD step of ``lr`` on the logits."""
+    outputs, targets = _marginal_case()
+    del outputs["aux_outputs"]
+    GroundTruthLoss(3, mode, eos_coef=0.1)(outputs, targets)["loss_ce"].backward()
+    logits = outputs["pred_logits"]
+    stepped = logits.detach() - lr * logits.grad
+    return logits.grad, stepped.softmax(-1)[0, 1, 1].item()
+
+
+def test_marginal_does_not_teach_an_unmatched_query_away_from_an_unlabelled_class():
+    # d loss/d z = (eos_coef / 1.2)·(p − p·[c ∈ A] / P_A) for the unmatched q1 under marginal, with
+    # p = (1, 4, 1, 2)/8, A = {c1, ∅}, P_A = 6/8: (1/12)·(1/8, −1/6, 1/8, −1/12).
+    # Mask: (1/12)·(p_masked − onehot(∅)) with p_masked = (1, ·, 1, 2)/4 and no gradient at c1.
+    marginal, p_marginal = _unlabelled_step("marginal")
+    mask, p_mask = _unlabelled_step("mask")
+    torch.testing.assert_close(marginal[0, 1], torch.tensor([1 / 8, -1 / 6, 1 / 8, -1 / 12]) / 12)
+    torch.testing.assert_close(mask[0, 1], torch.tensor([1 / 4, 0.0, 1 / 4, -1 / 2]) / 12)
+    assert mask[0, 1, 1].item() == 0.0
+    # The matched q0 gets the same gradient from both: masked softmax (6, ·, 1, 2)/9 − onehot(c0), /1.2.
+    torch.testing.assert_close(marginal[0, 0], mask[0, 0])
+    torch.testing.assert_close(mask[0, 0], torch.tensor([6 / 9 - 1, 0.0, 1 / 9, 2 / 9]) / 1.2)
+    # One SGD step (lr 12, so the step is 12·gradient): p(c1) of q1, 1/2 before, falls under mask
+    # (c1 unchanged, ∅ raised by 1/2, c0 and c2 lowered by 1/4) and rises under marginal.
+    e = math.exp
+    mask_after = 4 / (2 * e(-1 / 4) + 4 + 2 * e(1 / 2))
+    marginal_after = 4 * e(1 / 6) / (2 * e(-1 / 8) + 4 * e(1 / 6) + 2 * e(1 / 12))
+    assert p_mask == pytest.approx(mask_after, abs=1e-6) and mask_after == pytest.approx(0.4517, abs=1e-4)
+    assert p_marginal == pytest.approx(marginal_after, abs=1e-6) and marginal_after == pytest.approx(0.5454, abs=1e-4)
+
+
+def test_marginal_on_random_partial_images_keeps_the_matching_of_mask():
+    outputs, targets, _, _ = _random_batch(2)
+    targets[0]["complete"] = torch.tensor([True, True, False, False])
+    targets[2]["complete"] = torch.tensor([False, False, True, True])
+    marginal = GroundTruthLoss(4, "marginal")(outputs, targets)
+    masked = GroundTruthLoss(4, "mask")(outputs, targets)
+    for key in ("loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_0", "class_error"):
+        assert torch.equal(marginal[key], masked[key]), key
+    assert abs(marginal["loss_ce"].item() - masked["loss_ce"].item()) > 1e-3
+    assert math.isfinite(marginal["total"].item())
+
+
 def _random_batch(seed: int, complete: bool = True):
     """3 images × 6 queries, 4 classes, one auxiliary output, 2/0/3 targets; two teachers."""
     g = torch.Generator().manual_seed(seed)
@@ -118,16 +202,17 @@ def test_every_mode_equals_the_plain_criterion_on_complete_images():
     outputs, targets, teacher, class_index = _random_batch(0)
     ref = SetCriterion(4, HungarianMatcher(), eos_coef=0.1)(outputs, targets)
     assert ref["loss_ce"].item() > 0 and ref["loss_bbox"].item() > 0
-    for mode in ("none", "mask", "pseudo-gt"):
+    for mode in ("none", "mask", "marginal", "pseudo-gt"):
         got = GroundTruthLoss(4, mode, class_index=class_index, eos_coef=0.1, threshold=0.0)(outputs, targets, teacher)
         assert got.keys() == ref.keys()
         for key in ref:
             assert torch.equal(got[key], ref[key]), (mode, key)
     # targets without "complete" are complete for every class
     outputs, targets, teacher, class_index = _random_batch(0, complete=False)
-    got = GroundTruthLoss(4, "mask")(outputs, targets)
-    for key in ref:
-        assert torch.equal(got[key], ref[key]), key
+    for mode in ("mask", "marginal"):
+        got = GroundTruthLoss(4, mode)(outputs, targets)
+        for key in ref:
+            assert torch.equal(got[key], ref[key]), (mode, key)
 
 
 def test_pseudo_gt_matches_against_ground_truth_plus_teacher_boxes():

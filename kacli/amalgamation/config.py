@@ -18,7 +18,7 @@ Baselines for tasks from several datasets (every image annotated only for its so
 each a plain DETR on the union of the sources' images, ground-truth weight 1:
 
 - ``raw`` is the naive merge: a category an image's source does not label is background there.
-- ``raw-partial``: DETR with the partial-label loss (``gt_loss: mask``).
+- ``raw-partial``: DETR with a partial-label loss: ``gt_loss: mask`` (the default) or ``marginal``.
 - ``pseudo``: DETR on the ground truth plus the teachers' confident predictions (cached or online) of the
   categories each image lacks, as hard labels (``gt_loss: pseudo-gt``; autodistill-style).
 
@@ -44,8 +44,9 @@ from kacli.models.checkpoint import torch_load_untrusted
 from kacli.models.config import ModelConfig
 
 TRAINING_METHODS = ("ka", "raw", "raw-ext", "sag", "raw-partial", "pseudo")
-# Methods training a plain DETR on ground truth alone (weight 1), each with its own ground-truth loss.
-PLAIN_DETR_GT_LOSS = {"raw": "none", "raw-partial": "mask", "pseudo": "pseudo-gt"}
+# Methods training a plain DETR on ground truth alone (weight 1), each with the ground-truth losses
+# that define it (the first when the configuration names none).
+PLAIN_DETR_GT_LOSSES = {"raw": ("none",), "raw-partial": ("mask", "marginal"), "pseudo": ("pseudo-gt",)}
 # The ground-truth loss of the other methods when the configuration names none.
 DEFAULT_GT_LOSS = "mask"
 
@@ -128,10 +129,10 @@ class AmalgamateConfig:
     Attributes:
         method: ``ka``, ``raw``, ``raw-ext``, ``sag``, ``raw-partial`` or ``pseudo`` (see the module
             docstring).
-        gt_loss: the ground-truth loss on partially annotated images: ``none``, ``mask`` or
-            ``pseudo-gt`` (:mod:`kacli.losses.ground_truth`); null: the method's own (``mask``
-            for ``ka``, ``sag`` and ``raw-ext``; ``raw``, ``raw-partial`` and ``pseudo`` are defined
-            by theirs: none, mask, pseudo-gt).
+        gt_loss: the ground-truth loss on partially annotated images: ``none``, ``mask``,
+            ``marginal`` or ``pseudo-gt`` (:mod:`kacli.losses.ground_truth`); null: the method's
+            own (``mask`` for ``ka``, ``sag`` and ``raw-ext``; ``raw``, ``raw-partial`` and ``pseudo``
+            are defined by theirs: none, mask or marginal (default mask), pseudo-gt).
         pseudo_threshold: ``pseudo-gt``: a teacher prediction becomes a hard label when its class
             probability reaches this.
         pseudo_iou: ``pseudo-gt``: IoU above which added boxes of one class are duplicates.
@@ -152,7 +153,7 @@ class AmalgamateConfig:
     """
 
     method: Literal["ka", "raw", "raw-ext", "sag", "raw-partial", "pseudo"] = "ka"
-    gt_loss: Literal["none", "mask", "pseudo-gt"] | None = None
+    gt_loss: Literal["none", "mask", "marginal", "pseudo-gt"] | None = None
     pseudo_threshold: float = 0.5
     pseudo_iou: float = 0.7
     compress: Literal["none", "redundancy", "isometric", "random"] = "none"
@@ -184,12 +185,15 @@ class AmalgamateConfig:
     @property
     def plain_detr(self) -> bool:
         """The method trains a plain DETR on ground truth (``raw``, ``raw-partial``, ``pseudo``)."""
-        return self.method in PLAIN_DETR_GT_LOSS
+        return self.method in PLAIN_DETR_GT_LOSSES
 
     @property
     def ground_truth_loss(self) -> str:
         """The ground-truth loss mode this run trains with (see ``gt_loss``)."""
-        return PLAIN_DETR_GT_LOSS.get(self.method) or self.gt_loss or DEFAULT_GT_LOSS
+        own = PLAIN_DETR_GT_LOSSES.get(self.method)
+        if own is not None:
+            return self.gt_loss if self.gt_loss in own else own[0]
+        return self.gt_loss or DEFAULT_GT_LOSS
 
     @property
     def extended(self) -> bool:
@@ -306,10 +310,11 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str]) ->
     if cfg.method == "ka" and cfg.compress == "redundancy" and cfg.compress_guide > 0 and "proj" not in layers:
         raise KacliError("redundancy compression chooses tokens from the teachers' projected sequences, but the "
                          f"cache holds only layers {', '.join(layers)} (re-cache with the 'proj' layer)")
-    own = PLAIN_DETR_GT_LOSS.get(cfg.method)
-    if own is not None and cfg.gt_loss is not None and cfg.gt_loss != own:
-        raise KacliError(f"--method {cfg.method} is DETR with the ground-truth loss {own!r}; gt_loss {cfg.gt_loss!r} "
-                         "would make it another method (use --method ka, sag or raw-ext to choose gt_loss)")
+    own = PLAIN_DETR_GT_LOSSES.get(cfg.method)
+    if own is not None and cfg.gt_loss is not None and cfg.gt_loss not in own:
+        raise KacliError(f"--method {cfg.method} is DETR with the ground-truth loss {' or '.join(map(repr, own))}; "
+                         f"gt_loss {cfg.gt_loss!r} would make it another method (use --method ka, sag or raw-ext "
+                         "to choose gt_loss)")
     if cfg.method == "sag" and cfg.sa.enabled is False:
         raise KacliError("--method sag is sequence supervision; it cannot run with --no-sa")
 
@@ -317,7 +322,7 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str]) ->
 __all__ = [
     "AmalgamateConfig",
     "DEFAULT_GT_LOSS",
-    "PLAIN_DETR_GT_LOSS",
+    "PLAIN_DETR_GT_LOSSES",
     "SAConfig",
     "TAConfig",
     "TRAINING_METHODS",

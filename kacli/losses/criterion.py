@@ -19,6 +19,15 @@ its valid classes and "no object" only, and the matcher's class cost −p_i(c_j)
 probabilities of that same masked softmax (the cost then ranks queries by the probability the loss
 will raise). Class weights stay 1 and ``eos_coef``, and the mean is over all queries as before.
 With every image complete for every class this is exactly the unmasked criterion.
+
+Marginal partial labels (``marginal=True``, implies the masking): matched queries and the matching
+are as above, but an unmatched query of an image that leaves classes out is taught "no object or
+one of the classes left out": its term is −log(p_∅ + Σ_{c left out} p_c), p the softmax over all
+K+1 logits (the partial-label marginal likelihood), so it no longer pushes down a class nobody
+labelled on that image. It enters the weighted mean with the weight ``eos_coef`` of its "no object"
+target, as its cross-entropy did: loss_ce = (Σ_matched ce_i + eos_coef·Σ_unmatched m_i) /
+(#matched + eos_coef·#unmatched) over the batch (see :func:`kacli.losses.partial.marginal_logits`).
+On an image complete for every class m_i is the "no object" cross-entropy, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 from kacli.engine.distributed import rank_mean_count
 from kacli.errors import KacliError
 from kacli.losses.matcher import HungarianMatcher
-from kacli.losses.partial import mask_logits, valid_classes
+from kacli.losses.partial import marginal_logits, mask_logits, valid_classes
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -59,10 +68,12 @@ class SetCriterion(nn.Module):
         eos_coef: class weight of "no object" in the cross-entropy.
         mask_incomplete: leave out of each image's softmax (loss and matching) the classes its
             target's ``complete`` (C,) bool marks as not annotated (see the module docstring).
+        marginal: as ``mask_incomplete``, and an unmatched query's target is "no object or a class
+            left out" (the marginal likelihood; see the module docstring).
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict | None = None,
-                 eos_coef: float = 0.1, mask_incomplete: bool = False):
+                 eos_coef: float = 0.1, mask_incomplete: bool = False, marginal: bool = False):
         super().__init__()
         weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
         unknown = sorted(k for k in weight_dict if k not in LOSS_NAMES)
@@ -72,7 +83,8 @@ class SetCriterion(nn.Module):
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
-        self.mask_incomplete = bool(mask_incomplete)
+        self.mask_incomplete = bool(mask_incomplete or marginal)
+        self.marginal = bool(marginal)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
@@ -92,6 +104,7 @@ class SetCriterion(nn.Module):
         ``valid``: (B, K+1) bool, the classes each image's softmax keeps (:func:`valid_classes`);
         None keeps all. The matcher then sees the masked logits too."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        full = logits
         if valid is not None:
             logits = mask_logits(logits.float(), valid)
             outputs = {"pred_logits": logits, "pred_boxes": boxes}
@@ -105,8 +118,11 @@ class SetCriterion(nn.Module):
 
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=dev)
         target_classes[batch_idx, src_idx] = tgt_labels
+        class_logits = logits.float()
+        if self.marginal and valid is not None:
+            class_logits = marginal_logits(full.float(), valid, target_classes == self.num_classes)
         loss_ce = F.cross_entropy(
-            logits.float().transpose(1, 2), target_classes, weight=self.empty_weight.to(dev)
+            class_logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(dev)
         )
 
         src_boxes = boxes[batch_idx, src_idx].float()
@@ -129,7 +145,7 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """outputs: ``pred_logits (B,Q,K+1)``, ``pred_boxes (B,Q,4)``, optional ``aux_outputs``;
         targets: B dicts with ``boxes (M,4)`` cxcywh normalised and ``labels (M,)`` int64 (and,
-        read only with ``mask_incomplete``, ``complete (K,)`` bool).
+        read only with ``mask_incomplete`` or ``marginal``, ``complete (K,)`` bool).
 
         Returns ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``loss_<name>_<i>`` per auxiliary
         output i, ``class_error`` and ``total`` (scalars)."""

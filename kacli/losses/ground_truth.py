@@ -6,10 +6,14 @@ Modes (:data:`GT_LOSSES`):
   does not annotate is taught "no object" (the naive merge: missing = background).
 - ``mask``: the criterion with each image's unannotated classes left out of its softmax, in the loss
   and in the matching cost (:class:`kacli.losses.criterion.SetCriterion` with ``mask_incomplete``).
+- ``marginal``: as ``mask`` for the matched queries and the matching; a query matched to no object
+  is taught "no object or one of the image's unannotated classes": −log(p_∅ + Σ_{c unannotated} p_c)
+  over the full softmax (the partial-label marginal likelihood), weighted ``eos_coef`` as its
+  "no object" cross-entropy is (``SetCriterion`` with ``marginal``).
 - ``pseudo-gt``: the criterion matched against the ground truth plus the teachers' confident
   predictions of the classes the image lacks, as hard labels (:mod:`kacli.losses.pseudo`).
 
-On images complete for every class (a single dataset) all three give the same losses.
+On images complete for every class (a single dataset) all four give the same losses.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from kacli.losses.criterion import SetCriterion
 from kacli.losses.matcher import HungarianMatcher
 from kacli.losses.pseudo import hard_pseudo_targets
 
-GT_LOSSES = ("none", "mask", "pseudo-gt")
+GT_LOSSES = ("none", "mask", "marginal", "pseudo-gt")
 
 
 class GroundTruthLoss(nn.Module):
@@ -32,7 +36,7 @@ class GroundTruthLoss(nn.Module):
 
     Args:
         num_classes: C, the student's class count.
-        mode: ``none``, ``mask`` or ``pseudo-gt`` (see the module docstring).
+        mode: ``none``, ``mask``, ``marginal`` or ``pseudo-gt`` (see the module docstring).
         class_index: per teacher ``(C_t,)`` student class indices (``pseudo-gt`` only).
         eos_coef, weight_dict, matcher: as for :class:`SetCriterion` (matcher default: DETR's costs).
         threshold: ``pseudo-gt``: teacher predictions scoring below it are not added.
@@ -66,7 +70,7 @@ class GroundTruthLoss(nn.Module):
         self.threshold = float(threshold)
         self.iou_threshold = float(iou_threshold)
         self.criterion = SetCriterion(num_classes, matcher or HungarianMatcher(), weight_dict, eos_coef,
-                                      mask_incomplete=mode == "mask")
+                                      mask_incomplete=mode == "mask", marginal=mode == "marginal")
 
     @property
     def needs_teacher(self) -> bool:

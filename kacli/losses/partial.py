@@ -6,7 +6,10 @@ True where the image's annotations are complete for that class. A class the imag
 for must not be taught "no object" by that image: its logit is removed from the image's softmax
 (OpenVINO training_extensions' CrossDatasetDetectorHead does the same with a per-image valid-label
 mask), so the cross-entropy of every query of that image runs over the valid classes and
-"no object" only.
+"no object" only (``gt_loss: mask``). With ``gt_loss: marginal`` a query matched to no object is
+instead taught "no object or one of the image's classes that are not valid" over the full softmax
+(:func:`marginal_logits`), so a query on an unlabelled object of such a class is not pushed away
+from it.
 
 Valid classes of an image: those it is complete for, those any of its annotations carry (a class
 with an annotation is a class that image can name, even when it is not exhaustively labelled; this
@@ -61,3 +64,23 @@ def mask_logits(logits: Tensor, valid: Tensor) -> Tensor:
     if valid.shape != (logits.shape[0], logits.shape[-1]):
         raise ValueError(f"valid mask {tuple(valid.shape)} does not fit logits {tuple(logits.shape)}")
     return logits.masked_fill(~valid[:, None, :].to(logits.device), float("-inf"))
+
+
+def marginal_logits(logits: Tensor, valid: Tensor, unmatched: Tensor) -> Tensor:
+    """:func:`mask_logits` of ``logits (B, Q, C + 1)`` whose "no object" entry, for the
+    ``unmatched (B, Q)`` bool queries of images with a class not ``valid (B, C + 1)``, is
+    ``log Σ_{c ∈ A} exp(z_c)``, A = {no object} ∪ the image's classes that are not valid.
+
+    The softmax of the result at "no object" is then ``p_∅ + Σ_{c ∈ A, c ≠ ∅} p_c`` with p the softmax
+    of all C + 1 logits (the valid classes and A together are every class once), so the cross-entropy
+    with target "no object" is the marginal ``−log(p_∅ + Σ_{c not valid} p_c)``, and it passes its
+    gradient to the masked logits through the log-sum-exp. Matched queries, and every query of an
+    image whose classes are all valid, keep :func:`mask_logits`'s values exactly.
+    """
+    masked = mask_logits(logits, valid)
+    noobj_or_missing = ~valid.to(logits.device)
+    noobj_or_missing[:, -1] = True
+    lse = torch.logsumexp(logits.masked_fill(~noobj_or_missing[:, None, :], float("-inf")), dim=-1)  # (B, Q)
+    use = unmatched & (~valid).any(-1).to(logits.device)[:, None]
+    noobj = torch.where(use, lse, masked[..., -1])
+    return torch.cat([masked[..., :-1], noobj[..., None]], dim=-1)
