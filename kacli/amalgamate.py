@@ -244,12 +244,17 @@ Source = CacheSource | TeacherSource
 # -- the steps ---------------------------------------------------------------------------------------
 
 
-def open_cache(cache_path: str | Path, tasks_path: str | Path | None) -> CacheSource:
+def open_cache(cache_path: str | Path, tasks_path: str | Path | None, allow_val: bool = False) -> CacheSource:
     """Validate the (complete) cache and find its manifest: ``tasks_path`` must be the one the cache
-    was made from; None: the one the cache names, unchanged since."""
+    was made from; None: the one the cache names, unchanged since. A cache of a split other than
+    ``train`` is refused unless ``allow_val``."""
     cache_path = Path(cache_path)
     with schema.open_h5(cache_path, "r") as f:
         attrs = dict(schema.validate(f, cache_path, require_complete=True).attrs)
+    split = attrs.get("split")
+    if split != "train" and not allow_val:
+        raise KacliError(f"cache holds the {split!r} split: training on it would fit the student to the images it "
+                         "is evaluated on (cache the train split, or --allow-val to train on it anyway)", cache_path)
     manifest = cache_manifest(attrs, cache_path, tasks_path)
     return CacheSource(cache_path, attrs, manifest)
 
@@ -264,13 +269,14 @@ def open_teachers(teachers: Sequence[str | Path], tasks_path: str | Path | None)
 
 
 def open_source(cache_path: str | Path | None, teachers: Sequence[str | Path] | None,
-                tasks_path: str | Path | None) -> CacheSource | TeacherSource:
-    """The cache (``cache_path``) or the teachers to run online (``teachers``): exactly one."""
+                tasks_path: str | Path | None, allow_val: bool = False) -> CacheSource | TeacherSource:
+    """The cache (``cache_path``; of the train split unless ``allow_val``) or the teachers to run
+    online (``teachers``; they always train on the train split): exactly one."""
     if cache_path is not None and teachers:
         raise KacliError("give either --cache (train from the teacher cache) or --teacher (run the teachers "
                          "online), not both")
     if cache_path is not None:
-        return open_cache(cache_path, tasks_path)
+        return open_cache(cache_path, tasks_path, allow_val)
     if teachers:
         return open_teachers(teachers, tasks_path)
     raise KacliError("give --cache FILE (a teacher cache) or one --teacher per task of --tasks (teachers run online)")
@@ -381,6 +387,7 @@ def amalgamate(
     config: str | Path | Mapping | None = None,
     overrides: Mapping[str, Any] | None = None,
     force: bool = False,
+    allow_val: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train a student from the teacher cache, or with the teachers run in the training loop;
@@ -399,18 +406,20 @@ def amalgamate(
         teachers: one teacher checkpoint (or run folder) per task of ``tasks_path``, in its order,
             to run online instead of reading a cache (exclusive with ``cache_path``).
         force: start over in a non-empty run folder.
+        allow_val: train from a cache of a split other than ``train`` (refused otherwise).
 
     Returns:
         The trainer's summary ``{"best", "last", "train_seconds"}`` plus ``"method"`` and ``"out"``.
 
     Raises:
         KacliError: both or neither of ``cache_path`` and ``teachers``; ``teachers`` without
-        ``tasks_path``; a cache from another manifest or teachers that do not fit it (count,
-        order, label maps); a configuration with nothing to learn; a student whose d_model or
-        enc_layers differs from the teachers'; compression with one teacher. Nothing is written then.
+        ``tasks_path``; a cache of a split other than ``train`` without ``allow_val``; a cache
+        from another manifest or teachers that do not fit it (count, order, label maps); a
+        configuration with nothing to learn; a student whose d_model or enc_layers differs from
+        the teachers'; compression with one teacher. Nothing is written then.
     """
 
-    source = open_source(cache_path, teachers, tasks_path)
+    source = open_source(cache_path, teachers, tasks_path, allow_val)
     cfg = resolve_config(source, cfg, config, overrides, device)
     torch.manual_seed(cfg.train.seed)
     model = build_student(cfg, len(source.label_map["ids"]), source.num_teachers)

@@ -10,10 +10,12 @@ single-dataset cache every ground-truth loss mode computes the losses of before.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from kacli.amalgamate import amalgamate, build_student
 from kacli.amalgamation.config import check_method, load_amalgamate_config, teacher_settings
@@ -27,10 +29,7 @@ from kacli.data.merge import TaskSource, merge_tasks
 from kacli.data.split import split_tasks
 from kacli.errors import KacliError
 from kacli.eval.evaluate import evaluate_checkpoints
-from kacli.losses.criterion import SetCriterion
-from kacli.losses.matcher import HungarianMatcher
 from kacli.models.checkpoint import load_checkpoint
-from kacli.models.detr import DETR
 from conftest import assert_one_line_error
 from test_amalgamate import _teachers
 
@@ -89,48 +88,142 @@ def _losses(cache_path: Path, overrides: dict, model_seed: int = 0) -> dict[str,
     return {k: float(v) for k, v in out.items()}
 
 
+QUERIES = 9  # GivenPredictions' queries: more than any image's objects
+
+
+class GivenPredictions(nn.Module):
+    """A detector whose predictions are set from the targets: on image b, query j < M_b sits on
+    target j's box with logit log 5 at its class and 0 at the other C classes and "no object"; the
+    other queries have every logit 0 and a box far from every object, so each target is matched to
+    its own query. ``(images (B,3,H,W), mask) → {"pred_logits" (B,Q,C+1), "pred_boxes" (B,Q,4)}``."""
+
+    def __init__(self, targets: list[dict], num_classes: int, queries: int):
+        super().__init__()
+        self.logits = torch.zeros(len(targets), queries, num_classes + 1)
+        self.boxes = torch.tensor([0.02, 0.02, 0.01, 0.01]).repeat(len(targets), queries, 1)
+        for b, t in enumerate(targets):
+            m = len(t["labels"])
+            self.logits[b, torch.arange(m), t["labels"]] = math.log(5)
+            self.boxes[b, :m] = t["boxes"]
+
+    def forward(self, images, mask):
+        return {"pred_logits": self.logits.clone(), "pred_boxes": self.boxes.clone()}
+
+
+def hand_loss_ce(targets: list[dict], num_classes: int, queries: int, mode: str) -> float:
+    """:class:`GivenPredictions`' classification loss from the formula, eos_coef 0.1.
+
+    Per image, V of the C classes are valid (complete or labelled; C under ``none``). A matched
+    query's softmax over the valid classes and "no object" is 5 / (5 + V); an unmatched one's
+    "no object" 1 / (V + 1), or under ``marginal`` (1 + C − V) / (C + 1) for "no object or an
+    unlabelled class". Terms weigh 1 (matched) and 0.1 (unmatched); the sum is divided by the weights'.
+    """
+    C, num, den = num_classes, 0.0, 0.0
+    for t in targets:
+        m = len(t["labels"])
+        valid = set(t["labels"].tolist()) | {c for c in range(C) if bool(t.get("complete", [True] * C)[c])}
+        V = C if mode == "none" else len(valid)
+        unmatched = math.log((C + 1) / (1 + C - V)) if mode == "marginal" else math.log(V + 1)
+        num += m * math.log((5 + V) / 5) + 0.1 * (queries - m) * unmatched
+        den += m + 0.1 * (queries - m)
+    return num / den
+
+
+def _given_losses(cache_path: Path, overrides: dict) -> tuple[dict[str, float], list[dict]]:
+    """The objective's losses for :class:`GivenPredictions` on the whole cache in one batch."""
+    objective, cache = _objective(cache_path, overrides)
+    batch = collate_cached([cache[i] for i in range(len(cache))])
+    targets = batch[2]
+    model = GivenPredictions(targets, len(cache.label_map["ids"]), QUERIES)
+    with torch.no_grad():
+        out = objective(model, batch, torch.device("cpu"))
+    return {k: float(v) for k, v in out.items()}, targets
+
+
 def test_single_dataset_losses_are_the_same_for_every_ground_truth_loss(merged):
-    """Every image complete for every class: mask and pseudo-gt compute exactly what DETR's set
-    criterion computes (the ground-truth loss of before), for the student and for DETR."""
+    """Every image complete for every class: mask, marginal and pseudo-gt compute exactly what
+    DETR's set criterion computes (the ground-truth loss of before), for the student and for DETR;
+    on given predictions, its value from the formula."""
+    settings = [{"method": "raw"}, {"method": "raw-partial"}, {"method": "raw-partial", "gt_loss": "marginal"},
+                {"method": "pseudo", "pseudo_threshold": 0.0}]
+    settings += [{"method": "raw-ext", "gt_loss": mode} for mode in ("none", "mask", "marginal", "pseudo-gt")]
+    for overrides in settings:
+        got, targets = _given_losses(merged["full"], overrides)
+        assert max(len(t["labels"]) for t in targets) < QUERIES and all("complete" in t for t in targets)
+        want = hand_loss_ce(targets, 8, QUERIES, "none")
+        assert got["loss_ce"] == pytest.approx(want, rel=1e-6), overrides
+        assert got["loss_bbox"] == pytest.approx(0.0, abs=1e-6) and got["loss_giou"] == pytest.approx(0.0, abs=1e-5)
+        assert got["loss_d"] == pytest.approx(want, abs=1e-4)  # weight 1: L_d is the criterion's total
     for method in ("ka", "raw-ext"):
         before = _losses(merged["full"], {"method": method, "gt_loss": "none"})
-        for mode in ("mask", "pseudo-gt"):
+        assert before["loss_ce"] > 0 and math.isfinite(before["total"])
+        for mode in ("mask", "marginal", "pseudo-gt"):
             assert _losses(merged["full"], {"method": method, "gt_loss": mode}) == before, (method, mode)
     raw = _losses(merged["full"], {"method": "raw"})
+    assert raw["loss_ce"] > 0 and math.isfinite(raw["total"])
     assert _losses(merged["full"], {"method": "raw-partial"}) == raw
+    assert _losses(merged["full"], {"method": "raw-partial", "gt_loss": "marginal"}) == raw
     assert _losses(merged["full"], {"method": "pseudo", "pseudo_threshold": 0.0}) == raw
 
 
 def test_partial_images_bring_their_complete_classes_to_the_loss(merged):
-    """On the merged cache the mask mode's classification loss is the masked criterion's on the
-    batch's own ``complete`` sets; the naive merge's is the plain criterion's."""
-    objective, cache = _objective(merged["cache"], {"method": "raw-partial"})
-    batch = collate_cached([cache[i] for i in range(len(cache))])
-    _, _, targets, _ = batch
-    C = len(cache.label_map["ids"])
+    """On the merged cache each image is complete for its source's 4 of the 8 classes; the
+    objective's classification loss on given predictions is the formula's with those sets: the
+    naive merge's (all 8 classes), mask's and marginal's (4 valid classes)."""
+    got, targets = {}, None
+    for overrides, mode in (({"method": "raw"}, "none"), ({"method": "raw-partial"}, "mask"),
+                            ({"method": "raw-partial", "gt_loss": "marginal"}, "marginal")):
+        losses, targets = _given_losses(merged["cache"], overrides)
+        got[mode] = losses["loss_ce"]
     convex = set(range(4))  # the student's classes: convex's 4, then concave's 4
     for t in targets:
         labels = set(t["labels"].tolist())
-        assert labels <= {c for c in range(C) if t["complete"][c]}  # each image's labels are of its source
+        assert labels <= {c for c in range(8) if t["complete"][c]}  # each image's labels are of its source
         assert set(torch.nonzero(t["complete"]).flatten().tolist()) in (convex, set(range(4, 8)))
-    torch.manual_seed(0)
-    model = DETR(objective.cfg.model, C).train()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        got = objective(model, batch, torch.device("cpu"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        out = model(batch[0], batch[1])
-    plain_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-    masked = SetCriterion(C, HungarianMatcher(), eos_coef=0.1, mask_incomplete=True)(out, targets)
-    plain = SetCriterion(C, HungarianMatcher(), eos_coef=0.1)(out, plain_targets)
-    assert float(got["loss_ce"]) == pytest.approx(float(masked["loss_ce"]), rel=1e-6)
-    assert float(masked["loss_ce"]) < float(plain["loss_ce"]) - 1e-3  # the other half's classes left out
-    naive, _ = _objective(merged["cache"], {"method": "raw"})
-    torch.manual_seed(1)
-    with torch.no_grad():
-        got_naive = naive(model, batch, torch.device("cpu"))
-    assert float(got_naive["loss_ce"]) == pytest.approx(float(plain["loss_ce"]), rel=1e-6)
+    assert max(len(t["labels"]) for t in targets) < QUERIES
+    # With M matched and U = 9·16 − M unmatched queries in all:
+    #   none (M·log(13/5) + .1·U·log 9) / (M + .1·U), mask (M·log(9/5) + .1·U·log 5) / (M + .1·U),
+    #   marginal (M·log(9/5) + .1·U·log(9/5)) / (M + .1·U) = log(9/5).
+    M = sum(len(t["labels"]) for t in targets)
+    U = QUERIES * len(targets) - M
+    assert M > 0
+    want = {"none": (M * math.log(13 / 5) + 0.1 * U * math.log(9)) / (M + 0.1 * U),
+            "mask": (M * math.log(9 / 5) + 0.1 * U * math.log(5)) / (M + 0.1 * U),
+            "marginal": math.log(9 / 5)}
+    for mode in want:
+        assert want[mode] == pytest.approx(hand_loss_ce(targets, 8, QUERIES, mode), rel=1e-12)
+        assert got[mode] == pytest.approx(want[mode], rel=1e-6), mode
+
+
+def test_no_ground_truth_term_with_lambda_d_zero(merged, monkeypatch):
+    """ka with λ_d = 0 computes no ground-truth loss: the criterion is never called, its terms are
+    absent and the total is λ_seq·L_seq + λ_task·L_task. With TA off too, no loss reaches the decoder
+    and the heads (only the ground-truth loss would): their gradients are None, where λ_d = 0.1
+    gives them a gradient."""
+
+    def grads(overrides: dict, refuse_criterion: bool) -> tuple[dict, dict]:
+        objective, cache = _objective(merged["full"], overrides)
+        if refuse_criterion:
+            monkeypatch.setattr(objective.criterion, "forward", lambda *a, **k: pytest.fail("criterion called"))
+        torch.manual_seed(0)
+        model = build_student(objective.cfg, len(cache.label_map["ids"]), 2).train()
+        losses = objective(model, collate_cached([cache[i] for i in range(4)]), torch.device("cpu"))
+        losses["total"].backward()
+        return losses, {n: p.grad for n, p in model.named_parameters()}
+
+    gt_keys = {"loss_d", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"}
+    losses, _ = grads({"method": "ka", "lambda_d": 0.0}, True)
+    assert not gt_keys & set(losses) and {"loss_seq", "loss_task"} <= set(losses)
+    assert losses["total"].item() == pytest.approx(losses["loss_seq"].item() + losses["loss_task"].item(), rel=1e-6)
+    heads = ("transformer.decoder.", "class_embed.", "bbox_embed.", "query_embed.")
+    losses, off = grads({"method": "ka", "lambda_d": 0.0, "ta.enabled": False}, True)
+    assert set(losses) - {"total"} == {"loss_seq", "sa_proj", "sa_enc1", "sa_enc2"}
+    assert all(off[n] is None for n in off if n.startswith(heads)) and any(n.startswith(heads) for n in off)
+    assert off["transformer.encoder.layers.0.linear1.weight"].abs().sum() > 0  # SA reaches the encoder
+    losses, on = grads({"method": "ka", "lambda_d": 0.1, "ta.enabled": False}, False)
+    assert gt_keys <= set(losses)
+    for head in heads:
+        assert sum(float(g.abs().sum()) for n, g in on.items() if n.startswith(head) and g is not None) > 0, head
 
 
 def test_baselines_train_and_record_their_ground_truth_loss(merged, tmp_path):
@@ -148,9 +241,20 @@ def test_baselines_train_and_record_their_ground_truth_loss(merged, tmp_path):
 
 def test_a_plain_method_refuses_another_ground_truth_loss(merged):
     cache = TeacherCache(merged["cache"])
-    cfg = load_amalgamate_config(None, {"method": "raw", "gt_loss": "mask"}, teacher_settings(cache.attrs))
-    with pytest.raises(KacliError, match="--method raw is DETR with the ground-truth loss 'none'"):
-        check_method(cfg, 2, cache.layer_names)
+
+    def cfg(overrides):
+        return load_amalgamate_config(None, overrides, teacher_settings(cache.attrs))
+
+    with pytest.raises(KacliError, match="--method raw is DETR with the ground-truth loss 'none';"):
+        check_method(cfg({"method": "raw", "gt_loss": "mask"}), 2, cache.layer_names)
+    with pytest.raises(KacliError, match="--method raw-partial is DETR with the ground-truth loss 'mask' or "
+                                         "'marginal'; gt_loss 'pseudo-gt'"):
+        check_method(cfg({"method": "raw-partial", "gt_loss": "pseudo-gt"}), 2, cache.layer_names)
+    for gt_loss, mode in ((None, "mask"), ("mask", "mask"), ("marginal", "marginal")):
+        ok = cfg({"method": "raw-partial", "gt_loss": gt_loss})
+        check_method(ok, 2, cache.layer_names)
+        assert ok.ground_truth_loss == mode and ok.plain_detr
+    assert cfg({"method": "ka", "gt_loss": "marginal"}).ground_truth_loss == "marginal"
 
 
 def test_eval_on_a_merged_split_scores_each_source_and_the_union(merged, tmp_path):

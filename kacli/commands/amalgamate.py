@@ -52,12 +52,17 @@ def amalgamate_cmd(
     method: Optional[str] = typer.Option(
         None, "--method", show_default=False,
         help="ka (default) | raw (DETR on ground truth) | raw-ext (extended student, ground truth) | sag | "
-        "raw-partial (DETR, partial-label loss) | pseudo (DETR on ground truth + the teachers' hard pseudo-labels).",
+        "raw-partial (DETR, partial-label loss: --gt-loss mask or marginal) | pseudo (DETR on ground truth + the "
+        "teachers' hard pseudo-labels).",
     ),
     gt_loss: Optional[str] = typer.Option(
         None, "--gt-loss", show_default=False,
         help="Ground-truth loss on images annotated only for some categories (merge-tasks): mask (default: their "
-        "other categories leave the softmax) | pseudo-gt (the teachers' confident predictions added) | none.",
+        "other categories leave the softmax) | marginal (as mask, and a query matched to no object may also be "
+        "one of those categories) | pseudo-gt (the teachers' confident predictions added) | none.",
+    ),
+    allow_val: bool = typer.Option(
+        False, "--allow-val", help="Train on a cache of a split other than train (e.g. val); refused otherwise.",
     ),
     no_sa: bool = typer.Option(False, "--no-sa", help="Turn sequence-level amalgamation (SA) off."),
     no_ta: bool = typer.Option(False, "--no-ta", help="Turn task-level amalgamation (TA) off."),
@@ -110,7 +115,8 @@ def amalgamate_cmd(
     }
     result = amalgamate(
         cache, tasks, None, out, resume=resume, backbone_weights=backbone_weights, device=device,
-        teachers=teacher or None, config=config, overrides=overrides, force=force, log=console.print,
+        teachers=teacher or None, config=config, overrides=overrides, force=force, allow_val=allow_val,
+        log=console.print,
     )
     from kacli.progress import is_main_process
 
