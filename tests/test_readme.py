@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 # Toy sizes, appended to the README's own commands so the walk-through runs in a minute.
 TOY = {
-    "make-demo-data": ["--train-images", "24", "--val-images", "6"],
+    "make-demo-data": ["--train-images", "24", "--val-images", "6", "--test-images", "6"],
     "train-teacher": ["--epochs", "1"],
     "amalgamate": ["--epochs", "1"],
 }

@@ -146,3 +146,28 @@ def test_results_bad_input(setup, cli, tmp_path):
     assert_one_line_error(cli("predict", "--model", d / "m.pt", img, "--format", "coco", "--out", out,
                               "--image-ids", d / "scheme.yaml"), "scheme.yaml")  # fmt: skip
     assert not out.exists()
+
+
+def test_eval_reports_on_the_test_split_by_default_when_there_is_one(setup, cli, tmp_path):
+    """eval without --split scores the test split (no run selects on it) where tasks.yaml has one,
+    val where it has not; --split picks either."""
+    d = setup
+    gt = json.loads((d / "gt.json").read_text())
+    keep = {im["id"] for im in gt["images"][:3]}
+    test = {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    for im in test["images"]:
+        (tmp_path / im["file_name"]).write_bytes((d / im["file_name"]).read_bytes())
+    split_tasks(str(d / "gt.json"), str(d / "gt.json"), str(d / "scheme.yaml"), tmp_path / "tasks",
+                test_spec=str(tmp_path / "test.json"))
+    images = {}
+    for name, extra in (("default", []), ("val", ["--split", "val"]), ("old", None)):
+        tasks = d / "tasks" if extra is None else tmp_path / "tasks"
+        out = tmp_path / f"{name}.json"
+        r = cli("eval", "--model", d / "m.pt", "--tasks", tasks, "--device", "cpu", "--json", out, *(extra or []))
+        assert r.exit_code == 0, r.stderr
+        ev = json.loads(out.read_text())
+        images[name] = (ev["split"], ev["images"])
+        assert f"{ev['split']} split" in r.stdout
+    assert images == {"default": ("test", 3), "val": ("val", 8), "old": ("val", 8)}

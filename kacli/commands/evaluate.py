@@ -42,7 +42,10 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(
         model: List[Path] = typer.Option(..., "--model", help="Checkpoint or run folder; repeat for an ensemble."),
         tasks: Path = typer.Option(..., "--tasks", help="tasks.yaml written by split-tasks."),
-        split: str = typer.Option("val", "--split", help="Split to evaluate on."),
+        split: Optional[str] = typer.Option(
+            None, "--split", show_default=False,
+            help="Split to evaluate on (default: test when tasks.yaml has one, else val; runs select their "
+                 "checkpoint on val, so report on test)."),
         size: Optional[int] = typer.Option(None, "--size", help="Shorter side at evaluation (default: the model's)."),
         max_size: Optional[int] = typer.Option(None, "--max-size", help="Cap on the longer side."),
         batch_size: int = typer.Option(8, "--batch-size"),

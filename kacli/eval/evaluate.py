@@ -144,7 +144,7 @@ def ensemble_detections(per_model: list[list[dict]], max_per_image: int = 100) -
 def evaluate_checkpoints(
     models: list[str | Path],
     tasks_path: str | Path,
-    split: str = "val",
+    split: str | None = "val",
     size: int | None = None,
     max_size: int | None = None,
     device_pref: str = "auto",
@@ -153,7 +153,8 @@ def evaluate_checkpoints(
     force: bool = False,
 ) -> dict[str, Any]:
     """``kacli eval``: score each checkpoint on ``split``; with several, also their ensemble
-    (predictions mapped to dataset ids, pooled per image, best 100 kept).
+    (predictions mapped to dataset ids, pooled per image, best 100 kept). ``split`` None: the
+    manifest's ``test`` split when it has one (nothing selects a checkpoint on it), else ``val``.
 
     Returns the ensemble's metrics (or the single model's) with ``members`` listing each model's.
     Params and GFLOPs are measured on one evaluation-sized input (multiply-adds, see flops.py).
@@ -169,6 +170,8 @@ def evaluate_checkpoints(
     if detections_out is not None:
         check_results_target(detections_out, force)
     manifest = TaskManifest(tasks_path)
+    if split is None:
+        split = "test" if "test" in manifest.splits else "val"
     gt_path = manifest.split_json(split)
     gt = load_json(gt_path)
     root = manifest.image_root(split)
