@@ -110,18 +110,18 @@ run_stages() {
   kacli_dist amalgamate --cache "$cache" --tasks "$tasks" --config "$CONFIGS/student.yaml" --method raw \
     --backbone-weights "$BACKBONE_WEIGHTS" --batch-size "$BATCH" --out "$runs/raw" $(restart_flag "$runs/raw")
 
-  # -- 7. evaluation on the test split: each model, and the teachers' ensemble ----------------------
+  # -- 7. evaluation on the test split (runs chose best.pt on val): each model, the teachers' ensemble
   for t in "${TASK_NAMES[@]}"; do
     stage "7/8 eval teacher-$t"
-    kacli eval --model "$runs/teacher-$t" --tasks "$tasks" --split val --json "$runs/teacher-$t/eval.json"
+    kacli eval --model "$runs/teacher-$t" --tasks "$tasks" --split test --json "$runs/teacher-$t/eval.json"
   done
   stage "7/8 eval ensemble"
   ensemble=()
   for t in "${TASK_NAMES[@]}"; do ensemble+=(--model "$runs/teacher-$t"); done
-  kacli eval "${ensemble[@]}" --tasks "$tasks" --split val --json "$runs/ensemble.json"
+  kacli eval "${ensemble[@]}" --tasks "$tasks" --split test --json "$runs/ensemble.json"
   for r in raw student-slim student; do
     stage "7/8 eval $r"
-    kacli eval --model "$runs/$r" --tasks "$tasks" --split val --json "$runs/$r/eval.json"
+    kacli eval --model "$runs/$r" --tasks "$tasks" --split test --json "$runs/$r/eval.json"
   done
 
   # -- 8. the table and the curves ----------------------------------------------------------------

@@ -9,9 +9,11 @@
 #                     your teacher's starting point and the student's backbone
 #   USER_TRAIN        your training set: a COCO json, a VOC root (VOCdevkit/VOC2007:trainval) or a YOLO
 #                     root / data.yaml (PATH or PATH:SPLIT)
-#   USER_VAL          your validation set, written the same way
+#   USER_VAL          your validation set, written the same way (each run keeps its best epoch on it)
 # Optional:
-#   USER_IMAGES, USER_VAL_IMAGES   image folders of COCO json sets (default: beside the json)
+#   USER_TEST         your test set, written the same way: the reported figures, which no choice looked
+#                     at (without it the report is on USER_VAL, the set the checkpoints were chosen on)
+#   USER_IMAGES, USER_VAL_IMAGES, USER_TEST_IMAGES   image folders of COCO json sets (default: beside the json)
 #   COCO_CLASSES (all 80)  e.g. person,car,dog: the COCO categories the student keeps
 #   RENAMES ()             e.g. pedestrian=person: your names for COCO's (one class, labelled by you too)
 #   MINE (mine)            your task's name       BACKBONE_WEIGHTS (DETR_CKPT)  the student's backbone
@@ -66,6 +68,8 @@ check_pre_norm "$DETR_CKPT" "$WORK/weights/import.json"
 merge=(--task "$MINE=$USER_TRAIN" --val "$MINE=$USER_VAL")
 [ -z "${USER_IMAGES:-}" ] || merge+=(--images "$MINE=$USER_IMAGES")
 [ -z "${USER_VAL_IMAGES:-}" ] || merge+=(--val-images "$MINE=$USER_VAL_IMAGES")
+[ -z "${USER_TEST:-}" ] || merge+=(--test "$MINE=$USER_TEST")
+[ -z "${USER_TEST_IMAGES:-}" ] || merge+=(--test-images "$MINE=$USER_TEST_IMAGES")
 merge+=(--teacher-only "coco=$coco_pt")
 [ -z "$COCO_CLASSES" ] || merge+=(--categories "coco=$COCO_CLASSES")
 IFS=',' read -r -a renames <<< "$RENAMES"
@@ -94,10 +98,11 @@ stage "5/6 amalgamate: student"
 kacli_dist amalgamate --cache "$cache" --tasks "$tasks" --config "$CONFIGS/student.yaml" \
   --backbone-weights "$BACKBONE_WEIGHTS" --batch-size "$BATCH" --out "$runs/student" $(restart_flag "$runs/student")
 
-# -- 6. your validation set: your teacher and the student on your classes --------------------------
+# -- 6. your test set (your validation set without one): your teacher and the student ------------
+report_split=$([ -n "${USER_TEST:-}" ] && echo test || echo val)
 for m in "teacher-$MINE" student; do
-  stage "6/6 eval $m"
-  kacli eval --model "$runs/$m" --tasks "$tasks" --split val --json "$runs/$m/eval.json"
+  stage "6/6 eval $m ($report_split split)"
+  kacli eval --model "$runs/$m" --tasks "$tasks" --split "$report_split" --json "$runs/$m/eval.json"
 done
 kacli report "$teacher" "$runs/student" --out "$WORK/report"
 echo "student: $runs/student/best.pt (kacli predict --model $runs/student IMAGE ...; report: $WORK/report/report.md)"

@@ -258,7 +258,7 @@ def test_script_refuses_missing_inputs(script, root_var, teachers, tmp_path):
     assert f"{tmp_path / 'data'}/{expected}" in res.stderr
 
     # Weight files that do not exist are named; nothing was created.
-    voc = {"VOC2007": ("trainval", "test"), "VOC2012": ("trainval",)}
+    voc = {"VOC2007": ("train", "val", "test"), "VOC2012": ("trainval",)}
     if root_var == "VOC_ROOT":
         for year, splits in voc.items():
             for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
