@@ -1,36 +1,71 @@
-"""The teachers: load and check them (``cache-teachers``, and ``amalgamate --teacher``), and run
-them over batches of cache entries (``cache-teachers``).
+"""Loading a teacher: its checkpoint read and identified (file and sha256), checked against its
+task and the other teachers, and the run settings it records.
 
-:func:`load_teachers` loads one DETR checkpoint per task and checks that they fit the manifest and
-each other; :func:`teacher_batches` runs them over consecutive entries of a
-:class:`~kacli.cache.plan.CacheJob` (images decoded by DataLoader workers, padded to the stride)
-and gives each batch's outputs as stored: the cached layers' valid tokens, logits and boxes.
+:func:`load_teachers` loads one DETR checkpoint per task (``cache-teachers``, ``amalgamate
+--teacher``, the benchmarks); :func:`teacher_file` and :func:`teacher_sha256` identify a teacher
+file, :func:`teacher_label_map` reads one's classes (``merge-tasks``' teacher-only tasks), and
+:func:`checkpoint_settings` / :meth:`Teacher.settings` give the settings the student's
+configuration starts from (the first teacher's).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from kacli.cache.labels import match_classes, remap_logits
-from kacli.cache.quant import quantize_int8
-from kacli.data.dataset import collate
 from kacli.data.manifest import TaskManifest
 from kacli.errors import KacliError
 from kacli.fsutil import sha256_file
 from kacli.models.checkpoint import build_model, load_checkpoint, resolve_checkpoint_path
+from kacli.models.torchfile import torch_load_untrusted
+from kacli.teachers.labels import match_classes
 
-if TYPE_CHECKING:
-    from kacli.cache.plan import CacheJob
 
-#: Storage dtype of each ``--dtype``.
-STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.int8}
+def recorded_settings(arch: Any, config: Any) -> dict:
+    """``{"model", "train"}`` a DETR checkpoint records about its run: its architecture (``arch``)
+    and, beside it, its run config's ``train`` section: ``{}`` without an architecture, no
+    ``train`` when the config has none. This is what ``cache-teachers`` stores as the cache's ``teacher_settings``."""
+    settings: dict = {}
+    if isinstance(arch, dict):
+        settings["model"] = dict(arch)
+        train = config.get("train") if isinstance(config, dict) else None
+        if isinstance(train, dict):
+            settings["train"] = dict(train)
+    return settings
+
+
+def checkpoint_settings(path: str | Path) -> dict:
+    """``{"model", "train"}`` recorded in the teacher checkpoint at ``path`` (:func:`recorded_settings`
+    of its ``arch`` and ``config``); ``{}`` when the file is gone or is not a dict."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    ck = torch_load_untrusted(p)
+    return recorded_settings(ck.get("arch"), ck.get("config")) if isinstance(ck, dict) else {}
+
+
+def teacher_file(path: str | Path) -> tuple[Path, str]:
+    """A teacher checkpoint (file or run folder) as ``(file, sha256)``: what identifies it."""
+    p = resolve_checkpoint_path(path)
+    return p, sha256_file(p)
+
+
+def teacher_sha256(path: str | Path) -> str:
+    return teacher_file(path)[1]
+
+
+def teacher_label_map(path: str | Path) -> tuple[Path, str, dict]:
+    """A teacher checkpoint's ``(path, sha256, label_map)``; only named classes are in the map
+    (an imported DETR's unnamed slots are not, see ``ModelConfig.unnamed_classes``)."""
+
+    p = resolve_checkpoint_path(path)
+    ckpt = load_checkpoint(p)
+    if ckpt["kind"] != "detr":
+        raise KacliError(f"is a {ckpt['kind']} checkpoint; a teacher-only task needs a DETR teacher", p)
+    return p.resolve(), sha256_file(p), ckpt["label_map"]
 
 
 @dataclass
@@ -65,6 +100,24 @@ class Teacher:
     def stride(self) -> int:
         return int(self.model.backbone.stride)
 
+    @property
+    def aug(self) -> Mapping | None:
+        """The augmentation section of the teacher's run config, if it records one."""
+        return self.config.get("aug") if isinstance(self.config, dict) else None
+
+    def recorded_settings(self) -> dict:
+        """``{"model", "train"}`` of the teacher's run (:func:`recorded_settings` of its architecture
+        and run config): what ``cache-teachers`` stores as ``teacher_settings``."""
+        return recorded_settings(self.model.cfg.to_dict(), self.config)
+
+    def settings(self) -> dict:
+        """:meth:`recorded_settings` and the teacher's augmentation (``aug``) when it records one:
+        the settings a student's configuration starts from."""
+        base = self.recorded_settings()
+        if isinstance(self.aug, Mapping):
+            base["aug"] = dict(self.aug)
+        return base
+
     def describe(self) -> dict:
         return {
             "task": self.task,
@@ -79,10 +132,10 @@ class Teacher:
 def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[Teacher]:
     """Load one teacher per task, in the manifest's task order, and check that they fit.
 
-    A teacher's classes are matched to its task's by name (:func:`kacli.cache.labels.match_classes`,
+    A teacher's classes are matched to its task's by name (:func:`kacli.teachers.labels.match_classes`,
     after the manifest's renames); a teacher whose label map is not its task's (a COCO DETR for a
     few of COCO's categories) gets a ``class_map`` and its logits are stored in the task's class
-    order, its other classes folded into no-object (:func:`kacli.cache.labels.remap_logits`).
+    order, its other classes folded into no-object (:func:`kacli.teachers.labels.remap_logits`).
 
     Raises KacliError (naming the teacher file) when the count is wrong, a label map lacks one of
     its task's categories (naming the task it does fit, if any: teachers given in the wrong order), or
@@ -99,7 +152,7 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
     by_set = {frozenset(t.category_ids): t.name for t in manifest.tasks}
     teachers: list[Teacher] = []
     for k, (raw_path, task) in enumerate(zip(paths, manifest.tasks)):
-        path = resolve_checkpoint_path(raw_path)
+        path, sha = teacher_file(raw_path)
         ckpt = load_checkpoint(path)
         if ckpt["kind"] != "detr":
             raise KacliError(f"is a {ckpt['kind']} checkpoint; teachers are DETR checkpoints", path)
@@ -120,7 +173,7 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
         label_map = ckpt["label_map"] if class_map is None else task.label_map()
         model = build_model(ckpt).eval()
         teachers.append(
-            Teacher(path.resolve(), sha256_file(path), task.name, label_map, model, ckpt.get("config") or {}, class_map)
+            Teacher(path.resolve(), sha, task.name, label_map, model, ckpt.get("config") or {}, class_map)
         )
     first = teachers[0]
     for t in teachers[1:]:
@@ -132,89 +185,5 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
     return teachers
 
 
-def stored_sequences(picked: Sequence[torch.Tensor], store_dtype: torch.dtype) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """The cached layers' valid tokens ``[(n, d)] * L`` as stored: ``(seqs [(n, d)] * L, scale)``,
-    ``scale`` (n, L) float16 for int8 (:func:`quantize_int8`, computed where the teacher ran), else None."""
-    if store_dtype != torch.int8:
-        return [x.to(store_dtype).cpu().numpy() for x in picked], None
-    pairs = [quantize_int8(x) for x in picked]
-    return [q.cpu().numpy() for q, _ in pairs], torch.stack([s for _, s in pairs], 1).cpu().numpy()
-
-
-@torch.inference_mode()
-def run_teacher(
-    teacher: Teacher,
-    images: torch.Tensor,
-    mask: torch.Tensor,
-    hw: np.ndarray,
-    layer_index: Sequence[int],
-    store_dtype: torch.dtype,
-    amp: bool,
-    first_entry: int,
-) -> dict:
-    """One teacher on one batch → ``{"seqs": [(Σ h·w, d) per layer], "scale": (Σ h·w, L) | None,
-    "logits" (B,Q,C+1), "boxes" (B,Q,4)}`` as numpy arrays; sequences keep each entry's valid
-    tokens, row-major, entries in batch order (``scale``: int8 storage only, see :func:`stored_sequences`).
-
-    ``layer_index`` picks from ``[enc_proj, enc_layers[0], ...]``. The valid tokens are those the
-    model's ``enc_mask`` marks; they must form the entry's top-left ``h × w`` grid (``hw`` (B, 2)).
-    """
-    with torch.autocast(images.device.type, dtype=torch.float16, enabled=amp):
-        out = teacher.model(images, mask)
-    valid = ~out["enc_mask"]  # (B, n)
-    hp, wp = (int(v) for v in out["enc_hw"])
-    grid = valid.reshape(len(valid), hp, wp).cpu()
-    for b, (h, w) in enumerate(hw.tolist()):
-        g = grid[b]
-        if int(g.sum()) != h * w or not bool(g[:h, :w].all()):
-            raise KacliError(
-                f"entry {first_entry + b}: the teacher's feature-map mask has {int(g.sum())} valid tokens, expected the "
-                f"top-left {h}x{w} = ceil(view size / stride {teacher.stride})",
-                teacher.path,
-            )
-    layers = [out["enc_proj"], *out["enc_layers"]]
-    seqs, scale = stored_sequences([layers[i][valid] for i in layer_index], store_dtype)
-    return {
-        "seqs": seqs,
-        "scale": scale,
-        "logits": (out["pred_logits"].float() if teacher.class_map is None
-                   else remap_logits(out["pred_logits"].float(), teacher.class_map)).cpu().numpy(),
-        "boxes": out["pred_boxes"].float().cpu().numpy(),
-    }
-
-
-def teacher_batches(job: CacheJob, batches: Sequence[list[int]]) -> Iterator[tuple[list[int], list[dict]]]:
-    """Run ``job``'s teachers over ``batches`` (lists of consecutive entries): yields ``(entries,
-    [run_teacher(...) per teacher])`` per batch, in order.
-
-    The teachers move to ``job.device`` and the DataLoader's workers start when this is called,
-    before the caller opens the output file or starts its writer thread; the first batch runs at
-    the first ``next``. Images come from ``job.dataset`` (the plan's views replayed), padded to a
-    multiple of the teachers' stride; with CUDA the teachers run under float16 autocast."""
-    device = job.device
-    store_dtype = STORE_DTYPES[job.dtype]
-    layer_index = [0 if n == "proj" else int(n[3:]) for n in job.layers]
-    amp = device.type == "cuda"
-    for t in job.teachers:
-        t.model.to(device)
-    loader = DataLoader(
-        job.dataset,
-        batch_sampler=batches,
-        num_workers=job.workers,
-        collate_fn=functools.partial(collate, size_divisibility=job.teachers[0].stride),
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if job.workers > 0 else None,
-    )
-    it = iter(loader)  # start the workers now
-
-    def run() -> Iterator[tuple[list[int], list[dict]]]:
-        for idx, (images, mask, _targets) in zip(batches, it):
-            images = images.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True)
-            hw = job.plan.hw[idx[0] : idx[-1] + 1]
-            yield idx, [run_teacher(t, images, mask, hw, layer_index, store_dtype, amp, idx[0]) for t in job.teachers]
-
-    return run()
-
-
-__all__ = ["STORE_DTYPES", "Teacher", "load_teachers", "run_teacher", "stored_sequences", "teacher_batches"]
+__all__ = ["Teacher", "checkpoint_settings", "load_teachers", "recorded_settings", "teacher_file", "teacher_label_map",
+           "teacher_sha256"]
