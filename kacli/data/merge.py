@@ -24,14 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from kacli.data.coco import count_summary
-from kacli.data.manifest import COMPLETE_KEY, FORMAT_MERGED, MANIFEST_NAME, UNION, validate_manifest
+from kacli.data.manifest import (COMPLETE_KEY, FORMAT_MERGED, MANIFEST_NAME, UNION, validate_manifest, write_manifest,
+                                 write_split_json)
 from kacli.data.names import name_key, rename_keys, renamed
 from kacli.data.readers import read_source
 from kacli.data.schemes import RESERVED, TASK_NAME
-from kacli.data.split import _write_json
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_dir, check_output_dir
 
@@ -266,9 +264,8 @@ def merge_tasks(tasks: list[TaskSource], out: str | Path, renames: dict[str, str
     with atomic_dir(out, force=force) as tmp:
         for split, by_file in files.items():
             for rel, obj in by_file.items():
-                _write_json(tmp / rel, obj)
-        with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:  # lists of ids on one line each
-            yaml.safe_dump(manifest, f, sort_keys=False, allow_unicode=True, default_flow_style=None, width=120)
+                write_split_json(tmp / rel, obj)
+        write_manifest(tmp, manifest, out / MANIFEST_NAME)
     return manifest
 
 
