@@ -99,11 +99,11 @@ class TeacherSource:
         return {"teachers": self.sha256()}, meta, {"teachers": self.sha256()}
 
 
-#: Where the teachers' outputs come from: both sources (:class:`TeacherSource`,
-#: :class:`~kacli.amalgamation.cache_source.CacheSource`) give ``manifest``, ``label_map`` (the
-#: union: the student's classes), ``num_teachers``, ``layers``, ``d_model``, ``enc_layers``,
-#: ``stride``, ``where`` and ``noun`` (the file and the words errors name), ``teacher_label_maps``,
-#: ``settings()``, ``training_data()``, ``online_teachers()`` and ``provenance()``.
+# Where the teachers' outputs come from: both sources (:class:`TeacherSource`,
+# :class:`~kacli.amalgamation.cache_source.CacheSource`) give ``manifest``, ``label_map`` (the
+# union: the student's classes), ``num_teachers``, ``layers``, ``d_model``, ``enc_layers``,
+# ``stride``, ``where`` and ``noun`` (the file and the words errors name), ``teacher_label_maps``,
+# ``settings()``, ``training_data()``, ``online_teachers()`` and ``provenance()``.
 
 
 __all__ = ["TeacherSource", "collate_ground_truth"]
