@@ -3,16 +3,12 @@ teacher cache, or computed by the teachers in the training loop.
 
 Two sources give the teachers' outputs:
 
-- :class:`CacheSource` (``--cache``): no teacher runs and no teacher checkpoint is read; every
-  teacher output the losses need (projected sequence and encoder layers, class logits and boxes)
-  comes from the cache written by ``cache-teachers``, for exactly the view of the image the student
-  sees (the cache replays its K views), and so do the teachers' settings the student's
-  configuration starts from (caches written before they were recorded fall back to the first
-  teacher's checkpoint).
-- :class:`TeacherSource` (``--teacher`` … ``--tasks``): the teachers are loaded
-  (:func:`kacli.cache.teachers.load_teachers`) and run, frozen, on every batch
-  (:class:`~kacli.amalgamation.online.OnlineTeachers`); the images are fresh training views of the
-  manifest's train split every epoch; the settings come from the first teacher's checkpoint.
+- :class:`~kacli.amalgamation.cache_source.CacheSource` (``--cache``): the teacher cache written by
+  ``cache-teachers``; no teacher runs and no teacher checkpoint is read. Its module is imported only
+  when a cache is given.
+- :class:`~kacli.amalgamation.sources.TeacherSource` (``--teacher`` … ``--tasks``): the teachers
+  are loaded (:func:`kacli.teachers.load.load_teachers`) and run, frozen, on every batch
+  (:class:`~kacli.teachers.online.OnlineTeachers`); nothing of :mod:`kacli.cache` is imported.
 
 The objective sees the same ``teacher`` dict either way, so the same losses apply. The methods,
 the configuration and the loss are in :mod:`kacli.amalgamation`.
@@ -25,27 +21,19 @@ manifest, checked), :func:`resolve_config` (the configuration, checked against t
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from kacli.amalgamation.config import AmalgamateConfig, check_method, load_amalgamate_config, teacher_settings
+from kacli.amalgamation.config import AmalgamateConfig, check_method, load_amalgamate_config
 from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
-from kacli.amalgamation.online import OnlineTeachers
-from kacli.cache import schema
-from kacli.cache.labels import class_index
-from kacli.cache.reader import TeacherCache, cache_manifest, collate_cached
-from kacli.cache.teachers import Teacher, load_teachers
+from kacli.amalgamation.sources import TeacherSource
 from kacli.config import apply_overrides, config_to_dict
-from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.engine.distributed import init_distributed
 from kacli.engine.rundir import RunDir
-from kacli.engine.runconfig import recorded_settings
 from kacli.engine.train import TrainSetup, Trainer
 from kacli.engine.validate import make_validator
 from kacli.errors import KacliError
@@ -55,6 +43,11 @@ from kacli.models.backbone import backbone_stride, load_backbone_weights
 from kacli.models.config import ModelConfig
 from kacli.models.detr import DETR
 from kacli.models.student import Student
+from kacli.teachers.labels import class_index
+from kacli.teachers.load import load_teachers
+
+if TYPE_CHECKING:
+    from kacli.amalgamation.cache_source import CacheSource
 
 
 # -- checks ------------------------------------------------------------------------------------------
@@ -75,193 +68,20 @@ def check_architecture(model_cfg: ModelConfig, d_model: int, enc_layers: int, st
         )
 
 
-# -- the sources of the teachers' outputs ------------------------------------------------------------
-
-
-@dataclass
-class CacheSource:
-    """A complete teacher cache and the manifest it was made from, as :func:`open_cache` found them."""
-
-    path: Path
-    attrs: dict
-    manifest: TaskManifest
-    noun = "cached teachers"
-
-    @property
-    def teachers(self) -> list[dict]:
-        return list(self.attrs.get("teachers") or [])
-
-    @property
-    def num_teachers(self) -> int:
-        return len(self.teachers)
-
-    @property
-    def layers(self) -> list[str]:
-        """The cached layers (``proj``, ``enc1``, …)."""
-        return list(self.attrs["layers"])
-
-    @property
-    def label_map(self) -> dict:
-        """The union label map ``{ids, names}``: the student's classes."""
-        lm = self.attrs["label_map"]
-        return {"ids": [int(i) for i in lm["ids"]], "names": list(lm["names"])}
-
-    @property
-    def teacher_label_maps(self) -> list[dict]:
-        return [t["label_map"] for t in self.teachers]
-
-    @property
-    def d_model(self) -> int:
-        return int(self.attrs["d_model"])
-
-    @property
-    def enc_layers(self) -> int:
-        return int(self.attrs["enc_layers"])
-
-    @property
-    def stride(self) -> int | None:
-        return self.attrs.get("stride")
-
-    @property
-    def where(self) -> Path:
-        return self.path
-
-    def settings(self) -> dict:
-        return teacher_settings(self.attrs)
-
-    def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig):
-        """The training set and its collate function: the cache read with the objective's layers
-        (int8 travels as int8) when the objective reads the teachers' outputs, else the cache's
-        entries as images and ground truth alone (the same views; the outputs are never loaded)."""
-        if objective.needs_teacher:
-            cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, dequantize=False)
-            return cache, collate_cached
-        cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, in_memory=False)
-        return cache.dataset, functools.partial(collate_ground_truth, stride=cache.stride)
-
-    def online_teachers(self, needs: CacheNeeds) -> None:
-        return None
-
-    def content_id(self) -> str:
-        return schema.content_id(self.attrs, self.path.stat().st_size)
-
-    def provenance(self, objective: AmalgamationObjective) -> tuple[dict, dict, dict]:
-        cache_sha = self.content_id()
-        meta = {
-            "teacher_source": "cache",
-            "cache": {
-                "path": str(self.path.resolve()),
-                "content_sha256": cache_sha,
-                "teachers": [{"task": t.get("task"), "checkpoint": t.get("checkpoint"), "sha256": t.get("sha256")}
-                             for t in self.teachers],
-                "layers": objective.layers,
-            },
-        }
-        return {"cache": cache_sha}, meta, {"cache": cache_sha}
-
-
-@dataclass
-class TeacherSource:
-    """The teachers, loaded and checked against the manifest, to run in the training loop."""
-
-    teachers: list[Teacher]
-    manifest: TaskManifest
-    noun = "teachers"
-
-    @property
-    def num_teachers(self) -> int:
-        return len(self.teachers)
-
-    @property
-    def layers(self) -> list[str]:
-        """Every layer the teachers give: ``proj``, ``enc1``, …, ``encL``."""
-        return schema.layer_names("all", self.enc_layers)
-
-    @property
-    def label_map(self) -> dict:
-        return self.manifest.student_label_map()
-
-    @property
-    def teacher_label_maps(self) -> list[dict]:
-        return [t.label_map for t in self.teachers]
-
-    @property
-    def d_model(self) -> int:
-        return self.teachers[0].d_model
-
-    @property
-    def enc_layers(self) -> int:
-        return self.teachers[0].enc_layers
-
-    @property
-    def stride(self) -> int:
-        return self.teachers[0].stride
-
-    @property
-    def where(self) -> Path:
-        return self.teachers[0].path
-
-    def sha256(self) -> list[str]:
-        return [t.sha256 for t in self.teachers]
-
-    def settings(self) -> dict:
-        """The first teacher's architecture, training and augmentation settings, as
-        ``cache-teachers`` would record them."""
-        first = self.teachers[0]
-        base = recorded_settings(first.model.cfg.to_dict(), first.config)
-        aug = first.config.get("aug") if isinstance(first.config, dict) else None
-        if isinstance(aug, Mapping):
-            base["aug"] = dict(aug)
-        return base
-
-    def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig):
-        """The manifest's train split over the union label map, a fresh training view of every
-        image each epoch (``cfg.aug``, seeded by ``train.seed``), padded to the teachers' stride;
-        the batches' teacher is None (the objective runs the teachers)."""
-        m = self.manifest
-        data = CocoDetection(m.split_json("train"), m.image_root("train"), self.label_map["ids"], train=True,
-                             aug=cfg.aug, generator_seed=cfg.train.seed)
-        if data.num_images == 0:
-            raise KacliError("the train split has no images", m.split_json("train"))
-        return data, functools.partial(collate_ground_truth, stride=self.stride)
-
-    def online_teachers(self, needs: CacheNeeds) -> OnlineTeachers | None:
-        return OnlineTeachers.from_teachers(self.teachers, needs.layers) if needs.teacher else None
-
-    def provenance(self, objective: AmalgamationObjective) -> tuple[dict, dict, dict]:
-        described = [{"task": t.task, "checkpoint": str(t.path), "sha256": t.sha256} for t in self.teachers]
-        meta = {"teacher_source": "online", "online": {"teachers": described, "layers": objective.layers}}
-        return {"teachers": self.sha256()}, meta, {"teachers": self.sha256()}
-
-
-#: Where the teachers' outputs come from: both give ``manifest``, ``label_map`` (the union: the
-#: student's classes), ``num_teachers``, ``layers``, ``d_model``, ``enc_layers``, ``stride``,
-#: ``where`` and ``noun`` (the file and the words errors name), ``teacher_label_maps``,
-#: ``settings()``, ``training_data()``, ``online_teachers()`` and ``provenance()``.
-Source = CacheSource | TeacherSource
-
-
 # -- the steps ---------------------------------------------------------------------------------------
 
 
 def open_cache(cache_path: str | Path, tasks_path: str | Path | None, allow_val: bool = False) -> CacheSource:
-    """Validate the (complete) cache and find its manifest: ``tasks_path`` must be the one the cache
-    was made from; None: the one the cache names, unchanged since. A cache of a split other than
-    ``train`` is refused unless ``allow_val``."""
-    cache_path = Path(cache_path)
-    with schema.open_h5(cache_path, "r") as f:
-        attrs = dict(schema.validate(f, cache_path, require_complete=True).attrs)
-    split = attrs.get("split")
-    if split != "train" and not allow_val:
-        raise KacliError(f"cache holds the {split!r} split: training on it would fit the student to the images it "
-                         "is evaluated on (cache the train split, or --allow-val to train on it anyway)", cache_path)
-    manifest = cache_manifest(attrs, cache_path, tasks_path)
-    return CacheSource(cache_path, attrs, manifest)
+    """The cache source (:func:`kacli.amalgamation.cache_source.open_cache`), imported only when a
+    cache is given: ``amalgamate --teacher`` reads no cache module."""
+    from kacli.amalgamation.cache_source import open_cache as open_cache_file
+
+    return open_cache_file(cache_path, tasks_path, allow_val)
 
 
 def open_teachers(teachers: Sequence[str | Path], tasks_path: str | Path | None) -> TeacherSource:
     """Load the teachers (checkpoints or run folders, in ``tasks_path``'s task order) and check
-    that they fit the manifest and each other (:func:`kacli.cache.teachers.load_teachers`)."""
+    that they fit the manifest and each other (:func:`kacli.teachers.load.load_teachers`)."""
     if tasks_path is None:
         raise KacliError("--teacher needs --tasks: the tasks.yaml whose tasks the teachers detect, in its order")
     manifest = TaskManifest(tasks_path)
@@ -283,7 +103,7 @@ def open_source(cache_path: str | Path | None, teachers: Sequence[str | Path] | 
 
 
 def resolve_config(
-    source: Source,
+    source: CacheSource | TeacherSource,
     cfg: AmalgamateConfig | None,
     config: str | Path | Mapping | None,
     overrides: Mapping[str, Any] | None,
@@ -315,7 +135,7 @@ def build_student(cfg: AmalgamateConfig, num_classes: int, num_teachers: int) ->
     return Student(cfg.model, num_classes, num_teachers, cfg.compress, cfg.compress_seed, proj_init=cfg.proj_init)
 
 
-def build_objective(cfg: AmalgamateConfig, source: Source, needs: CacheNeeds) -> AmalgamationObjective:
+def build_objective(cfg: AmalgamateConfig, source: CacheSource | TeacherSource, needs: CacheNeeds) -> AmalgamationObjective:
     """The objective over the layers ``needs`` names, with SAG's W_a (random: drawn here) for
     ``sag``, and the teachers to run on every batch when the source runs them online."""
     n = source.num_teachers
@@ -325,14 +145,7 @@ def build_objective(cfg: AmalgamateConfig, source: Source, needs: CacheNeeds) ->
                                  teachers=source.online_teachers(needs))
 
 
-def collate_ground_truth(batch, stride: int):
-    """``collate`` padded to a multiple of ``stride`` (as ``collate_cached`` pads), teacher None."""
-
-    images, mask, targets = collate(batch, size_divisibility=stride)
-    return images, mask, targets, None
-
-
-def train_setup(cfg: AmalgamateConfig, source: Source, model: nn.Module, objective: AmalgamationObjective,
+def train_setup(cfg: AmalgamateConfig, source: CacheSource | TeacherSource, model: nn.Module, objective: AmalgamationObjective,
                 out: Path, run_dir, backbone_weights: str | Path | None) -> TrainSetup:
     """What the trainer saves with every checkpoint (kind, architecture, label map, configuration,
     inputs, provenance) and the run's signature for ``--resume``: the cache's content id, or the
@@ -444,14 +257,10 @@ def amalgamate(
 
 
 __all__ = [
-    "CacheSource",
-    "Source",
-    "TeacherSource",
     "amalgamate",
     "build_objective",
     "build_student",
     "check_architecture",
-    "collate_ground_truth",
     "open_cache",
     "open_source",
     "open_teachers",

@@ -19,16 +19,16 @@ from typer.testing import CliRunner
 
 from conftest import assert_one_line_error
 from kacli.cache import schema
-from kacli.cache.quant import dequantize_teacher, quantize_int8
-from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cache.output import join_shards, write_range
 from kacli.cache.plan import CacheJob, plan_entries, shard_plan
-from kacli.cache.teachers import load_teachers
+from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cli import app
 from kacli.data.dataset import CocoDetection
 from kacli.data.transforms import AUG_PRESETS
 from kacli.errors import KacliError
 from kacli.models.config import model_config
+from kacli.teachers.load import load_teachers
+from kacli.teachers.quant import dequantize_teacher, quantize_int8
 from test_cache import AUG16, BATCH, LAYERS, VIEWS, assert_same_cache, cache_args, env, make_teacher  # noqa: F401
 
 

@@ -20,7 +20,6 @@ from rich.console import Console
 from conftest import assert_one_line_error
 from dataset_builders import write_coco, write_yolo_from_coco
 from kacli.cache import schema
-from kacli.cache.labels import match_classes, remap_logits
 from kacli.cache.reader import TeacherCache
 from kacli.commands.data import merge_table
 from kacli.config import config_to_dict
@@ -33,6 +32,7 @@ from kacli.errors import KacliError
 from kacli.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 from kacli.models.config import model_config
 from kacli.models.detr import DETR
+from kacli.teachers.labels import match_classes, remap_logits
 
 AUG = AugConfig(scales=(64,), max_size=128, crop_scales=(64,), crop_min=48, crop_max=64, flip_p=0.5, crop_p=0.0,
                 eval_size=64)

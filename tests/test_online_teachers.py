@@ -8,6 +8,8 @@ same views, the online teachers must give the objective the same dict and so the
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,7 @@ from conftest import assert_one_line_error
 from kacli.amalgamate import amalgamate, build_student
 from kacli.amalgamation.config import load_amalgamate_config, teacher_settings
 from kacli.amalgamation.objective import AmalgamationObjective
-from kacli.amalgamation.online import OnlineTeachers
 from kacli.cache.reader import TeacherCache, collate_cached
-from kacli.cache.teachers import load_teachers
 from kacli.cache.writer import cache_teachers
 from kacli.data.demo_data import make_demo_data
 from kacli.data.manifest import TaskManifest
@@ -29,6 +29,8 @@ from kacli.fsutil import sha256_file
 from kacli.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 from kacli.models.config import model_config
 from kacli.models.detr import DETR
+from kacli.teachers.load import load_teachers
+from kacli.teachers.online import OnlineTeachers
 
 MODEL = {"backbone": "tiny", "tiny_widths": [8, 8, 16, 16], "d_model": 32, "nheads": 4, "enc_layers": 2,
          "dec_layers": 1, "dim_feedforward": 64, "dropout": 0.0, "num_queries": 6, "pre_norm": True}
@@ -183,6 +185,19 @@ def test_cli_trains_with_online_teachers_and_records_them(cli, env, tmp_path):
     r = cli("amalgamate", "--cache", env["cache"], "--out", run, "--resume", "--epochs", 3, "--device", "cpu")
     assert_one_line_error(r, "another run")
     assert files() == before
+
+
+def test_online_teachers_import_nothing_from_the_cache(env, tmp_path):
+    """``kacli amalgamate --teacher`` trains without loading any kacli.cache module."""
+    args = [str(a) for a in _cli_args(env, tmp_path / "run", *env["teachers"])]
+    code = ("import sys\nfrom kacli.cli import app\n"
+            "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in sys.modules if m.startswith('kacli.cache')))")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_cli_bad_teacher_input_is_one_line_and_writes_nothing(cli, env, tmp_path):

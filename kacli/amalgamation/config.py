@@ -36,12 +36,12 @@ from typing import Any, Literal, Mapping
 
 from kacli.config import ConfigValueError, TrainConfig, apply_overrides, config_to_dict, load_config
 from kacli.data.transforms import AugConfig
-from kacli.engine.runconfig import RUN_PRESETS, recorded_settings
+from kacli.engine.runconfig import RUN_PRESETS
 from kacli.errors import KacliError
 from kacli.fsutil import load_yaml
 from kacli.losses.ground_truth import GT_LOSSES
-from kacli.models.checkpoint import torch_load_untrusted
 from kacli.models.config import ModelConfig
+from kacli.teachers.load import checkpoint_settings
 
 TRAINING_METHODS = ("ka", "raw", "raw-ext", "sag", "raw-partial", "pseudo")
 # Methods training a plain DETR on ground truth alone (weight 1), each with the ground-truth losses
@@ -269,22 +269,12 @@ def teacher_settings(attrs: Mapping[str, Any]) -> dict:
     else:
         # A cache written before cache-teachers recorded the settings: they are only in the
         # first teacher's checkpoint, read when the file is still where the cache says.
-        base = _checkpoint_settings(attrs)
+        teachers = attrs.get("teachers") or []
+        first = teachers[0].get("checkpoint") if teachers else None
+        base = checkpoint_settings(first) if first else {}
     if isinstance(attrs.get("aug"), dict):
         base["aug"] = dict(attrs["aug"])
     return base
-
-
-def _checkpoint_settings(attrs: Mapping[str, Any]) -> dict:
-    """``{"model", "train"}`` read from the first teacher checkpoint the attributes name; ``{}``
-    when it is gone or records no architecture."""
-
-    teachers = attrs.get("teachers") or []
-    ck_path = Path(teachers[0]["checkpoint"]) if teachers and teachers[0].get("checkpoint") else None
-    if ck_path is None or not ck_path.is_file():
-        return {}
-    ck = torch_load_untrusted(ck_path)
-    return recorded_settings(ck.get("arch"), ck.get("config")) if isinstance(ck, dict) else {}
 
 
 # -- checks ------------------------------------------------------------------------------------------

@@ -9,20 +9,19 @@ Every loss term goes into ``metrics.jsonl`` (the trainer logs every key of the l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from kacli.amalgamation.config import AmalgamateConfig
-from kacli.cache.quant import dequantize_teacher
 from kacli.engine.train import to_device
 from kacli.losses.ground_truth import GroundTruthLoss
 from kacli.losses.sequence import SAGProjection, sa_loss, sag_loss
 from kacli.losses.task import TaskAmalgamationLoss
-
-if TYPE_CHECKING:
-    from kacli.amalgamation.online import OnlineTeachers
+from kacli.teachers.layers import layer_outputs
+from kacli.teachers.online import OnlineTeachers
+from kacli.teachers.quant import dequantize_teacher
 
 
 @dataclass(frozen=True)
@@ -71,26 +70,6 @@ def needs_teachers(cfg: AmalgamateConfig, layers: Sequence[str]) -> bool:
     return uses_sequences(cfg) or uses_predictions(cfg) or uses_pseudo_labels(cfg) or teachers_pick_tokens(cfg, layers)
 
 
-def layer_outputs(out: dict, layers: list[str]) -> list[torch.Tensor]:
-    """The student's tensors for the cached layer names: ``proj`` → ``enc_proj``, ``encI`` →
-    ``enc_layers[I-1]``.
-
-    A compressed student's ``proj`` is all N projected parts (``proj_parts``, B×N×n×d), not only the
-    kept tokens: compression happens after the projection, so the whole extended X_S exists, and at
-    evaluation the kept parts are chosen from X_S's redundancy. Supervising only the kept tokens
-    leaves the others free, and a selection made from them disagrees with the teachers' one the
-    student was trained on (docs/DEMO.md, "Design decisions")."""
-    picked = []
-    for name in layers:
-        if name == "proj":
-            picked.append(out.get("proj_parts", out["enc_proj"]))
-        elif name.startswith("enc") and name[3:].isdigit():
-            picked.append(out["enc_layers"][int(name[3:]) - 1])
-        else:
-            raise ValueError(f"unknown cached layer name {name!r}")
-    return picked
-
-
 class AmalgamationObjective(nn.Module):
     """The loss of one method, as the trainer calls it: ``(model, batch, device) → dict``.
 
@@ -109,7 +88,7 @@ class AmalgamationObjective(nn.Module):
         layers: names of the cached layers (``proj``, ``enc1``, …), in the order of ``seqs``' L axis.
         class_index: per teacher, the student class index of each of its classes.
         sag_proj: the SAG projections W_a (``sag`` only); optimise its parameters with the model.
-        teachers: the frozen teachers run on every batch (:class:`~kacli.amalgamation.online.OnlineTeachers`
+        teachers: the frozen teachers run on every batch (:class:`~kacli.teachers.online.OnlineTeachers`
             over ``layers``); None: the batches carry the teachers' outputs (the cache).
     """
 
@@ -234,5 +213,5 @@ class AmalgamationObjective(nn.Module):
                        index=out.get("part_idx"), reduction=self.cfg.sa.reduction, stats=self.cfg.sa.stats)
 
 
-__all__ = ["AmalgamationObjective", "CacheNeeds", "layer_outputs", "needs_teachers", "teachers_pick_tokens", "uses_ground_truth", "uses_predictions",
+__all__ = ["AmalgamationObjective", "CacheNeeds", "needs_teachers", "teachers_pick_tokens", "uses_ground_truth", "uses_predictions",
            "uses_pseudo_labels", "uses_sequences"]

@@ -6,7 +6,7 @@
    and the SA/TA losses add; without compression the extended student is compared with
    ``raw-ext`` (the same model on ground truth only).
 2. ``ka`` with the teachers run online (``kacli amalgamate --teacher ...``: the N teacher DETRs
-   run on every batch to produce what the cache holds, :class:`~kacli.amalgamation.online.OnlineTeachers`)
+   run on every batch to produce what the cache holds, :class:`~kacli.teachers.online.OnlineTeachers`)
    ÷ ``ka`` from the cache, at N = 2.
 3. The decoupled encoder (parts folded into the batch) against the dense masked one
    (concatenated sequence, block-diagonal mask) at N = 2, 4, 8: forward + backward time and
@@ -36,10 +36,10 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from kacli.amalgamate import build_student, collate_ground_truth
+from kacli.amalgamate import build_student
 from kacli.amalgamation.config import load_amalgamate_config
 from kacli.amalgamation.objective import AmalgamationObjective
-from kacli.amalgamation.online import OnlineTeachers
+from kacli.amalgamation.sources import collate_ground_truth
 from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cache.writer import cache_teachers
 from kacli.config import config_to_dict
@@ -52,6 +52,7 @@ from kacli.models.checkpoint import build_model, load_checkpoint, save_checkpoin
 from kacli.models.config import model_config
 from kacli.models.detr import DETR
 from kacli.models.student import Student
+from kacli.teachers.online import OnlineTeachers
 
 IMAGES = 32
 IMAGE_SIZE = 128

@@ -27,10 +27,8 @@ from torch.utils.data import DataLoader
 
 from kacli.cache import schema
 from kacli.cache.plan import plan_entries
-from kacli.cache.quant import dequantize
 from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cache.schema import human_bytes
-from kacli.cache.teachers import load_teachers
 from kacli.cache.writer import cache_teachers, resolve_aug
 from kacli.config import config_to_dict
 from kacli.data.dataset import CocoDetection, collate
@@ -41,6 +39,8 @@ from kacli.data.transforms import AUG_PRESETS
 from kacli.models.checkpoint import save_checkpoint
 from kacli.models.config import model_config
 from kacli.models.detr import DETR
+from kacli.teachers.load import load_teachers
+from kacli.teachers.quant import dequantize
 
 IMAGES, VIEWS, BATCH, WORKERS = 128, 2, 16, 1
 REPEATS = 3  # timings alternate pure / cache and keep each one's fastest run

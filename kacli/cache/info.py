@@ -10,9 +10,8 @@ import numpy as np
 from kacli.cache import schema
 from kacli.data.manifest import TaskManifest
 from kacli.errors import KacliError
-from kacli.fsutil import sha256_file
-from kacli.models.checkpoint import resolve_checkpoint_path
 from kacli.progress import make_progress
+from kacli.teachers.load import teacher_sha256
 
 
 def cache_summary(path: str | Path) -> dict:
@@ -166,7 +165,7 @@ def verify_cache(
         if len(teachers) != len(stored):
             problems.append(f"{len(teachers)} teacher files given, the cache was made from {len(stored)}")
         for k, (given, t) in enumerate(zip(teachers, stored)):
-            sha = sha256_file(resolve_checkpoint_path(given))
+            sha = teacher_sha256(given)
             if sha != t["sha256"]:
                 problems.append(f"teacher {k + 1} ({Path(given).name}) is not the checkpoint the cache was made from ({t['checkpoint']})")
     return {"ok": not problems, "problems": problems, "values_checked": checked}

@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kacli.cache import schema
+from kacli.cache.extract import teacher_batches
 from kacli.cache.plan import CacheJob
-from kacli.cache.teachers import teacher_batches
 from kacli.errors import KacliError
 from kacli.progress import make_progress
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from kacli.cache import schema
-from kacli.cache.teachers import Teacher
 from kacli.data.dataset import CocoDetection, entry_view
 from kacli.data.transforms import VIEW_LEN, AugConfig, View
+from kacli.teachers.load import Teacher
 
 
 @dataclass

@@ -17,12 +17,13 @@ import torch
 from torch.utils.data import Dataset
 
 from kacli.cache import schema
-from kacli.cache.labels import class_index
-from kacli.cache.quant import dequantize as dequantize_int8
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import View
 from kacli.errors import KacliError
+from kacli.teachers.labels import class_index
+from kacli.teachers.layers import layer_names
+from kacli.teachers.quant import dequantize as dequantize_int8
 
 
 IN_MEMORY_BYTES = 1 << 30  # caches up to 1 GiB (selected layers + logits + boxes) are held in memory
@@ -63,7 +64,7 @@ class TeacherCache(Dataset):
         seq_dtype: dtype of the returned sequences (float32 by default).
         dequantize: for an int8 cache, return float sequences ``q · scale`` in ``seq_dtype`` (True,
             default), or the stored int8 ``seqs`` with their ``seq_scale`` (False) so that they travel
-            at one byte a value and :func:`kacli.cache.quant.dequantize_teacher` turns the batch into
+            at one byte a value and :func:`kacli.teachers.quant.dequantize_teacher` turns the batch into
             floats on the training device. Float caches ignore it.
         in_memory: read the selected layers, logits and boxes into memory once (True), or read
             every entry from the file (False). None (default): in memory when they take at most
@@ -114,7 +115,7 @@ class TeacherCache(Dataset):
         if layers is None:
             self.layer_names = cached
         else:
-            wanted = schema.layer_names(layers, int(a["enc_layers"]))
+            wanted = layer_names(layers, int(a["enc_layers"]))
             missing = [n for n in wanted if n not in cached]
             if missing:
                 raise KacliError(f"layers {', '.join(missing)} are not in the cache (it has {', '.join(cached)})", self.path)
@@ -267,7 +268,7 @@ def collate_cached(batch):
     - ``hw`` (B, 2) int64 valid token grid per entry; ``entries`` (B,) int64; ``grid`` (hp, wp);
     - int8 items (``TeacherCache(dequantize=False)``): ``seqs`` is int8 and ``seq_scale``
       (B, N, L, hp·wp) float32 holds the scales, zeros at padding;
-      :func:`kacli.cache.quant.dequantize_teacher` gives the float ``seqs``.
+      :func:`kacli.teachers.quant.dequantize_teacher` gives the float ``seqs``.
     """
     if not batch:
         raise ValueError("collate_cached needs at least one item")

@@ -83,32 +83,6 @@ VIEW_POLICY = (
 )
 
 
-def layer_names(spec: str | Sequence[str], enc_layers: int) -> list[str]:
-    """``all`` → ``['proj', 'enc1', ..., 'encL']``; ``'proj,1,3'`` (or ``enc3``) → those, in that canonical order."""
-    if isinstance(spec, str):
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
-    else:
-        parts = [str(p).strip() for p in spec]
-    if not parts:
-        raise KacliError("--layers is empty (use 'all' or e.g. 'proj,1,3')")
-    if parts == ["all"]:
-        return ["proj"] + [f"enc{i}" for i in range(1, enc_layers + 1)]
-    picked: set[int] = set()
-    for p in parts:
-        if p == "proj":
-            picked.add(0)
-            continue
-        num = p[3:] if p.startswith("enc") else p
-        if not num.isdigit() or not 1 <= int(num) <= enc_layers:
-            raise KacliError(
-                f"--layers: {p!r} is not 'all', 'proj' or an encoder layer 1..{enc_layers} (teachers have {enc_layers})"
-            )
-        if int(num) in picked:
-            raise KacliError(f"--layers names layer {p!r} twice")
-        picked.add(int(num))
-    return ["proj" if i == 0 else f"enc{i}" for i in sorted(picked)]
-
-
 def token_grid(out_h: int, out_w: int, stride: int) -> tuple[int, int]:
     """Valid feature-map size of an ``out_h × out_w`` view: ``(ceil(out_h/stride), ceil(out_w/stride))``."""
     return -(-int(out_h) // stride), -(-int(out_w) // stride)
@@ -381,7 +355,6 @@ __all__ = [
     "ROOT_ATTRS",
     "VIEW_POLICY",
     "CacheLayout",
-    "layer_names",
     "token_grid",
     "estimate_bytes",
     "human_bytes",

@@ -4,7 +4,7 @@ student needs from them (schema: docs/CACHE.md, :mod:`kacli.cache.schema`).
 The work is planned before anything runs (:mod:`kacli.cache.plan`): every entry's view, and so its
 token count, is a pure function of ``(seed, image, view)``, which gives the file's exact size up
 front (printed, and checked against the free disk) and lets the datasets be preallocated. Teachers
-(:mod:`kacli.cache.teachers`) then run in fixed batches of consecutive entries ``[b·B, (b+1)·B)``,
+(:mod:`kacli.teachers`, :mod:`kacli.cache.extract`) then run in fixed batches of consecutive entries ``[b·B, (b+1)·B)``,
 images decoded by DataLoader workers, while a background thread writes the previous batch
 (:mod:`kacli.cache.output`). The file is written as ``<out>.partial`` with a ``done_entries``
 attribute advanced after every flushed batch; a rerun with the same arguments resumes there, and
@@ -27,22 +27,23 @@ from kacli import __version__
 from kacli.cache import schema
 from kacli.cache.output import join_shards, normal_attrs, wait_for_shards, write_range
 from kacli.cache.plan import CacheJob, plan_entries, shard_plan
-from kacli.cache.teachers import Teacher, load_teachers
 from kacli.config import config_to_dict, from_dict
 from kacli.data.dataset import CocoDetection
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import AugConfig
 from kacli.engine import distributed
-from kacli.engine.runconfig import load_run_config, recorded_settings
+from kacli.engine.runconfig import load_run_config
 from kacli.errors import KacliError
 from kacli.limits import max_views
+from kacli.teachers.layers import layer_names
+from kacli.teachers.load import Teacher, load_teachers
 
 
 def resolve_aug(teachers: Sequence[Teacher], config: str | Path | None, log: Callable[[str], None]) -> AugConfig:
     """The views' augmentation: ``--config``'s ``aug`` section if given, else the first teacher's."""
     if config is not None:
         return load_run_config(config, {}).aug
-    aug = teachers[0].config.get("aug") if isinstance(teachers[0].config, dict) else None
+    aug = teachers[0].aug
     if aug is None:
         log(f"{teachers[0].path.name} records no augmentation config: using DETR's (pass --config to choose)")
         return AugConfig()
@@ -147,7 +148,7 @@ def cache_teachers(
     loaded = load_teachers(manifest, teachers)
     first = loaded[0]
     aug = resolve_aug(loaded, config, log)
-    layer_list = schema.layer_names(layers, first.enc_layers)
+    layer_list = layer_names(layers, first.enc_layers)
     union = manifest.student_label_map()  # a category two tasks share is one class
 
     dist = distributed.init_distributed(device)
@@ -177,7 +178,7 @@ def cache_teachers(
         "views": int(views),
         "seed": int(seed),
         "aug": config_to_dict(aug),
-        "teacher_settings": recorded_settings(first.model.cfg.to_dict(), first.config),
+        "teacher_settings": first.recorded_settings(),
         "view_policy": schema.VIEW_POLICY,
         "batch_size": int(batch_size),
         "entries": int(E),

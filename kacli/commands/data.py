@@ -154,9 +154,10 @@ def merge_tasks(
     --teacher-only ones."""
     from kacli.data.merge import merge_tasks as run
     from kacli.data.merge import renames_from_options, shared_categories, tasks_from_options
+    from kacli.teachers.load import teacher_label_map
 
     tasks = tasks_from_options(task, val, images, val_images, categories, teacher_only, test, test_images)
-    manifest = run(tasks, out, renames=renames_from_options(rename), force=force)
+    manifest = run(tasks, out, renames=renames_from_options(rename), force=force, read_teacher=teacher_label_map)
     shared = shared_categories(manifest)
     if as_json:
         console.print_json(json.dumps(manifest | {"shared": shared}))

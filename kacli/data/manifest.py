@@ -19,13 +19,18 @@ format 1 with ``sources`` a list ``[{name, task, split, complete_category_ids, i
 complete for every category.
 
 Relative paths are relative to the folder holding tasks.yaml. :class:`TaskManifest` loads and checks
-the file; every problem is a :class:`KacliError` naming it.
+the file; every problem is a :class:`KacliError` naming it. :func:`write_manifest` and
+:func:`write_split_json` are the only writers of tasks.yaml and its split files (``split-tasks``,
+``merge-tasks``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from kacli.errors import KacliError
 from kacli.fsutil import load_yaml, sha256_file
@@ -280,3 +285,25 @@ class TaskManifest:
         """``{"dropped": {...}, "clipped": n}`` recorded for ``split``."""
         s = self._split(split)
         return {"dropped": dict(s.get("dropped") or {}), "clipped": int(s.get("clipped") or 0)}
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def write_split_json(path: Path, obj) -> None:
+    """One ``<split>/*.json`` of a manifest's folder: compact JSON and a newline (parents made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, separators=(",", ":"))
+        f.write("\n")
+
+
+def write_manifest(folder: Path, manifest: dict, where: str | Path) -> None:
+    """``folder/tasks.yaml``, checked first (:func:`validate_manifest`, errors naming ``where``).
+
+    Format 2 keeps each list of ids on one line (flow style, 120 columns); format 1 is written
+    in block style, as ``split-tasks`` always wrote it."""
+    validate_manifest(manifest, where)
+    style = {"default_flow_style": None, "width": 120} if manifest.get("format") == FORMAT_MERGED else {}
+    with open(Path(folder) / MANIFEST_NAME, "w", encoding="utf-8") as f:
+        yaml.safe_dump(manifest, f, sort_keys=False, allow_unicode=True, **style)

@@ -22,18 +22,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
+from typing import Callable
 
 from kacli.data.coco import count_summary
-from kacli.data.manifest import COMPLETE_KEY, FORMAT_MERGED, MANIFEST_NAME, UNION, validate_manifest
+from kacli.data.manifest import (COMPLETE_KEY, FORMAT_MERGED, MANIFEST_NAME, UNION, validate_manifest, write_manifest,
+                                 write_split_json)
 from kacli.data.names import name_key, rename_keys, renamed
 from kacli.data.readers import read_source
 from kacli.data.schemes import RESERVED, TASK_NAME
-from kacli.data.split import _write_json
 from kacli.errors import KacliError
-from kacli.fsutil import atomic_dir, check_output_dir, sha256_file
-from kacli.models.checkpoint import load_checkpoint, resolve_checkpoint_path
+from kacli.fsutil import atomic_dir, check_output_dir
 
 SCHEME = "merged"
 # The splits besides train a task may have: val (checkpoint selection) and test (the reported figures).
@@ -123,17 +121,6 @@ def renames_from_options(values) -> dict[str, str]:
     return out
 
 
-def teacher_label_map(path: str | Path) -> tuple[Path, str, dict]:
-    """A teacher checkpoint's ``(path, sha256, label_map)``; only named classes are in the map
-    (an imported DETR's unnamed slots are not, see ``ModelConfig.unnamed_classes``)."""
-
-    p = resolve_checkpoint_path(path)
-    ckpt = load_checkpoint(p)
-    if ckpt["kind"] != "detr":
-        raise KacliError(f"is a {ckpt['kind']} checkpoint; a teacher-only task needs a DETR teacher", p)
-    return p.resolve(), sha256_file(p), ckpt["label_map"]
-
-
 def _categories(task: TaskSource, cats: list[dict], keys: dict, what: str, where) -> list[dict]:
     """The task's categories from ``cats`` (``{id, name, supercategory}``): renamed, then the subset
     ``task.categories`` names (by new or old name). Each: ``{id (source's), name (new), old, key,
@@ -184,8 +171,13 @@ def _check_names(tasks: list[TaskSource]) -> None:
         raise KacliError("every task is teacher-only: at least one task needs images (--task NAME=SOURCE)", tasks[0].teacher)
 
 
+#: Reads a teacher-only task's checkpoint: ``path → (file, sha256, label_map)``
+#: (:func:`kacli.teachers.load.teacher_label_map`; data/ does not read models).
+TeacherReader = Callable[[str], "tuple[Path, str, dict]"]
+
+
 def merge_tasks(tasks: list[TaskSource], out: str | Path, renames: dict[str, str] | None = None,
-                force: bool = False) -> dict:
+                force: bool = False, read_teacher: TeacherReader | None = None) -> dict:
     """Merge ``tasks`` (see :class:`TaskSource`) into one manifest written to ``out``.
 
     Args:
@@ -193,6 +185,8 @@ def merge_tasks(tasks: list[TaskSource], out: str | Path, renames: dict[str, str
         out: output folder; must be absent or empty unless ``force``.
         renames: ``{old: new}`` category names (matched case- and space-insensitively) applied to
             every source and teacher; an old name that no source or teacher has is an error.
+        read_teacher: reads a teacher-only task's checkpoint (its file, sha256 and label map);
+            needed when a task is teacher-only.
 
     Returns:
         The manifest dict written to ``out/tasks.yaml``.
@@ -208,7 +202,9 @@ def merge_tasks(tasks: list[TaskSource], out: str | Path, renames: dict[str, str
     teachers: dict[str, tuple[Path, str, dict]] = {}
     for t in tasks:
         if t.teacher is not None:
-            teachers[t.name] = teacher_label_map(t.teacher)
+            if read_teacher is None:
+                raise ValueError("merge_tasks needs read_teacher for a teacher-only task")
+            teachers[t.name] = read_teacher(t.teacher)
         else:
             data[t.name] = {"train": _read(t.train, t.images, t.name, "train")}
             for split in EVAL_SPLITS:
@@ -268,9 +264,8 @@ def merge_tasks(tasks: list[TaskSource], out: str | Path, renames: dict[str, str
     with atomic_dir(out, force=force) as tmp:
         for split, by_file in files.items():
             for rel, obj in by_file.items():
-                _write_json(tmp / rel, obj)
-        with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:  # lists of ids on one line each
-            yaml.safe_dump(manifest, f, sort_keys=False, allow_unicode=True, default_flow_style=None, width=120)
+                write_split_json(tmp / rel, obj)
+        write_manifest(tmp, manifest, out / MANIFEST_NAME)
     return manifest
 
 
@@ -385,5 +380,5 @@ def shared_categories(manifest: dict) -> list[dict]:
     return [{"id": i, "name": names[i], "tasks": ts} for i, ts in sorted(owners.items()) if len(ts) > 1]
 
 
-__all__ = ["TaskSource", "tasks_from_options", "renames_from_options", "teacher_label_map", "merge_tasks",
+__all__ = ["TaskSource", "tasks_from_options", "renames_from_options", "merge_tasks",
            "shared_categories", "SCHEME"]

@@ -8,13 +8,10 @@ The output folder is built under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import yaml
-
 from kacli.data.coco import annotation_counts, count_summary, subset
-from kacli.data.manifest import FORMAT, MANIFEST_NAME, validate_manifest
+from kacli.data.manifest import FORMAT, MANIFEST_NAME, write_manifest, write_split_json
 from kacli.data.readers import read_source
 from kacli.data.schemes import resolve_scheme, scheme_kind
 from kacli.errors import KacliError
@@ -32,13 +29,6 @@ def merge_categories(base: list[dict], other: list[dict], other_source: str | Pa
             raise KacliError(
                 f"category id {c['id']} is {c['name']!r} here but {b['name']!r} in the training set", other_source
             )
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-        f.write("\n")
 
 
 def split_tasks(
@@ -109,7 +99,7 @@ def split_tasks(
             everything = subset(d, assigned, categories)
             unassigned = len(d["annotations"]) - len(everything["annotations"])
             everything["info"] = {"description": f"kacli split {split}, all tasks", "source": src, "task": "all"}
-            _write_json(tmp / split / "all.json", everything)
+            write_split_json(tmp / split / "all.json", everything)
             entry = {
                 "all": f"{split}/all.json",
                 "tasks": {},
@@ -125,11 +115,9 @@ def split_tasks(
                 part = subset(d, t["category_ids"], categories)
                 part["info"] = {"description": f"kacli split {split}, task {t['name']}", "source": src, "task": t["name"]}
                 rel = f"{split}/{t['name']}.json"
-                _write_json(tmp / rel, part)
+                write_split_json(tmp / rel, part)
                 entry["tasks"][t["name"]] = rel
                 t["counts"][split] = count_summary(part)
             manifest["splits"][split] = entry
-        validate_manifest(manifest, out / MANIFEST_NAME)
-        with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:
-            yaml.safe_dump(manifest, f, sort_keys=False, allow_unicode=True)
+        write_manifest(tmp, manifest, out / MANIFEST_NAME)
     return manifest

@@ -1,5 +1,5 @@
 """What a DETR training run reads from ``--config``: :class:`DetrRunConfig` (model, aug, train),
-its presets and its loader; and the settings a DETR checkpoint records about its run.
+its presets and its loader.
 
 ``train-teacher`` trains with it, ``cache-teachers`` takes its ``aug`` section from a
 ``--config``, and ``amalgamate`` accepts its presets as a ``--config`` and starts from the
@@ -52,17 +52,4 @@ def load_run_config(source: str | Path | None, overrides: dict[str, Any]) -> Det
     return cfg
 
 
-def recorded_settings(arch: Any, config: Any) -> dict:
-    """``{"model", "train"}`` a DETR checkpoint records about its run: its architecture (``arch``)
-    and, beside it, its run config's ``train`` section: ``{}`` without an architecture, no
-    ``train`` when the config has none. This is what ``cache-teachers`` stores as the cache's ``teacher_settings``."""
-    settings: dict = {}
-    if isinstance(arch, dict):
-        settings["model"] = dict(arch)
-        train = config.get("train") if isinstance(config, dict) else None
-        if isinstance(train, dict):
-            settings["train"] = dict(train)
-    return settings
-
-
-__all__ = ["DetrRunConfig", "RUN_PRESETS", "load_run_config", "recorded_settings"]
+__all__ = ["DetrRunConfig", "RUN_PRESETS", "load_run_config"]

@@ -24,6 +24,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from kacli.errors import KacliError
 from kacli.fsutil import require_file
 from kacli.models.config import ModelConfig
+from kacli.models.torchfile import torch_load_untrusted
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
@@ -131,9 +132,6 @@ _PREFIXES = ("backbone.0.body.", "backbone.body.", "body.")
 
 
 def _read_weights_file(path: Path) -> Any:
-    # imported here, not at the top: kacli.models.checkpoint imports detr, which imports this module
-    from kacli.models.checkpoint import torch_load_untrusted
-
     return torch_load_untrusted(path, "weights")
 
 

@@ -73,9 +73,10 @@ from torch import nn
 
 from kacli.errors import KacliError
 from kacli.fsutil import load_json, load_yaml, sha256_file
-from kacli.models.checkpoint import FORMAT, resolve_checkpoint_path, save_checkpoint, torch_load_untrusted
+from kacli.models.checkpoint import FORMAT, resolve_checkpoint_path, save_checkpoint
 from kacli.models.config import ModelConfig
 from kacli.models.detr import DETR
+from kacli.models.torchfile import torch_load_untrusted
 
 # fmt: off
 #: DETR's 91 COCO class slots: entry k is the name of COCO category id k ("N/A": unused id).

@@ -10,16 +10,14 @@ run without gradients, are in no optimiser and in no checkpoint.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from kacli.amalgamation.objective import layer_outputs
-from kacli.cache.labels import remap_logits
-
-if TYPE_CHECKING:
-    from kacli.cache.teachers import Teacher
+from kacli.teachers.labels import remap_logits
+from kacli.teachers.layers import layer_outputs
+from kacli.teachers.load import Teacher
 
 
 class OnlineTeachers(nn.Module):
@@ -27,12 +25,12 @@ class OnlineTeachers(nn.Module):
 
     Args:
         models: the teacher DETRs, in the manifest's task order (they share d_model, encoder
-            depth and backbone stride: :func:`kacli.cache.teachers.load_teachers` checks it).
+            depth and backbone stride: :func:`kacli.teachers.load.load_teachers` checks it).
         layers: the layers to return, in the order of ``seqs``' L axis (``proj``, ``enc1``, …:
             ``proj`` is the projected backbone sequence, ``encI`` encoder layer I's output).
         class_maps: per teacher, None, or the teacher class of each of its task's classes
-            (:func:`kacli.cache.labels.match_classes`): its logits are then remapped to the
-            task's classes (:func:`kacli.cache.labels.remap_logits`), as the cache stores them.
+            (:func:`kacli.teachers.labels.match_classes`): its logits are then remapped to the
+            task's classes (:func:`kacli.teachers.labels.remap_logits`), as the cache stores them.
 
     ``forward(images (B,3,H,W), mask (B,H,W) True=pad)`` with H and W multiples of the
     teachers' stride returns ``{"seqs" (B,N,L,n,d) float32, "token_mask" (B,n) bool True=pad,
@@ -60,7 +58,7 @@ class OnlineTeachers(nn.Module):
 
     @classmethod
     def from_teachers(cls, teachers: Sequence[Teacher], layers: Sequence[str]) -> OnlineTeachers:
-        """The models and class maps of :func:`kacli.cache.teachers.load_teachers`' teachers."""
+        """The models and class maps of :func:`kacli.teachers.load.load_teachers`' teachers."""
         return cls([t.model for t in teachers], layers, [t.class_map for t in teachers])
 
     def train(self, mode: bool = True) -> OnlineTeachers:

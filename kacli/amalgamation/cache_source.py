@@ -1,0 +1,122 @@
+"""The teacher cache as the source of a student's teacher outputs (``amalgamate --cache``).
+
+No teacher runs and no teacher checkpoint is read: every teacher output the losses need
+(projected sequence and encoder layers, class logits and boxes) comes from the cache written by
+``cache-teachers``, for exactly the view of the image the student sees (the cache replays its K
+views), and so do the teachers' settings the student's configuration starts from (caches
+written before they were recorded fall back to the first teacher's checkpoint).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from kacli.amalgamation.config import AmalgamateConfig, teacher_settings
+from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
+from kacli.amalgamation.sources import collate_ground_truth
+from kacli.cache import schema
+from kacli.cache.reader import TeacherCache, cache_manifest, collate_cached
+from kacli.data.manifest import TaskManifest
+from kacli.errors import KacliError
+
+
+@dataclass
+class CacheSource:
+    """A complete teacher cache and the manifest it was made from, as :func:`open_cache` found them."""
+
+    path: Path
+    attrs: dict
+    manifest: TaskManifest
+    noun = "cached teachers"
+
+    @property
+    def teachers(self) -> list[dict]:
+        return list(self.attrs.get("teachers") or [])
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.teachers)
+
+    @property
+    def layers(self) -> list[str]:
+        """The cached layers (``proj``, ``enc1``, …)."""
+        return list(self.attrs["layers"])
+
+    @property
+    def label_map(self) -> dict:
+        """The union label map ``{ids, names}``: the student's classes."""
+        lm = self.attrs["label_map"]
+        return {"ids": [int(i) for i in lm["ids"]], "names": list(lm["names"])}
+
+    @property
+    def teacher_label_maps(self) -> list[dict]:
+        return [t["label_map"] for t in self.teachers]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.attrs["d_model"])
+
+    @property
+    def enc_layers(self) -> int:
+        return int(self.attrs["enc_layers"])
+
+    @property
+    def stride(self) -> int | None:
+        return self.attrs.get("stride")
+
+    @property
+    def where(self) -> Path:
+        return self.path
+
+    def settings(self) -> dict:
+        return teacher_settings(self.attrs)
+
+    def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig):
+        """The training set and its collate function: the cache read with the objective's layers
+        (int8 travels as int8) when the objective reads the teachers' outputs, else the cache's
+        entries as images and ground truth alone (the same views; the outputs are never loaded)."""
+        if objective.needs_teacher:
+            cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, dequantize=False)
+            return cache, collate_cached
+        cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, in_memory=False)
+        return cache.dataset, functools.partial(collate_ground_truth, stride=cache.stride)
+
+    def online_teachers(self, needs: CacheNeeds) -> None:
+        return None
+
+    def content_id(self) -> str:
+        return schema.content_id(self.attrs, self.path.stat().st_size)
+
+    def provenance(self, objective: AmalgamationObjective) -> tuple[dict, dict, dict]:
+        cache_sha = self.content_id()
+        meta = {
+            "teacher_source": "cache",
+            "cache": {
+                "path": str(self.path.resolve()),
+                "content_sha256": cache_sha,
+                "teachers": [{"task": t.get("task"), "checkpoint": t.get("checkpoint"), "sha256": t.get("sha256")}
+                             for t in self.teachers],
+                "layers": objective.layers,
+            },
+        }
+        return {"cache": cache_sha}, meta, {"cache": cache_sha}
+
+
+def open_cache(cache_path: str | Path, tasks_path: str | Path | None, allow_val: bool = False) -> CacheSource:
+    """Validate the (complete) cache and find its manifest: ``tasks_path`` must be the one the cache
+    was made from; None: the one the cache names, unchanged since. A cache of a split other than
+    ``train`` is refused unless ``allow_val``."""
+    cache_path = Path(cache_path)
+    with schema.open_h5(cache_path, "r") as f:
+        attrs = dict(schema.validate(f, cache_path, require_complete=True).attrs)
+    split = attrs.get("split")
+    if split != "train" and not allow_val:
+        raise KacliError(f"cache holds the {split!r} split: training on it would fit the student to the images it "
+                         "is evaluated on (cache the train split, or --allow-val to train on it anyway)", cache_path)
+    manifest = cache_manifest(attrs, cache_path, tasks_path)
+    return CacheSource(cache_path, attrs, manifest)
+
+
+__all__ = ["CacheSource", "open_cache"]

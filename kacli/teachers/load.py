@@ -1,0 +1,189 @@
+"""Loading a teacher: its checkpoint read and identified (file and sha256), checked against its
+task and the other teachers, and the run settings it records.
+
+:func:`load_teachers` loads one DETR checkpoint per task (``cache-teachers``, ``amalgamate
+--teacher``, the benchmarks); :func:`teacher_file` and :func:`teacher_sha256` identify a teacher
+file, :func:`teacher_label_map` reads one's classes (``merge-tasks``' teacher-only tasks), and
+:func:`checkpoint_settings` / :meth:`Teacher.settings` give the settings the student's
+configuration starts from (the first teacher's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from kacli.data.manifest import TaskManifest
+from kacli.errors import KacliError
+from kacli.fsutil import sha256_file
+from kacli.models.checkpoint import build_model, load_checkpoint, resolve_checkpoint_path
+from kacli.models.torchfile import torch_load_untrusted
+from kacli.teachers.labels import match_classes
+
+
+def recorded_settings(arch: Any, config: Any) -> dict:
+    """``{"model", "train"}`` a DETR checkpoint records about its run: its architecture (``arch``)
+    and, beside it, its run config's ``train`` section: ``{}`` without an architecture, no
+    ``train`` when the config has none. This is what ``cache-teachers`` stores as the cache's ``teacher_settings``."""
+    settings: dict = {}
+    if isinstance(arch, dict):
+        settings["model"] = dict(arch)
+        train = config.get("train") if isinstance(config, dict) else None
+        if isinstance(train, dict):
+            settings["train"] = dict(train)
+    return settings
+
+
+def checkpoint_settings(path: str | Path) -> dict:
+    """``{"model", "train"}`` recorded in the teacher checkpoint at ``path`` (:func:`recorded_settings`
+    of its ``arch`` and ``config``); ``{}`` when the file is gone or is not a dict."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    ck = torch_load_untrusted(p)
+    return recorded_settings(ck.get("arch"), ck.get("config")) if isinstance(ck, dict) else {}
+
+
+def teacher_file(path: str | Path) -> tuple[Path, str]:
+    """A teacher checkpoint (file or run folder) as ``(file, sha256)``: what identifies it."""
+    p = resolve_checkpoint_path(path)
+    return p, sha256_file(p)
+
+
+def teacher_sha256(path: str | Path) -> str:
+    return teacher_file(path)[1]
+
+
+def teacher_label_map(path: str | Path) -> tuple[Path, str, dict]:
+    """A teacher checkpoint's ``(path, sha256, label_map)``; only named classes are in the map
+    (an imported DETR's unnamed slots are not, see ``ModelConfig.unnamed_classes``)."""
+
+    p = resolve_checkpoint_path(path)
+    ckpt = load_checkpoint(p)
+    if ckpt["kind"] != "detr":
+        raise KacliError(f"is a {ckpt['kind']} checkpoint; a teacher-only task needs a DETR teacher", p)
+    return p.resolve(), sha256_file(p), ckpt["label_map"]
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher: its checkpoint file, sha256, task, label map and model (eval mode, CPU)."""
+
+    path: Path
+    sha256: str
+    task: str
+    label_map: dict
+    model: torch.nn.Module
+    config: dict
+    class_map: list[int] | None = None  # teacher class of each task class (labels.match_classes); None: the same
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_map["ids"])
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.model.cfg.num_queries)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def enc_layers(self) -> int:
+        return int(self.model.cfg.enc_layers)
+
+    @property
+    def stride(self) -> int:
+        return int(self.model.backbone.stride)
+
+    @property
+    def aug(self) -> Mapping | None:
+        """The augmentation section of the teacher's run config, if it records one."""
+        return self.config.get("aug") if isinstance(self.config, dict) else None
+
+    def recorded_settings(self) -> dict:
+        """``{"model", "train"}`` of the teacher's run (:func:`recorded_settings` of its architecture
+        and run config): what ``cache-teachers`` stores as ``teacher_settings``."""
+        return recorded_settings(self.model.cfg.to_dict(), self.config)
+
+    def settings(self) -> dict:
+        """:meth:`recorded_settings` and the teacher's augmentation (``aug``) when it records one:
+        the settings a student's configuration starts from."""
+        base = self.recorded_settings()
+        if isinstance(self.aug, Mapping):
+            base["aug"] = dict(self.aug)
+        return base
+
+    def describe(self) -> dict:
+        return {
+            "task": self.task,
+            "checkpoint": str(self.path),
+            "sha256": self.sha256,
+            "label_map": {"ids": [int(i) for i in self.label_map["ids"]], "names": list(self.label_map["names"])},
+            "num_classes": self.num_classes,
+            "num_queries": self.num_queries,
+        } | ({"class_map": list(self.class_map)} if self.class_map is not None else {})
+
+
+def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[Teacher]:
+    """Load one teacher per task, in the manifest's task order, and check that they fit.
+
+    A teacher's classes are matched to its task's by name (:func:`kacli.teachers.labels.match_classes`,
+    after the manifest's renames); a teacher whose label map is not its task's (a COCO DETR for a
+    few of COCO's categories) gets a ``class_map`` and its logits are stored in the task's class
+    order, its other classes folded into no-object (:func:`kacli.teachers.labels.remap_logits`).
+
+    Raises KacliError (naming the teacher file) when the count is wrong, a label map lacks one of
+    its task's categories (naming the task it does fit, if any: teachers given in the wrong order), or
+    a teacher's d_model, encoder depth or backbone stride differs from the first teacher's.
+    """
+
+    names = manifest.task_names
+    if len(paths) != len(names):
+        raise KacliError(
+            f"give one --teacher per task, in the order of tasks.yaml ({', '.join(names)}): got {len(paths)}",
+            manifest.path,
+        )
+    by_ids = {tuple(t.category_ids): t.name for t in manifest.tasks}
+    by_set = {frozenset(t.category_ids): t.name for t in manifest.tasks}
+    teachers: list[Teacher] = []
+    for k, (raw_path, task) in enumerate(zip(paths, manifest.tasks)):
+        path, sha = teacher_file(raw_path)
+        ckpt = load_checkpoint(path)
+        if ckpt["kind"] != "detr":
+            raise KacliError(f"is a {ckpt['kind']} checkpoint; teachers are DETR checkpoints", path)
+        ids = [int(i) for i in ckpt["label_map"]["ids"]]
+        try:  # each task class's teacher class, by name: None when the label map is the task's
+            class_map = match_classes(ckpt["label_map"], task.name, task.category_names, manifest.renames, path)
+        except KacliError:
+            fits = by_ids.get(tuple(ids)) or by_set.get(frozenset(ids))
+            if fits is not None and fits != task.name:
+                raise KacliError(
+                    f"teacher {k + 1} holds the categories of task {fits!r}, not of task {task.name!r}: teachers given "
+                    f"in the wrong order? (give them in tasks.yaml's order: {', '.join(names)})",
+                    path,
+                ) from None
+            raise
+        if ids == list(task.category_ids) and class_map == list(range(len(ids))):
+            class_map = None
+        label_map = ckpt["label_map"] if class_map is None else task.label_map()
+        model = build_model(ckpt).eval()
+        teachers.append(
+            Teacher(path.resolve(), sha, task.name, label_map, model, ckpt.get("config") or {}, class_map)
+        )
+    first = teachers[0]
+    for t in teachers[1:]:
+        for what in ("d_model", "enc_layers", "stride"):
+            a, b = getattr(first, what), getattr(t, what)
+            if a != b:
+                label = {"d_model": "d_model", "enc_layers": "encoder depth", "stride": "backbone stride"}[what]
+                raise KacliError(f"{label} {b} differs from teacher 1's ({first.path.name}: {a}); all teachers must share it", t.path)
+    return teachers
+
+
+__all__ = ["Teacher", "checkpoint_settings", "load_teachers", "recorded_settings", "teacher_file", "teacher_label_map",
+           "teacher_sha256"]
