@@ -139,7 +139,7 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 #: belongs to the layer of the longest prefix listed (``kacli.cache.writer`` before ``kacli.cache``).
 LAYERS = [
     ("foundation", ["kacli", "kacli.errors", "kacli.fsutil", "kacli.limits", "kacli.progress", "kacli.draw",
-                    "kacli.config"]),
+                    "kacli.grid", "kacli.config"]),
     ("data", ["kacli.data"]),
     ("models", ["kacli.models"]),
     ("runtime", ["kacli.engine.distributed"]),
