@@ -27,7 +27,6 @@ import torch
 from kacli.data.images import load_image
 from kacli.data.transforms import apply_view, eval_view
 from kacli.draw import draw_detections
-from kacli.engine.distributed import pick_device
 from kacli.errors import KacliError
 from kacli.eval.results import image_id_for, image_ids_by_name, write_results
 from kacli.fsutil import atomic_dir, load_json
@@ -35,6 +34,7 @@ from kacli.limits import check_side
 from kacli.models.checkpoint import build_model, load_checkpoint
 from kacli.models.postprocess import postprocess
 from kacli.progress import make_progress
+from kacli.runtime import pick_device
 
 DEFAULT_SIZE = 800
 DEFAULT_MAX_SIZE = 1333

@@ -9,8 +9,9 @@ from typing import Literal
 
 import pytest
 
-from kacli.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
+from kacli.config import apply_overrides, config_to_dict, load_config, save_config
 from kacli.data.transforms import AUG_PRESETS, AugConfig
+from kacli.engine.config import TrainConfig
 from kacli.errors import KacliError
 
 

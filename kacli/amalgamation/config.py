@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from kacli.config import ConfigValueError, TrainConfig, apply_overrides, config_to_dict, load_config
+from kacli.config import ConfigValueError, apply_overrides, config_to_dict, load_config
 from kacli.data.transforms import AugConfig
-from kacli.engine.runconfig import RUN_PRESETS
+from kacli.engine.config import TrainConfig
 from kacli.errors import KacliError
 from kacli.fsutil import load_yaml
 from kacli.losses.ground_truth import GT_LOSSES
 from kacli.models.config import ModelConfig
+from kacli.runconfig import RUN_PRESETS
 
 TRAINING_METHODS = ("ka", "raw", "raw-ext", "sag", "raw-partial", "pseudo")
 # Methods training a plain DETR on ground truth alone (weight 1), each with the ground-truth losses

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import AugConfig
-from kacli.engine.distributed import pick_device
 from kacli.errors import KacliError
 from kacli.eval.by_source import UNION, source_metrics, sources_of
 from kacli.eval.coco_eval import coco_metrics, pool_detections
@@ -27,6 +26,7 @@ from kacli.limits import check_positive, check_side
 from kacli.models.checkpoint import build_model, load_checkpoint
 from kacli.models.postprocess import postprocess
 from kacli.progress import make_progress
+from kacli.runtime import pick_device
 
 
 @torch.inference_mode()
