@@ -213,7 +213,8 @@ def test_the_engine_is_the_trainer_alone():
                                                               "kacli.models", "kacli.data", "kacli.runtime"))
              for d in graph[m] if d.startswith("kacli.engine")]
     assert not below, below
-    up = [f"{m} imports {d}" for m in graph if m.startswith("kacli.engine") for d in graph[m] if d.startswith("kacli.eval")]
+    up = [f"{m} imports {d}" for m in graph if m.startswith("kacli.engine")
+          for d in graph[m] if d.startswith("kacli.eval")]
     assert not up, up
 
 
