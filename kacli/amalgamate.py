@@ -32,17 +32,17 @@ from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
 from kacli.amalgamation.sources import TeacherSource
 from kacli.config import apply_overrides, config_to_dict
 from kacli.data.manifest import TaskManifest
-from kacli.engine.distributed import init_distributed
 from kacli.engine.rundir import RunDir
 from kacli.engine.train import TrainSetup, Trainer
-from kacli.engine.validate import make_validator
 from kacli.errors import KacliError
+from kacli.eval.validate import make_validator
 from kacli.fsutil import sha256_file
 from kacli.losses.sequence import SAGProjection
 from kacli.models.backbone import backbone_stride, load_backbone_weights
 from kacli.models.config import ModelConfig
 from kacli.models.detr import DETR
 from kacli.models.student import Student
+from kacli.runtime import init_distributed
 from kacli.teachers.labels import class_index
 from kacli.teachers.load import load_teachers
 

@@ -45,9 +45,9 @@ from kacli.draw import PALETTE, draw_detections
 from kacli.engine.runlog import read_jsonl
 from kacli.errors import KacliError
 from kacli.eval.evaluate import evaluate_checkpoints, make_eval_dataset
+from kacli.eval.infer import detect_batch, eval_sizes
 from kacli.fsutil import atomic_path, check_output_dir, write_json
 from kacli.models.checkpoint import build_model, load_checkpoint
-from kacli.models.postprocess import postprocess
 from kacli.progress import shared_progress
 from kacli.report import load_curves, load_rows, write_report
 from kacli.teacher import train_teacher
@@ -99,9 +99,7 @@ def prediction_pictures(
     built = {name: build_model(ck).eval() for name, ck in models.items()}
     datasets = {}
     for name, ck in models.items():
-        aug = (ck.get("config") or {}).get("aug") or {}
-        datasets[name] = make_eval_dataset(gt_path, manifest.image_root(split), ck["label_map"]["ids"],
-                                           aug.get("eval_size", 800), aug.get("max_size", 1333))
+        datasets[name] = make_eval_dataset(gt_path, manifest.image_root(split), ck["label_map"]["ids"], *eval_sizes(ck))
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(datasets.values()))
     written = []
@@ -110,9 +108,8 @@ def prediction_pictures(
         groups = {}
         for k, (name, ck) in enumerate(models.items()):
             image, target = datasets[name][i]
-            with torch.inference_mode():
-                out = built[name](image[None], torch.zeros(1, *image.shape[-2:], dtype=torch.bool))
-            res = postprocess(out, target["orig_size"][None])[0]
+            res = detect_batch(built[name], image[None], torch.zeros(1, *image.shape[-2:], dtype=torch.bool),
+                               target["orig_size"][None])[0]
             keep = res["scores"] >= threshold
             groups[name] = {
                 "boxes": res["boxes"][keep],

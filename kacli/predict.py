@@ -13,7 +13,8 @@
   drawn and labelled ``"<name> <score>"``.
 
 Each image goes through the evaluation transform (shorter side → ``size``, longer side ≤
-``max_size``; defaults: the checkpoint's ``config.aug.eval_size`` / ``max_size``, else 800 / 1333).
+``max_size``; defaults: the checkpoint's ``config.aug.eval_size`` / ``max_size``, else 800 / 1333:
+:func:`kacli.eval.infer.eval_sizes`), the path ``kacli eval`` takes (:mod:`kacli.eval.infer`).
 """
 
 from __future__ import annotations
@@ -25,31 +26,18 @@ from typing import Any, Sequence
 import torch
 
 from kacli.data.images import load_image
-from kacli.data.transforms import apply_view, eval_view
 from kacli.draw import draw_detections
-from kacli.engine.distributed import pick_device
 from kacli.errors import KacliError
+from kacli.eval.infer import detect_image, eval_sizes
 from kacli.eval.results import image_id_for, image_ids_by_name, write_results
 from kacli.fsutil import atomic_dir, load_json
 from kacli.limits import check_side
 from kacli.models.checkpoint import build_model, load_checkpoint
-from kacli.models.postprocess import postprocess
 from kacli.progress import make_progress
+from kacli.runtime import pick_device
 
-DEFAULT_SIZE = 800
-DEFAULT_MAX_SIZE = 1333
 FORMATS = ("kacli", "coco")
 MAX_PER_IMAGE = 100  # COCO's maxDets: what pycocotools and leaderboards read per image
-
-
-def default_sizes(ckpt: dict[str, Any]) -> tuple[int, int]:
-    """``(eval_size, max_size)`` from the checkpoint's run config, else DETR's 800 / 1333."""
-    cfg = ckpt.get("config") or {}
-    aug = cfg.get("aug") if isinstance(cfg, dict) else None
-    aug = aug if isinstance(aug, dict) else {}
-    size = aug.get("eval_size") or DEFAULT_SIZE
-    max_size = aug.get("max_size") or DEFAULT_MAX_SIZE
-    return int(size), int(max_size)
 
 
 def _png_names(images: Sequence[Path]) -> list[str]:
@@ -60,24 +48,6 @@ def _png_names(images: Sequence[Path]) -> list[str]:
         seen[stem] = n
         names.append(f"{stem}.png" if n == 1 else f"{stem}_{n}.png")
     return names
-
-
-@torch.inference_mode()
-def detect(model: torch.nn.Module, image: torch.Tensor, size: int, max_size: int, device: torch.device) -> dict:
-    """One uint8 image (3,H,W) → ``scores (Q,)``, ``labels (Q,)`` (class indices), ``boxes (Q,4)``
-    pixel xyxy in the original image, clipped to it, and ``unclipped (Q,4)`` the same before
-    clipping (what ``kacli eval`` and DETR's own post-processing report)."""
-
-    H, W = int(image.shape[1]), int(image.shape[2])
-    img, _, _ = apply_view(image, torch.zeros(0, 4), eval_view(H, W, size, max_size))
-    mask = torch.zeros(1, img.shape[1], img.shape[2], dtype=torch.bool, device=device)
-    out = model(img[None].to(device), mask)
-    res = postprocess(out, torch.tensor([[H, W]], device=device))[0]
-    unclipped = res["boxes"].cpu()
-    boxes = unclipped.clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
-    return {"scores": res["scores"].cpu(), "labels": res["labels"].cpu(), "boxes": boxes, "unclipped": unclipped}
 
 
 def predict_images(
@@ -115,12 +85,7 @@ def predict_images(
         coco_ids = [image_id_for(p, lookup) for p in paths]
     decoded = [load_image(p) for p in paths]  # every image checked before any work
     ckpt = load_checkpoint(ckpt_path)
-    d_size, d_max = default_sizes(ckpt)
-    if size is None:
-        check_side("the checkpoint's aug.eval_size", d_size, ckpt["path"])
-    if max_size is None:
-        check_side("the checkpoint's aug.max_size", d_max, ckpt["path"])
-    size, max_size = int(size if size is not None else d_size), int(max_size if max_size is not None else d_max)
+    size, max_size = eval_sizes(ckpt, size, max_size)
     dev = device if isinstance(device, torch.device) else pick_device(str(device))
     model = build_model(ckpt).to(dev).eval()
     ids, names = ckpt["label_map"]["ids"], ckpt["label_map"]["names"]
@@ -133,7 +98,7 @@ def predict_images(
     with atomic_dir(out, force=force) as tmp, make_progress(unit="img", transient=True) as prog:
         task = prog.add_task("predict", total=len(paths), info="")
         for k, (p, image, png) in enumerate(zip(paths, decoded, _png_names(paths))):
-            det = detect(model, image, size, max_size, dev)
+            det = detect_image(model, image, size, max_size, dev)
             keep = (det["scores"] >= threshold).nonzero().flatten()
             keep = keep[det["scores"][keep].argsort(descending=True)]
             rows = [

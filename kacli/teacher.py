@@ -10,17 +10,17 @@ import torch
 from kacli.config import config_to_dict
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
-from kacli.engine.distributed import init_distributed
-from kacli.engine.runconfig import load_run_config
 from kacli.engine.rundir import RunDir
 from kacli.engine.train import TrainSetup, Trainer, to_device
-from kacli.engine.validate import make_validator
+from kacli.eval.validate import make_validator
 from kacli.fsutil import sha256_file
 from kacli.losses.criterion import SetCriterion
 from kacli.losses.matcher import HungarianMatcher
 from kacli.models.backbone import load_backbone_weights
 from kacli.models.detr import DETR
 from kacli.models.import_detr import init_from_checkpoint
+from kacli.runconfig import load_run_config
+from kacli.runtime import init_distributed
 
 
 def detr_loss_fn(criterion: SetCriterion) -> Callable:

@@ -57,7 +57,7 @@ def main(cache_path: str, out_dir: str, seed: int, batch_size: int, workers: int
     import torch.distributed as dist
 
     from kacli.cache.reader import TeacherCache
-    from kacli.engine.distributed import init_distributed
+    from kacli.runtime import init_distributed
     from kacli.engine.train import Trainer
 
     info = init_distributed("cpu")

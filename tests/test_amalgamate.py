@@ -12,9 +12,10 @@ import yaml
 from conftest import assert_one_line_error
 import kacli.amalgamate as amalgamate_module
 from kacli.amalgamate import amalgamate
-from kacli.amalgamation.config import AmalgamateConfig, load_amalgamate_config, teacher_settings
+from kacli.amalgamation.config import AmalgamateConfig, load_amalgamate_config
 from kacli.amalgamation.objective import AmalgamationObjective
 from kacli.cache.reader import TeacherCache, collate_cached
+from kacli.cache.schema import teacher_settings
 from kacli.cache.writer import cache_teachers
 from kacli.config import load_config
 from kacli.data.demo_data import make_demo_data
@@ -81,7 +82,7 @@ def setup(tmp_path_factory):
 
 def _cfg(setup, overrides=None) -> AmalgamateConfig:
     cache = TeacherCache(setup["cache"])
-    return load_amalgamate_config(None, overrides, teacher_settings(cache.attrs))
+    return load_amalgamate_config(None, overrides, cache.layout.teacher_settings())
 
 
 def _batch(cache: TeacherCache, n: int = 4):
@@ -109,12 +110,12 @@ def test_config_defaults_to_the_teachers_and_files_override_single_keys(setup, t
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"model": {"num_queries": 4}, "ta": {"topk": 3}, "lambda_d": 0.5}))
     cache = TeacherCache(setup["cache"])
-    over = load_amalgamate_config(f, {"train.epochs": 2, "sa.enabled": False}, teacher_settings(cache.attrs))
+    over = load_amalgamate_config(f, {"train.epochs": 2, "sa.enabled": False}, cache.layout.teacher_settings())
     assert over.model.num_queries == 4 and over.model.d_model == 32 and over.model.tiny_widths == (8, 8, 16, 16)
     assert (over.ta.topk, over.lambda_d, over.train.epochs, over.sa.enabled) == (3, 0.5, 2, False)
     f.write_text(yaml.safe_dump({"ta": {"treshold": 0.2}}))
     with pytest.raises(Exception, match="ta.treshold"):
-        load_amalgamate_config(f, None, teacher_settings(cache.attrs))
+        load_amalgamate_config(f, None, cache.layout.teacher_settings())
 
 
 def test_sa_loss_is_zero_when_the_student_reproduces_the_teachers(setup):

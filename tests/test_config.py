@@ -9,8 +9,9 @@ from typing import Literal
 
 import pytest
 
-from kacli.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
+from kacli.config import apply_overrides, config_to_dict, load_config, save_config
 from kacli.data.transforms import AUG_PRESETS, AugConfig
+from kacli.engine.config import TrainConfig
 from kacli.errors import KacliError
 
 
@@ -157,3 +158,42 @@ def test_yaml_round_trip(tmp_path):
     save_config(out, cfg)
     assert load_config(out, RunConfig, PRESETS) == cfg
     assert load_config(d, RunConfig) == cfg
+
+
+def test_every_option_literal_is_its_tuple():
+    """The amalgamation configuration's option types name exactly the options the code that reads
+    them knows (the tuples the checks and the CLI help use)."""
+    import typing
+
+    from kacli.amalgamation.config import TRAINING_METHODS, AmalgamateConfig, SAConfig, TAConfig
+    from kacli.losses.ground_truth import GT_LOSSES
+    from kacli.losses.sequence import REDUCTIONS, SAG_INITS, STATS
+    from kacli.models.compress import COMPRESSION_METHODS
+    from kacli.models.student import PROJ_INITS
+
+    tied = {
+        (AmalgamateConfig, "method"): TRAINING_METHODS,
+        (AmalgamateConfig, "gt_loss"): GT_LOSSES,
+        (AmalgamateConfig, "compress"): COMPRESSION_METHODS,
+        (AmalgamateConfig, "proj_init"): PROJ_INITS,
+        (AmalgamateConfig, "sag_init"): SAG_INITS,
+        (SAConfig, "stats"): STATS,
+        (SAConfig, "reduction"): REDUCTIONS,
+    }
+
+    def literal_values(hint):
+        if typing.get_origin(hint) is Literal:
+            return typing.get_args(hint)
+        found = [literal_values(a) for a in typing.get_args(hint)]  # X | None
+        found = [f for f in found if f]
+        return found[0] if found else ()
+
+    seen = set()
+    for cls in (AmalgamateConfig, SAConfig, TAConfig):
+        for name, hint in typing.get_type_hints(cls).items():
+            values = literal_values(hint)
+            if values:
+                assert (cls, name) in tied, f"{cls.__name__}.{name} is a Literal tied to no tuple"
+                assert values == tuple(tied[cls, name]), (cls.__name__, name, values, tied[cls, name])
+                seen.add((cls, name))
+    assert seen == set(tied)

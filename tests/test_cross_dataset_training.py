@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kacli.amalgamate import amalgamate, build_student
-from kacli.amalgamation.config import check_method, load_amalgamate_config, teacher_settings
+from kacli.amalgamation.config import check_method, load_amalgamate_config
 from kacli.amalgamation.objective import AmalgamationObjective
 from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cache.writer import cache_teachers
@@ -71,7 +71,7 @@ def merged(tmp_path_factory):
 
 def _objective(cache_path: Path, overrides: dict) -> tuple[AmalgamationObjective, TeacherCache]:
     cache = TeacherCache(cache_path)
-    cfg = load_amalgamate_config(None, overrides, teacher_settings(cache.attrs))
+    cfg = load_amalgamate_config(None, overrides, cache.layout.teacher_settings())
     needs = AmalgamationObjective.needs(cfg, cache.layer_names)
     cache = TeacherCache(cache_path, layers=needs.layers)
     return AmalgamationObjective(cfg, len(cache.label_map["ids"]), 2, needs.layers, list(cache.class_index)), cache
@@ -243,7 +243,7 @@ def test_a_plain_method_refuses_another_ground_truth_loss(merged):
     cache = TeacherCache(merged["cache"])
 
     def cfg(overrides):
-        return load_amalgamate_config(None, overrides, teacher_settings(cache.attrs))
+        return load_amalgamate_config(None, overrides, cache.layout.teacher_settings())
 
     with pytest.raises(KacliError, match="--method raw is DETR with the ground-truth loss 'none';"):
         check_method(cfg({"method": "raw", "gt_loss": "mask"}), 2, cache.layer_names)

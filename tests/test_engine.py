@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from kacli.config import TrainConfig
-from kacli.engine.distributed import DistInfo
+from kacli.engine.config import TrainConfig
 from kacli.engine.train import Trainer, TrainSetup
 from kacli.errors import KacliError
 from kacli.models.checkpoint import load_checkpoint
+from kacli.runtime import DistInfo
 
 N, BATCH = 12, 4  # 3 steps per epoch
 
@@ -180,7 +180,8 @@ def test_resume_refuses_a_different_ema_setting(tmp_path):
 
 @pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1])
 def test_ema_outside_zero_one_is_a_config_error(bad):
-    from kacli.config import TrainConfig, from_dict
+    from kacli.config import from_dict
+    from kacli.engine.config import TrainConfig
 
     with pytest.raises(KacliError, match=r"'ema'.*\(0, 1\)"):
         from_dict({"ema": bad}, TrainConfig, "run.yaml")
@@ -294,7 +295,8 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_resume(tmp_path):
 
 def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
     import kacli.engine.runlog as runlog
-    from kacli.config import TrainConfig, from_dict
+    from kacli.config import from_dict
+    from kacli.engine.config import TrainConfig
 
     monkeypatch.setattr(runlog, "tensorboard_available", lambda: False)
     with pytest.raises(KacliError, match=r"'tensorboard'.*pip install 'kacli\[tensorboard\]'"):

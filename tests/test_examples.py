@@ -22,7 +22,7 @@ import typer
 from kacli.amalgamation.config import AmalgamateConfig, load_amalgamate_config
 from kacli.cli import app
 from kacli.data.schemes import PRESETS as SCHEMES
-from kacli.engine.runconfig import load_run_config
+from kacli.runconfig import load_run_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = sorted(EXAMPLES.glob("run_*.sh"))

@@ -189,16 +189,16 @@ class _TwoRanks:
 def test_box_and_pair_counts_are_averaged_over_ranks_and_clamped_to_one(monkeypatch):
     """DETR's num_boxes and TA's num_pairs: every rank divides by the same count, the mean over ranks
     (one helper for both), at least 1."""
-    from kacli.engine import distributed
+    from kacli import runtime
     from kacli.losses.criterion import num_boxes_across_ranks
     from kacli.losses.task import TaskAmalgamationLoss
 
     assert num_boxes_across_ranks([_t([], [])], torch.device("cpu")) == 1.0  # one process, no boxes
     ta = TaskAmalgamationLoss(num_classes=3)
     pairs = [{"conf": torch.ones(5)}, {"conf": torch.ones(1)}]  # min(Q=3, 5) + min(3, 1) = 4 pairs here
-    monkeypatch.setattr(distributed, "dist", _TwoRanks(other=3.0))
+    monkeypatch.setattr(runtime, "dist", _TwoRanks(other=3.0))
     assert num_boxes_across_ranks([_t([0, 1], [[0.5] * 4] * 2)], torch.device("cpu")) == 2.5  # (2 + 3) / 2
     assert ta.num_pairs(pairs, 3, torch.device("cpu")).item() == 3.5  # (4 + 3) / 2
-    monkeypatch.setattr(distributed, "dist", _TwoRanks(other=0.0))
+    monkeypatch.setattr(runtime, "dist", _TwoRanks(other=0.0))
     assert num_boxes_across_ranks([_t([0], [[0.5] * 4])], torch.device("cpu")) == 1.0  # 0.5 → 1
     assert ta.num_pairs([{"conf": torch.ones(1)}], 3, torch.device("cpu")).item() == 1.0

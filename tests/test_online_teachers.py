@@ -17,7 +17,7 @@ import torch
 
 from conftest import assert_one_line_error
 from kacli.amalgamate import amalgamate, build_student
-from kacli.amalgamation.config import load_amalgamate_config, teacher_settings
+from kacli.amalgamation.config import load_amalgamate_config
 from kacli.amalgamation.objective import AmalgamationObjective
 from kacli.cache.reader import TeacherCache, collate_cached
 from kacli.cache.writer import cache_teachers
@@ -76,7 +76,7 @@ def env(tmp_path_factory):
 def _objectives(cache: TeacherCache, teachers: list[Path], manifest: TaskManifest, overrides: dict):
     """The same configuration's objective twice: reading the batch's teacher dict, and running the
     teachers online; and the student (fixed seed)."""
-    cfg = load_amalgamate_config(None, overrides, teacher_settings(cache.attrs))
+    cfg = load_amalgamate_config(None, overrides, cache.layout.teacher_settings())
     needs = AmalgamationObjective.needs(cfg, cache.layer_names)
     C = len(cache.label_map["ids"])
     cached = AmalgamationObjective(cfg, C, 2, needs.layers, cache.class_index)
@@ -240,7 +240,7 @@ def test_what_a_method_needs_is_what_its_objective_reads(env, overrides, teacher
     """needs() (what the cache reader or the online teachers provide) and the objective's own
     needs_teacher agree, so a batch never lacks the teachers' outputs a loss reads."""
     cache = TeacherCache(env["cache"], layers="all")
-    cfg = load_amalgamate_config(None, overrides, teacher_settings(cache.attrs))
+    cfg = load_amalgamate_config(None, overrides, cache.layout.teacher_settings())
     needs = AmalgamationObjective.needs(cfg, cache.layer_names)
     objective = AmalgamationObjective(cfg, len(cache.label_map["ids"]), 2, needs.layers, cache.class_index)
     assert needs.teacher == objective.needs_teacher == teacher

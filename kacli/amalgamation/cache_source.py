@@ -13,10 +13,11 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from kacli.amalgamation.config import AmalgamateConfig, teacher_settings
+from kacli.amalgamation.config import AmalgamateConfig
 from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
 from kacli.amalgamation.sources import collate_ground_truth
 from kacli.cache import schema
+from kacli.cache.schema import CacheLayout
 from kacli.cache.reader import TeacherCache, cache_manifest, collate_cached
 from kacli.data.manifest import TaskManifest
 from kacli.errors import KacliError
@@ -24,70 +25,75 @@ from kacli.errors import KacliError
 
 @dataclass
 class CacheSource:
-    """A complete teacher cache and the manifest it was made from, as :func:`open_cache` found them."""
+    """A complete teacher cache (its validated header) and the manifest it was made from, as
+    :func:`open_cache` found them."""
 
-    path: Path
-    attrs: dict
+    layout: CacheLayout
     manifest: TaskManifest
     noun = "cached teachers"
 
     @property
+    def path(self) -> Path:
+        return self.layout.path
+
+    @property
+    def where(self) -> Path:
+        return self.layout.path
+
+    @property
     def teachers(self) -> list[dict]:
-        return list(self.attrs.get("teachers") or [])
+        return self.layout.teachers
 
     @property
     def num_teachers(self) -> int:
-        return len(self.teachers)
+        return self.layout.num_teachers
 
     @property
     def layers(self) -> list[str]:
         """The cached layers (``proj``, ``enc1``, …)."""
-        return list(self.attrs["layers"])
+        return self.layout.layers
 
     @property
     def label_map(self) -> dict:
         """The union label map ``{ids, names}``: the student's classes."""
-        lm = self.attrs["label_map"]
-        return {"ids": [int(i) for i in lm["ids"]], "names": list(lm["names"])}
+        return self.layout.label_map
 
     @property
     def teacher_label_maps(self) -> list[dict]:
-        return [t["label_map"] for t in self.teachers]
+        return self.layout.teacher_label_maps
 
     @property
     def d_model(self) -> int:
-        return int(self.attrs["d_model"])
+        return self.layout.d_model
 
     @property
     def enc_layers(self) -> int:
-        return int(self.attrs["enc_layers"])
+        return self.layout.enc_layers
 
     @property
-    def stride(self) -> int | None:
-        return self.attrs.get("stride")
-
-    @property
-    def where(self) -> Path:
-        return self.path
+    def stride(self) -> int:
+        return self.layout.stride
 
     def settings(self) -> dict:
-        return teacher_settings(self.attrs)
+        return self.layout.teacher_settings()
 
     def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig):
         """The training set and its collate function: the cache read with the objective's layers
         (int8 travels as int8) when the objective reads the teachers' outputs, else the cache's
         entries as images and ground truth alone (the same views; the outputs are never loaded)."""
         if objective.needs_teacher:
-            cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, dequantize=False)
+            cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, dequantize=False,
+                                 layout=self.layout)
             return cache, collate_cached
-        cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, in_memory=False)
+        cache = TeacherCache(self.path, layers=objective.layers, tasks=self.manifest.path, in_memory=False,
+                             layout=self.layout)
         return cache.dataset, functools.partial(collate_ground_truth, stride=cache.stride)
 
     def online_teachers(self, needs: CacheNeeds) -> None:
         return None
 
     def content_id(self) -> str:
-        return schema.content_id(self.attrs, self.path.stat().st_size)
+        return schema.content_id(self.layout.attrs, self.path.stat().st_size)
 
     def provenance(self, objective: AmalgamationObjective) -> tuple[dict, dict, dict]:
         cache_sha = self.content_id()
@@ -109,14 +115,13 @@ def open_cache(cache_path: str | Path, tasks_path: str | Path | None, allow_val:
     was made from; None: the one the cache names, unchanged since. A cache of a split other than
     ``train`` is refused unless ``allow_val``."""
     cache_path = Path(cache_path)
-    with schema.open_h5(cache_path, "r") as f:
-        attrs = dict(schema.validate(f, cache_path, require_complete=True).attrs)
-    split = attrs.get("split")
+    layout = schema.read_layout(cache_path, require_complete=True)
+    split = layout.attrs.get("split")
     if split != "train" and not allow_val:
         raise KacliError(f"cache holds the {split!r} split: training on it would fit the student to the images it "
                          "is evaluated on (cache the train split, or --allow-val to train on it anyway)", cache_path)
-    manifest = cache_manifest(attrs, cache_path, tasks_path)
-    return CacheSource(cache_path, attrs, manifest)
+    manifest = cache_manifest(layout.attrs, cache_path, tasks_path)
+    return CacheSource(layout, manifest)
 
 
 __all__ = ["CacheSource", "open_cache"]

@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from kacli.config import ConfigValueError, TrainConfig, apply_overrides, config_to_dict, load_config
+from kacli.config import ConfigValueError, apply_overrides, config_to_dict, load_config
 from kacli.data.transforms import AugConfig
-from kacli.engine.runconfig import RUN_PRESETS
+from kacli.engine.config import TrainConfig
 from kacli.errors import KacliError
 from kacli.fsutil import load_yaml
 from kacli.losses.ground_truth import GT_LOSSES
 from kacli.models.config import ModelConfig
-from kacli.teachers.load import checkpoint_settings
+from kacli.runconfig import RUN_PRESETS
 
 TRAINING_METHODS = ("ka", "raw", "raw-ext", "sag", "raw-partial", "pseudo")
 # Methods training a plain DETR on ground truth alone (weight 1), each with the ground-truth losses
@@ -122,7 +122,7 @@ class AmalgamateConfig:
 
     ``model``, ``aug`` and ``train`` default to the teachers' (the first teacher's architecture and
     training settings as the cache records them, and the cache's augmentation; see
-    :func:`teacher_settings`), so a config file only names what differs.
+    :func:`kacli.cache.schema.teacher_settings`), so a config file only names what differs.
     From a cache ``aug`` matters only for validation (``eval_size``, ``max_size``): the training
     views are the cached ones; with the teachers run online it also draws every training view.
 
@@ -259,24 +259,6 @@ def load_amalgamate_config(
     return cfg
 
 
-def teacher_settings(attrs: Mapping[str, Any]) -> dict:
-    """``{"model", "aug", "train"}`` of the teachers, from a cache's attributes: the first
-    teacher's architecture and training settings as ``cache-teachers`` recorded them
-    (``teacher_settings``), and the augmentation the views were drawn with (``aug``)."""
-    recorded = attrs.get("teacher_settings")
-    if isinstance(recorded, Mapping):
-        base = {k: dict(v) for k, v in recorded.items() if k in ("model", "train") and isinstance(v, Mapping)}
-    else:
-        # A cache written before cache-teachers recorded the settings: they are only in the
-        # first teacher's checkpoint, read when the file is still where the cache says.
-        teachers = attrs.get("teachers") or []
-        first = teachers[0].get("checkpoint") if teachers else None
-        base = checkpoint_settings(first) if first else {}
-    if isinstance(attrs.get("aug"), dict):
-        base["aug"] = dict(attrs["aug"])
-    return base
-
-
 # -- checks ------------------------------------------------------------------------------------------
 
 
@@ -318,5 +300,4 @@ __all__ = [
     "TRAINING_METHODS",
     "check_method",
     "load_amalgamate_config",
-    "teacher_settings",
 ]

@@ -46,12 +46,12 @@ from kacli.config import config_to_dict
 from kacli.data.demo_data import make_demo_data
 from kacli.data.manifest import TaskManifest
 from kacli.data.split import split_tasks
-from kacli.engine.runconfig import RUN_PRESETS
 from kacli.engine.train import param_groups
 from kacli.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 from kacli.models.config import model_config
 from kacli.models.detr import DETR
 from kacli.models.student import Student
+from kacli.runconfig import RUN_PRESETS
 from kacli.teachers.online import OnlineTeachers
 
 IMAGES = 32

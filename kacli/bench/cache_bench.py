@@ -36,6 +36,7 @@ from kacli.data.demo_data import make_demo_data
 from kacli.data.manifest import TaskManifest
 from kacli.data.split import split_tasks
 from kacli.data.transforms import AUG_PRESETS
+from kacli.grid import token_grid
 from kacli.models.checkpoint import save_checkpoint
 from kacli.models.config import model_config
 from kacli.models.detr import DETR
@@ -186,7 +187,7 @@ def run(out_lines: list[str]) -> None:
         tiny_tokens = summary["tokens"] / entries
 
     # detr-r50 from the formula: an 800x1066 view → 25x34 tokens at stride 32
-    h, w = schema.token_grid(800, 1066, 32)
+    h, w = token_grid(800, 1066, 32)
     r50 = {}
     for name, classes in (("VOC (voc-2: 10 + 10 classes)", (10, 10)), ("COCO (coco-2: 40 + 40 classes)", (40, 40))):
         r50[name] = schema.estimate_bytes(h * w, 1, 256, 7, [(100, c) for c in classes], "float16")

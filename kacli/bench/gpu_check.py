@@ -38,9 +38,9 @@ from kacli.bench.amalgamate_bench import r50_step_ratio
 from kacli.config import config_to_dict
 from kacli.data.demo_data import make_demo_data
 from kacli.data.split import split_tasks
-from kacli.engine.runconfig import RUN_PRESETS
 from kacli.engine.runlog import read_jsonl
 from kacli.fsutil import write_yaml
+from kacli.runconfig import RUN_PRESETS
 
 SIZE = 512
 STEPS = 300

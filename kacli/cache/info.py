@@ -10,6 +10,7 @@ import numpy as np
 from kacli.cache import schema
 from kacli.data.manifest import TaskManifest
 from kacli.errors import KacliError
+from kacli.grid import token_grid
 from kacli.progress import make_progress
 from kacli.teachers.load import teacher_sha256
 
@@ -128,9 +129,8 @@ def verify_cache(
             problems.append(f"entries {E} != images {a['images']} × views {K}")
         if not np.array_equal(image_index, e // K) or not np.array_equal(view_index, e % K):
             problems.append("entry tables do not follow e = image·K + view")
-        grid = np.stack(
-            [-(-view[:, 5].astype(np.int64) // layout.stride), -(-view[:, 6].astype(np.int64) // layout.stride)], 1
-        ) if E else np.zeros((0, 2), np.int64)
+        grid = np.stack(token_grid(view[:, 5].astype(np.int64), view[:, 6].astype(np.int64), layout.stride), 1
+                        ) if E else np.zeros((0, 2), np.int64)
         if not np.array_equal(grid, layout.hw):
             bad = int(np.nonzero((grid != layout.hw).any(1))[0][0])
             problems.append(f"entry {bad}: token grid {layout.hw[bad].tolist()} is not ceil(view size / stride) {grid[bad].tolist()}")

@@ -18,6 +18,7 @@ import torch
 from kacli.cache import schema
 from kacli.data.dataset import CocoDetection, entry_view
 from kacli.data.transforms import VIEW_LEN, AugConfig, View
+from kacli.grid import token_grid
 from kacli.teachers.load import Teacher
 
 
@@ -70,7 +71,7 @@ def plan_entries(coco: CocoDetection, aug: AugConfig, views: int, seed: int, str
             e = i * views + v
             view = entry_view(h, w, i, v, aug, seed)
             view_arr[e] = view.to_list((h, w))
-            hw[e] = schema.token_grid(view.size[0], view.size[1], stride)
+            hw[e] = token_grid(view.size[0], view.size[1], stride)
     return EntryPlan(image_index, image_id, view_index, view_arr, hw, n, views)
 
 

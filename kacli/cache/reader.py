@@ -21,7 +21,7 @@ from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import View
 from kacli.errors import KacliError
-from kacli.teachers.labels import class_index
+from kacli.grid import token_grid
 from kacli.teachers.layers import layer_names
 from kacli.teachers.quant import dequantize as dequantize_int8
 
@@ -70,6 +70,8 @@ class TeacherCache(Dataset):
             every entry from the file (False). None (default): in memory when they take at most
             :data:`IN_MEMORY_BYTES`. A small cache read per entry costs N·L + 2N HDF5 calls, a
             fixed cost that outweighs a small model's training step; a large one stays on disk.
+        layout: the file's validated header (:func:`kacli.cache.schema.read_layout`) when the
+            caller already has it; read and validated here otherwise.
 
     Item ``e``: ``(image (3,h,w) float32, target, teacher)`` where ``target`` is
     :class:`CocoDetection`'s (labels index :attr:`label_map`) and ``teacher`` is
@@ -80,7 +82,8 @@ class TeacherCache(Dataset):
 
     Attributes: ``label_map`` (union ``{ids, names}``: all tasks' categories in task order),
     ``teacher_label_maps``, ``class_index`` (per teacher, a LongTensor of its classes' positions in
-    the union), ``layer_names``, ``d_model``, ``stride``, ``attrs`` (the file's root attributes).
+    the union), ``layer_names``, ``d_model``, ``stride``, ``layout`` (the validated header) and its
+    ``attrs`` (the file's root attributes).
     """
 
     def __init__(
@@ -92,14 +95,17 @@ class TeacherCache(Dataset):
         seq_dtype: torch.dtype = torch.float32,
         in_memory: bool | None = None,
         dequantize: bool = True,
+        layout: schema.CacheLayout | None = None,
     ):
         self.path = Path(path)
         with schema.open_h5(self.path, "r") as f:
-            layout = schema.validate(f, self.path, require_complete=True)
+            if layout is None:
+                layout = schema.validate(f, self.path, require_complete=True)
             image_index = f["entries/image_index"][...].astype(np.int64)
             image_id = f["entries/image_id"][...].astype(np.int64)
             views = f["entries/view"][...]
         a = layout.attrs
+        self.layout = layout
         self.attrs = a
         self.entries = layout.entries
         self.offsets = layout.offsets
@@ -115,15 +121,15 @@ class TeacherCache(Dataset):
         if layers is None:
             self.layer_names = cached
         else:
-            wanted = layer_names(layers, int(a["enc_layers"]))
+            wanted = layer_names(layers, layout.enc_layers)
             missing = [n for n in wanted if n not in cached]
             if missing:
                 raise KacliError(f"layers {', '.join(missing)} are not in the cache (it has {', '.join(cached)})", self.path)
             self.layer_names = wanted
         self._scale_cols = [cached.index(n) for n in self.layer_names]  # columns of /teachers/<k>/scale
-        self.label_map = {"ids": [int(i) for i in a["label_map"]["ids"]], "names": list(a["label_map"]["names"])}
-        self.teacher_label_maps = [t["label_map"] for t in a["teachers"]]
-        self.class_index = class_index(self.label_map, self.teacher_label_maps, self.path)
+        self.label_map = layout.label_map
+        self.teacher_label_maps = layout.teacher_label_maps
+        self.class_index = layout.class_index()
 
         if split_dataset is None:
             manifest = cache_manifest(a, self.path, tasks)
@@ -250,7 +256,7 @@ class TeacherCache(Dataset):
         image, target = self.dataset[e]
         teacher = self.teacher_entry(e)
         h, w = teacher["hw"]
-        if schema.token_grid(image.shape[1], image.shape[2], self.stride) != (h, w):
+        if token_grid(image.shape[1], image.shape[2], self.stride) != (h, w):
             raise KacliError(f"entry {e}: replayed image {tuple(image.shape[1:])} does not give the cached {h}x{w} tokens", self.path)
         return image, target, teacher
 
@@ -275,7 +281,7 @@ def collate_cached(batch):
     stride = int(batch[0][2]["stride"])
     images, mask, targets = collate([(im, t) for im, t, _ in batch], size_divisibility=stride)
     H, W = images.shape[-2:]
-    hp, wp = schema.token_grid(H, W, stride)
+    hp, wp = token_grid(H, W, stride)
     first = batch[0][2]["seqs"]
     N, L, _, d = first.shape
     seqs = first.new_zeros((len(batch), N, L, hp * wp, d))

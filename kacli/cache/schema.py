@@ -25,7 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -81,11 +81,6 @@ VIEW_POLICY = (
     "entry e = i*K + v; view 0 = eval_view(H, W, aug.eval_size, aug.max_size); view v > 0 = "
     "sample_train_view(H, W, aug, torch.Generator().manual_seed(item_seed(seed, v, i)))"
 )
-
-
-def token_grid(out_h: int, out_w: int, stride: int) -> tuple[int, int]:
-    """Valid feature-map size of an ``out_h × out_w`` view: ``(ceil(out_h/stride), ceil(out_w/stride))``."""
-    return -(-int(out_h) // stride), -(-int(out_w) // stride)
 
 
 def sequence_bytes_per_token(d_model: int, num_layers: int, num_teachers: int, dtype: str) -> int:
@@ -207,8 +202,11 @@ def _version() -> str:
 
 @dataclass
 class CacheLayout:
-    """What a validated cache holds (read from its attributes and dataset shapes)."""
+    """What a validated cache holds (read from its attributes and dataset shapes): the one header
+    the cache's readers (:class:`~kacli.cache.reader.TeacherCache`, ``amalgamate --cache``,
+    ``cache-info``) take the teachers, label maps and settings from."""
 
+    path: Path
     attrs: dict
     entries: int
     layers: list[str]
@@ -219,6 +217,55 @@ class CacheLayout:
     offsets: np.ndarray  # (E+1,) int64
     hw: np.ndarray  # (E, 2) int64
     heads: list[tuple[int, int]]  # (Q_t, C_t) per teacher
+
+    @property
+    def teachers(self) -> list[dict]:
+        """Per teacher ``{task, checkpoint, sha256, label_map, num_classes, num_queries[, class_map]}``."""
+        return list(self.attrs["teachers"])
+
+    @property
+    def label_map(self) -> dict:
+        """The union label map ``{ids, names}``: all tasks' categories, the student's classes."""
+        lm = self.attrs["label_map"]
+        return {"ids": [int(i) for i in lm["ids"]], "names": list(lm["names"])}
+
+    @property
+    def teacher_label_maps(self) -> list[dict]:
+        return [t["label_map"] for t in self.teachers]
+
+    @property
+    def enc_layers(self) -> int:
+        return int(self.attrs["enc_layers"])
+
+    def class_index(self) -> list:
+        """Per teacher, a LongTensor of its classes' positions in :attr:`label_map`."""
+        from kacli.teachers.labels import class_index
+
+        return class_index(self.label_map, self.teacher_label_maps, self.path)
+
+    def teacher_settings(self) -> dict:
+        """The teachers' ``{"model", "aug", "train"}`` (:func:`teacher_settings`)."""
+        return teacher_settings(self.attrs)
+
+
+def teacher_settings(attrs: dict) -> dict:
+    """``{"model", "aug", "train"}`` of the teachers, from a cache's attributes: the first
+    teacher's architecture and training settings as ``cache-teachers`` recorded them
+    (``teacher_settings``), and the augmentation the views were drawn with (``aug``)."""
+    recorded = attrs.get("teacher_settings")
+    if isinstance(recorded, Mapping):
+        base = {k: dict(v) for k, v in recorded.items() if k in ("model", "train") and isinstance(v, Mapping)}
+    else:
+        # A cache written before cache-teachers recorded the settings: they are only in the
+        # first teacher's checkpoint, read when the file is still where the cache says.
+        from kacli.teachers.load import checkpoint_settings
+
+        teachers = attrs.get("teachers") or []
+        first = teachers[0].get("checkpoint") if teachers else None
+        base = checkpoint_settings(first) if first else {}
+    if isinstance(attrs.get("aug"), dict):
+        base["aug"] = dict(attrs["aug"])
+    return base
 
 
 class CacheLockedError(KacliError):
@@ -346,7 +393,13 @@ def validate(h5, path: str | Path, require_complete: bool = True) -> CacheLayout
         raise KacliError(f"malformed cache attributes ({e})", p) from None
     except OSError as e:
         raise KacliError(f"unreadable cache ({str(e)[:100]})", p) from None
-    return CacheLayout(attrs, entries, layers, len(teachers), d, stride, dtype, offsets, hw, heads)
+    return CacheLayout(p, attrs, entries, layers, len(teachers), d, stride, dtype, offsets, hw, heads)
+
+
+def read_layout(path: str | Path, require_complete: bool = True) -> CacheLayout:
+    """Open the cache at ``path`` and :func:`validate` it."""
+    with open_h5(path, "r") as f:
+        return validate(f, path, require_complete=require_complete)
 
 
 __all__ = [
@@ -355,7 +408,6 @@ __all__ = [
     "ROOT_ATTRS",
     "VIEW_POLICY",
     "CacheLayout",
-    "token_grid",
     "estimate_bytes",
     "human_bytes",
     "chunk_rows",
@@ -370,5 +422,7 @@ __all__ = [
     "SCALE_DTYPE",
     "SCALE_DTYPES",
     "size_estimates",
+    "read_layout",
+    "teacher_settings",
     "validate",
 ]

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kacli import __version__
+from kacli import runtime
 from kacli.cache import schema
 from kacli.cache.output import join_shards, normal_attrs, wait_for_shards, write_range
 from kacli.cache.plan import CacheJob, plan_entries, shard_plan
@@ -31,10 +32,9 @@ from kacli.config import config_to_dict, from_dict
 from kacli.data.dataset import CocoDetection
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import AugConfig
-from kacli.engine import distributed
-from kacli.engine.runconfig import load_run_config
 from kacli.errors import KacliError
 from kacli.limits import max_views
+from kacli.runconfig import load_run_config
 from kacli.teachers.layers import layer_names
 from kacli.teachers.load import Teacher, load_teachers
 
@@ -151,7 +151,7 @@ def cache_teachers(
     layer_list = layer_names(layers, first.enc_layers)
     union = manifest.student_label_map()  # a category two tasks share is one class
 
-    dist = distributed.init_distributed(device)
+    dist = runtime.init_distributed(device)
     if not dist.is_main:
         log = lambda *_a, **_k: None  # noqa: E731
         progress = False

@@ -67,7 +67,7 @@ def cache_teachers(
 
     Under torchrun each rank caches a share of the entries and rank 0 joins the shards."""
     from kacli.cache.writer import cache_teachers as run
-    from kacli.engine.distributed import cleanup
+    from kacli.runtime import cleanup
 
     try:
         summary = run(

@@ -31,16 +31,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from kacli.config import TrainConfig
-from kacli.engine.distributed import DistInfo, all_reduce_mean, barrier
+from kacli.engine.config import TrainConfig
 from kacli.engine.ema import WeightEMA, refuse_ema_state
-from kacli.engine.runlog import RunLogs, read_jsonl
 from kacli.engine.guards import check_finite
-from kacli.errors import KacliError
 from kacli.engine.rundir import RunDir, kill_point
+from kacli.engine.runlog import RunLogs, read_jsonl
+from kacli.errors import KacliError
 from kacli.fsutil import atomic_file, atomic_path, write_yaml
 from kacli.models.checkpoint import load_checkpoint, save_checkpoint
 from kacli.progress import make_progress
+from kacli.runtime import DistInfo, all_reduce_mean, barrier
 
 LossFn = Callable[[nn.Module, Any, torch.device], dict[str, torch.Tensor]]
 EvalFn = Callable[[nn.Module], dict[str, Any]]

@@ -16,17 +16,17 @@ from torch.utils.data import DataLoader
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import AugConfig
-from kacli.engine.distributed import pick_device
 from kacli.errors import KacliError
 from kacli.eval.by_source import UNION, source_metrics, sources_of
 from kacli.eval.coco_eval import coco_metrics, pool_detections
 from kacli.eval.flops import count_parameters, gflops
+from kacli.eval.infer import detect_batch, eval_sizes
 from kacli.eval.results import check_results_target, write_results
 from kacli.fsutil import load_json
 from kacli.limits import check_positive, check_side
 from kacli.models.checkpoint import build_model, load_checkpoint
-from kacli.models.postprocess import postprocess
 from kacli.progress import make_progress
+from kacli.runtime import pick_device
 
 
 @torch.inference_mode()
@@ -54,9 +54,8 @@ def predict_detections(
     try:
         task = prog.add_task(description, total=len(dataset), info="")
         for images, mask, targets in loader:
-            out = model(images.to(device), mask.to(device))
             sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-            for t, res in zip(targets, postprocess(out, sizes)):
+            for t, res in zip(targets, detect_batch(model, images.to(device), mask.to(device), sizes)):
                 scores, labels, boxes = res["scores"].cpu(), res["labels"].cpu(), res["boxes"].cpu()
                 order = scores.argsort(descending=True)[:max_per_image]
                 for i in order.tolist():
@@ -182,11 +181,7 @@ def evaluate_checkpoints(
         check_label_map(ck["label_map"], gt, ck["path"])
     members, all_dets = [], []
     for ck in ckpts:
-        aug = (ck.get("config") or {}).get("aug") or {}
-        s = size if size is not None else aug.get("eval_size") or 800
-        ms = max_size if max_size is not None else aug.get("max_size") or 1333
-        check_side("the checkpoint's aug.eval_size", s, ck["path"])
-        check_side("the checkpoint's aug.max_size", ms, ck["path"])
+        s, ms = eval_sizes(ck, size, max_size)
         model = build_model(ck).to(device).eval()
         dataset = make_eval_dataset(gt_path, root, ck["label_map"]["ids"], s, ms)
         name = ck.get("task") and f"teacher-{ck['task']}" or Path(ck["path"]).parent.name or Path(ck["path"]).stem

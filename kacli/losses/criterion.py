@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
-from kacli.engine.distributed import rank_mean_count
 from kacli.errors import KacliError
 from kacli.losses.matcher import HungarianMatcher
 from kacli.losses.partial import marginal_logits, mask_logits, valid_classes
+from kacli.runtime import rank_mean_count
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 EPS = 1e-5
 REDUCTIONS = ("element", "token", "sum")
 STATS = ("own", "teacher")
+#: How :class:`SAGProjection` starts its W_a.
+SAG_INITS = ("random", "identity")
 
 
 def _valid(mask: Tensor | None, shape: torch.Size, device) -> Tensor:
@@ -270,7 +272,7 @@ class SAGProjection(nn.Module):
         super().__init__()
         if num_teachers < 1 or d < 1 or num_layers < 1:
             raise ValueError("SAGProjection needs positive num_teachers, d and num_layers")
-        if init not in ("random", "identity"):
+        if init not in SAG_INITS:
             raise ValueError(f"init must be 'random' or 'identity', got {init!r}")
         self.num_teachers, self.d, self.num_layers = num_teachers, d, num_layers
         if init == "identity":

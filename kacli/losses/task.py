@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 
-from kacli.engine.distributed import rank_mean_count
+from kacli.runtime import rank_mean_count
 
 
 def _class_index(class_index: Tensor | Sequence[int], num_teacher_classes: int, num_classes: int) -> Tensor:

@@ -24,6 +24,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from kacli.errors import KacliError
 from kacli.fsutil import require_file
 from kacli.models.config import ModelConfig
+from kacli.grid import token_grid
 from kacli.models.torchfile import torch_load_untrusted
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
@@ -54,8 +55,8 @@ def downsample_mask(mask: torch.Tensor, size: tuple[int, int], stride: int) -> t
     valid = ~mask
     vh = valid.any(dim=2).sum(dim=1)
     vw = valid.any(dim=1).sum(dim=1)
-    fh = torch.div(vh + stride - 1, stride, rounding_mode="floor").clamp(max=h)
-    fw = torch.div(vw + stride - 1, stride, rounding_mode="floor").clamp(max=w)
+    fh, fw = token_grid(vh, vw, stride)
+    fh, fw = fh.clamp(max=h), fw.clamp(max=w)
     rows = torch.arange(h, device=mask.device)
     cols = torch.arange(w, device=mask.device)
     return (rows[None, :, None] >= fh[:, None, None]) | (cols[None, None, :] >= fw[:, None, None])

@@ -1,4 +1,5 @@
-"""torchrun / DDP helpers: NCCL on GPU, gloo on CPU; a no-op in a single process."""
+"""Rank and device helpers (torchrun / DDP: NCCL on GPU, gloo on CPU; a no-op in a single process): the
+runtime below the losses, the evaluation and the trainer."""
 
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kacli.config import TrainConfig, apply_overrides, load_config
+from kacli.config import apply_overrides, load_config
 from kacli.data.transforms import AUG_PRESETS, AugConfig
+from kacli.engine.config import TrainConfig
 from kacli.models.config import PRESETS as MODEL_PRESETS
 from kacli.models.config import ModelConfig
 

@@ -1,4 +1,5 @@
-"""Validation during training, shared by ``train-teacher`` and ``amalgamate``."""
+"""Validation during training (AP on the manifest's val split, per task), shared by
+``train-teacher`` and ``amalgamate``."""
 
 from __future__ import annotations
 
