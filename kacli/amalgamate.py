@@ -24,25 +24,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import torch
 from torch import nn
 
+from kacli import training
 from kacli.amalgamation.config import AmalgamateConfig, check_method, load_amalgamate_config
 from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
 from kacli.amalgamation.sources import TeacherSource
 from kacli.config import apply_overrides, config_to_dict
 from kacli.data.manifest import TaskManifest
-from kacli.engine.rundir import RunDir
-from kacli.engine.train import TrainSetup, Trainer
+from kacli.engine.train import TrainSetup
 from kacli.errors import KacliError
-from kacli.eval.validate import make_validator
-from kacli.fsutil import sha256_file
 from kacli.losses.sequence import SAGProjection
-from kacli.models.backbone import backbone_stride, load_backbone_weights
+from kacli.models.backbone import backbone_stride
 from kacli.models.config import ModelConfig
 from kacli.models.detr import DETR
 from kacli.models.student import Student
-from kacli.runtime import init_distributed
 from kacli.teachers.labels import class_index
 from kacli.teachers.load import load_teachers
 
@@ -153,9 +149,7 @@ def train_setup(cfg: AmalgamateConfig, source: CacheSource | TeacherSource, mode
 
     manifest = source.manifest
     source_inputs, source_meta, source_signature = source.provenance(objective)
-    inputs = {"tasks.yaml": manifest.sha256, **source_inputs}
-    if backbone_weights:
-        inputs["backbone_weights"] = sha256_file(backbone_weights)
+    inputs = training.input_hashes(manifest, source_inputs, {"backbone_weights": backbone_weights})
     if cfg.plain_detr:
         kind, arch = "detr", cfg.model.to_dict()
     else:
@@ -171,16 +165,13 @@ def train_setup(cfg: AmalgamateConfig, source: CacheSource | TeacherSource, mode
         **source_meta,
         "tasks_path": str(manifest.path),
     }
-    return TrainSetup(
-        out_dir=out,
-        train=cfg.train,
-        checkpoint_base={"kind": kind, "arch": arch, "label_map": source.label_map, "task": None,
-                         "config": config_to_dict(cfg), "inputs": inputs, "meta": meta},
+    return training.train_setup(
+        out, cfg.train, run_dir, kind=kind, arch=arch, label_map=source.label_map, task=None,
+        config=config_to_dict(cfg), inputs=inputs, meta=meta,
         signature={"method": cfg.method, **source_signature, "tasks.yaml": manifest.sha256,
                    **{f"arch.{k}": v for k, v in arch.items()}},
         extra_modules=[objective.sag_proj] if objective.sag_proj is not None else [],
         log_name=f"amalgamate {cfg.method}",
-        run_dir=run_dir,
     )
 
 
@@ -234,24 +225,20 @@ def amalgamate(
 
     source = open_source(cache_path, teachers, tasks_path, allow_val)
     cfg = resolve_config(source, cfg, config, overrides, device)
-    torch.manual_seed(cfg.train.seed)
+    training.seed_model(cfg.train.seed)
     model = build_student(cfg, len(source.label_map["ids"]), source.num_teachers)
     needs = AmalgamationObjective.needs(cfg, source.layers)
     objective = build_objective(cfg, source, needs)
     train_set, collate_fn = source.training_data(objective, cfg)
 
     out = Path(out_dir)
-    run_dir = RunDir(out, resume, force)  # checks only: out is replaced at the new run's first checkpoint
-    if backbone_weights:
-        rep = load_backbone_weights(model.backbone, backbone_weights)
-        log(f"backbone weights from {backbone_weights}: loaded {rep['loaded']} tensors")
-    dist = init_distributed(cfg.train.device)
+    run_dir = training.run_folder(out, resume, force)  # checks only: out is replaced at the first checkpoint
+    training.load_backbone(model, backbone_weights, log)
+    dist = training.start_distributed(cfg.train.device)
 
-    evaluate = None
-    if "val" in source.manifest.splits and cfg.train.eval_every > 0:
-        evaluate = make_validator(source.manifest, source.label_map, cfg.aug, dist.device, cfg.train.batch_size)
+    evaluate = training.validator(source.manifest, source.label_map, cfg.aug, cfg.train, dist)
     setup = train_setup(cfg, source, model, objective, out, run_dir, backbone_weights)
-    result = Trainer(model, objective, train_set, collate_fn, setup, dist, evaluate=evaluate).fit(resume=resume)
+    result = training.fit(model, objective, train_set, collate_fn, setup, dist, evaluate, resume)
     result.update(method=cfg.method, out=str(out))
     return result
 

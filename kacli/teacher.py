@@ -5,22 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
+from kacli import training
 from kacli.config import config_to_dict
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
-from kacli.engine.rundir import RunDir
-from kacli.engine.train import TrainSetup, Trainer, to_device
-from kacli.eval.validate import make_validator
-from kacli.fsutil import sha256_file
+from kacli.engine.train import to_device
 from kacli.losses.criterion import SetCriterion
 from kacli.losses.matcher import HungarianMatcher
-from kacli.models.backbone import load_backbone_weights
 from kacli.models.detr import DETR
 from kacli.models.import_detr import init_from_checkpoint
 from kacli.runconfig import load_run_config
-from kacli.runtime import init_distributed
 
 
 def detr_loss_fn(criterion: SetCriterion) -> Callable:
@@ -60,57 +54,33 @@ def train_teacher(
     info = manifest.require_trainable(task)  # a teacher-only task has nothing to train on
     cfg = load_run_config(config, overrides or {})
     out = Path(out)
-    run_dir = RunDir(out, resume, force)
-    dist = init_distributed(cfg.train.device)
+    run_dir = training.run_folder(out, resume, force)
+    dist = training.start_distributed(cfg.train.device)
 
     label_map = info.label_map()
     train_set = CocoDetection(
         manifest.split_json("train", info.name), manifest.image_root("train"), label_map["ids"],
         train=True, aug=cfg.aug, generator_seed=cfg.train.seed,
     )
-    torch.manual_seed(cfg.train.seed)
+    training.seed_model(cfg.train.seed)
     model = DETR(cfg.model, len(label_map["ids"]))
-    if backbone_weights:
-        rep = load_backbone_weights(model.backbone, backbone_weights)
-        log(f"backbone weights from {backbone_weights}: {_summary(rep)}")
+    training.load_backbone(model, backbone_weights, log, detail=True)
     if init and not resume:
         rep = init_from_checkpoint(model, init, len(label_map["ids"]))
-        log(f"initialised from {init}: {_summary(rep)}")
+        log(f"initialised from {init}: {training.summary(rep)}")
 
     criterion = SetCriterion(len(label_map["ids"]), HungarianMatcher(), eos_coef=0.1)
-    evaluate = None
-    if "val" in manifest.splits and cfg.train.eval_every > 0:
-        evaluate = make_validator(manifest, label_map, cfg.aug, dist.device, cfg.train.batch_size)
-
-    inputs = {"tasks.yaml": manifest.sha256}
-    for key, p in (("init", init), ("backbone_weights", backbone_weights)):
-        if p:
-            inputs[key] = sha256_file(p)
-    setup = TrainSetup(
-        out_dir=out,
-        train=cfg.train,
-        checkpoint_base={
-            "kind": "detr",
-            "arch": cfg.model.to_dict(),
-            "label_map": label_map,
-            "task": info.name,
-            "config": config_to_dict(cfg),
-            "inputs": inputs,
-            "meta": {"role": "teacher", "tasks_path": str(manifest.path.resolve())},
-        },
+    evaluate = training.validator(manifest, label_map, cfg.aug, cfg.train, dist)
+    setup = training.train_setup(
+        out, cfg.train, run_dir,
+        kind="detr",
+        arch=cfg.model.to_dict(),
+        label_map=label_map,
+        task=info.name,
+        config=config_to_dict(cfg),
+        inputs=training.input_hashes(manifest, files={"init": init, "backbone_weights": backbone_weights}),
+        meta={"role": "teacher", "tasks_path": str(manifest.path.resolve())},
         signature={"task": info.name, "tasks.yaml": manifest.sha256, "arch": cfg.model.to_dict()},
         log_name=f"teacher {info.name}",
-        run_dir=run_dir,
     )
-    trainer = Trainer(model, detr_loss_fn(criterion), train_set, collate, setup, dist, evaluate=evaluate)
-    return trainer.fit(resume=resume)
-
-
-def _summary(rep: Any) -> str:
-    if isinstance(rep, dict):
-        parts = []
-        for k, v in rep.items():
-            parts.append(f"{k} {len(v)}" if isinstance(v, (list, tuple, set)) else f"{k} {v}")
-        return ", ".join(parts)
-    return str(rep)
-
+    return training.fit(model, detr_loss_fn(criterion), train_set, collate, setup, dist, evaluate, resume)

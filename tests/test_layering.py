@@ -146,6 +146,7 @@ LAYERS = [
     ("losses, eval, teachers", ["kacli.losses", "kacli.eval", "kacli.teachers"]),
     ("engine, cache", ["kacli.engine", "kacli.runconfig", "kacli.cache"]),
     ("amalgamation", ["kacli.amalgamation"]),
+    ("training kit", ["kacli.training"]),
     ("stages", ["kacli.teacher", "kacli.amalgamate", "kacli.cache.writer", "kacli.predict", "kacli.export",
                 "kacli.report"]),
     ("drivers", ["kacli.demo", "kacli.ablate", "kacli.bench", "kacli.commands", "kacli.cli", "kacli.__main__"]),

@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,12 +47,14 @@ from kacli.config import config_to_dict
 from kacli.data.demo_data import make_demo_data
 from kacli.data.manifest import TaskManifest
 from kacli.data.split import split_tasks
-from kacli.engine.train import param_groups
+from kacli.engine.config import TrainConfig
+from kacli.engine.train import TrainSetup, Trainer
 from kacli.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 from kacli.models.config import model_config
 from kacli.models.detr import DETR
 from kacli.models.student import Student
 from kacli.runconfig import RUN_PRESETS
+from kacli.runtime import DistInfo
 from kacli.teachers.online import OnlineTeachers
 
 IMAGES = 32
@@ -104,17 +107,23 @@ def make_setup(root: Path, device: torch.device, preset_name: str = "tiny", imag
 
 
 class Variant:
-    """One way of training a step: a model, its objective and a DataLoader of its batches (as the
-    trainer builds it: ``workers`` processes, pinned memory on CUDA)."""
+    """One way of training a step: a model and its objective stepped by the real
+    :class:`~kacli.engine.train.Trainer` (its forward with the losses and its update: backward,
+    clipping, AdamW), and a DataLoader of its batches (as the trainer builds it: ``workers``
+    processes, pinned memory on CUDA)."""
 
     def __init__(self, name: str, model, objective, dataset, collate_fn, device, workers: int,
-                 batch: int = BATCH):
+                 batch: int = BATCH, train: TrainConfig | None = None):
         self.name = name
-        self.model = model.to(device).train()
-        self.objective = objective
         self.device = device
+        # float32 steps (no AMP), as every row of BENCHMARKS.md measured them; nothing is written
+        train = replace(train or TrainConfig(), batch_size=batch, workers=workers, amp=False, ema=None)
         extra = [objective.sag_proj] if objective.sag_proj is not None else []
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, 1e-4, 1e-5, extra), lr=1e-4, weight_decay=1e-4)
+        setup = TrainSetup(out_dir=Path(tempfile.gettempdir()), train=train, checkpoint_base={}, signature={},
+                           extra_modules=extra, log_name=name)
+        self.trainer = Trainer(model, objective, dataset, collate_fn, setup, DistInfo(device=device))
+        self.trainer.start()
+        self.trainer.model.train()
         sampler = RandomSampler(dataset, replacement=True, num_samples=10**6,
                                 generator=torch.Generator().manual_seed(0))
         self.loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
@@ -130,13 +139,10 @@ class Variant:
         batch = next(self.batches)
         _sync(self.device)
         t1 = clock()
-        losses = self.objective(self.model, batch, self.device)
+        losses = self.trainer.step_losses(batch)
         _sync(self.device)
         t2 = clock()
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.1)
-        self.optimizer.step()
+        self.trainer.step_update(losses)
         _sync(self.device)
         t3 = clock()
         return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "total": t3 - t0}
@@ -206,7 +212,8 @@ def step_benchmark(setup: dict, device: torch.device, rounds: int, steps: int, w
         run = OnlineTeachers(teachers, layers) if online else None  # teacher None in the batch: run them
         objective = AmalgamationObjective(cfg, C, NUM_TEACHERS, layers, cache.class_index, teachers=run)
         data, collate_fn = (cache, collate_cached) if cached else (gt_only, gt_collate)
-        return Variant(name, model, objective, data, collate_fn, device, workers, batch=setup["batch"])
+        return Variant(name, model, objective, data, collate_fn, device, workers, batch=setup["batch"],
+                       train=cfg.train)
 
     plans = {
         "raw": ("raw", "none", False),

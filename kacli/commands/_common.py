@@ -1,9 +1,11 @@
-"""What every subcommand shares: one-line errors with exit code 2, and the console."""
+"""What every subcommand shares: one-line errors with exit code 2, the console, and the training
+options of ``train-teacher`` and ``amalgamate``."""
 
 from __future__ import annotations
 
 import functools
 import sys
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -32,3 +34,28 @@ def cli_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+# -- the training options train-teacher and amalgamate both take ------------------------------------
+# Declared once: a command's parameter ``epochs: Epochs = None`` is the option ``--epochs`` with this
+# help, the same in both commands' --help.
+
+Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Override train.epochs.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Override train.batch_size.")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Override train.lr.")]
+Ema = Annotated[Optional[float], typer.Option(
+    "--ema", metavar="DECAY", show_default=False,
+    help="Override train.ema: keep a moving average of the weights (decay in (0, 1), e.g. 0.9998); "
+    "it is validated and saved as the checkpoint's weights.",
+)]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda (override train.device).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")]
+Force = Annotated[bool, typer.Option(
+    "--force", help="Start over in a non-empty run folder (replaced when the new run saves its first checkpoint)."
+)]
+
+
+def train_overrides(epochs: int | None, batch_size: int | None, lr: float | None, ema: float | None) -> dict:
+    """The ``train.*`` overrides of :data:`Epochs`, :data:`BatchSize`, :data:`Lr` and :data:`Ema`
+    (None: not given, the config's value stands)."""
+    return {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.ema": ema}

@@ -9,7 +9,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from kacli.commands._common import cli_errors, console
+from kacli.commands._common import (
+    BatchSize, Device, Ema, Epochs, Force, Lr, Resume, cli_errors, console, train_overrides,
+)
 
 # kacli's library is imported inside the command functions, not here: it loads torch (seconds), which
 # `kacli --help`, completion and a mistyped option should not wait for.
@@ -78,22 +80,17 @@ def amalgamate_cmd(
         help="Fraction of the epochs in which redundancy compression picks tokens from the teachers' "
         "sequences (default 1.0, the paper's rule); later epochs pick from the student's own, as evaluation does.",
     ),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr."),
-    ema: Optional[float] = typer.Option(
-        None, "--ema", metavar="DECAY", show_default=False,
-        help="Override train.ema: keep a moving average of the weights (decay in (0, 1), e.g. 0.9998); "
-        "it is validated and saved as the checkpoint's weights.",
-    ),
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    ema: Ema = None,
     backbone_weights: Optional[Path] = typer.Option(
         None, "--backbone-weights", metavar="FILE", show_default=False,
         help="torchvision ResNet (or DETR) state_dict file for the student's backbone.",
     ),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (override train.device)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
-    force: bool = typer.Option(False, "--force", help="Start over in a non-empty run folder (replaced when the new "
-                               "run saves its first checkpoint)."),
+    device: Device = None,
+    resume: Resume = False,
+    force: Force = False,
 ):  # fmt: skip
     """Train one student from the teacher cache, or with the teachers run online: SA + TA + ground truth, or a baseline.
 
@@ -108,10 +105,7 @@ def amalgamate_cmd(
         "lambda_d": gt_weight,
         "sa.enabled": False if no_sa else None,
         "ta.enabled": False if no_ta else None,
-        "train.epochs": epochs,
-        "train.batch_size": batch_size,
-        "train.lr": lr,
-        "train.ema": ema,
+        **train_overrides(epochs, batch_size, lr, ema),
     }
     result = amalgamate(
         cache, tasks, None, out, resume=resume, backbone_weights=backbone_weights, device=device,

@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from kacli.commands._common import cli_errors, console
+from kacli.commands._common import (
+    BatchSize, Device, Ema, Epochs, Force, Lr, Resume, cli_errors, console, train_overrides,
+)
 
 # kacli's library is imported inside the command functions, not here: it loads torch (seconds), which
 # `kacli --help`, completion and a mistyped option should not wait for.
@@ -29,21 +31,15 @@ def register(app: typer.Typer) -> None:
         backbone_weights: Optional[Path] = typer.Option(
             None, "--backbone-weights", help="torchvision ResNet state_dict file for the backbone."
         ),
-        epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
-        lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr."),
-        ema: Optional[float] = typer.Option(
-            None, "--ema", metavar="DECAY", show_default=False,
-            help="Override train.ema: keep a moving average of the weights (decay in (0, 1), e.g. 0.9998); "
-            "it is validated and saved as the checkpoint's weights.",
-        ),
+        epochs: Epochs = None,
+        batch_size: BatchSize = None,
+        lr: Lr = None,
+        ema: Ema = None,
         workers: Optional[int] = typer.Option(None, "--workers", help="Override train.workers."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Override train.seed."),
-        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (override train.device)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
-        force: bool = typer.Option(
-            False, "--force", help="Start over in a non-empty run folder (replaced when the new run saves its first checkpoint)."
-        ),
+        device: Device = None,
+        resume: Resume = False,
+        force: Force = False,
     ):
         """Fine-tune one DETR on one task of a manifest.
 
@@ -52,10 +48,7 @@ def register(app: typer.Typer) -> None:
         from kacli.teacher import train_teacher
 
         overrides = {
-            "train.epochs": epochs,
-            "train.batch_size": batch_size,
-            "train.lr": lr,
-            "train.ema": ema,
+            **train_overrides(epochs, batch_size, lr, ema),
             "train.workers": workers,
             "train.seed": seed,
             "train.device": device,

@@ -297,9 +297,10 @@ class Trainer:
             persistent_workers=False,
         )
 
-    def fit(self, resume: bool = False) -> dict:
+    def start(self) -> None:
+        """Before the first step: the model (and extra modules) on the device, AdamW, the step
+        schedule, AMP's gradient scaler, the run id and the moving average."""
         s, t = self.s, self.s.train
-        seed_everything(t.seed + self.dist.rank)
         self.model.to(self.device)
         for m in s.extra_modules:
             m.to(self.device)
@@ -307,11 +308,51 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         step = t.lr_drop if t.lr_drop and t.lr_drop > 0 else max(t.epochs, 1) * 1000
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=step)
-        use_amp = t.amp and self.device.type == "cuda"
-        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+        self.use_amp = t.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp and self.amp_dtype == torch.float16 else None
         self.run_id = uuid.uuid4().hex
         self.ema = WeightEMA(self._bare_model(), t.ema) if t.ema else None
+
+    def step_losses(self, batch, epoch: int = 0, n: int = 0, steps: int = 1) -> dict[str, torch.Tensor]:
+        """The first half of a step: ``loss_fn`` on ``batch`` (under AMP on CUDA), refused when not
+        finite (``epoch`` and ``n``, 0-based, and the epoch's ``steps`` name the step)."""
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                losses = self.loss_fn(self.model, batch, self.device)
+        except (FloatingPointError, ValueError) as e:
+            if not _non_finite(e):
+                raise
+            raise KacliError(f"training diverged at epoch {epoch + 1}, step {n + 1}: the model's outputs "
+                             "are not finite (lower the learning rate)", self.s.out_dir) from None
+        check_finite(losses, epoch * steps + n + 1, epoch + 1, self.s.out_dir)
+        return losses
+
+    def step_update(self, losses: dict[str, torch.Tensor]) -> None:
+        """The second half of a step: backward from ``losses["total"]``, clipping, the optimiser
+        step (through AMP's scaler when there is one) and the moving average."""
+        t = self.s.train
+        total = losses["total"]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        if t.clip_max_norm > 0:
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], t.clip_max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self._bare_model())
+
+    def fit(self, resume: bool = False) -> dict:
+        s, t = self.s, self.s.train
+        seed_everything(t.seed + self.dist.rank)
+        self.start()
         st = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "train_seconds": 0.0, "partial": None, "rng": {}}
         if resume:
             st = self._resume()
@@ -345,33 +386,8 @@ class Trainer:
                 self.model.train()
                 t0 = time.perf_counter()
                 for batch in batches:
-                    try:
-                        with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
-                            losses = self.loss_fn(self.model, batch, self.device)
-                    except (FloatingPointError, ValueError) as e:
-                        if not _non_finite(e):
-                            raise
-                        raise KacliError(f"training diverged at epoch {epoch + 1}, step {n + 1}: the model's outputs "
-                                         "are not finite (lower the learning rate)", s.out_dir) from None
-                    total = losses["total"]
-                    check_finite(losses, epoch * steps + n + 1, epoch + 1, s.out_dir)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.scaler is not None:
-                        self.scaler.scale(total).backward()
-                        self.scaler.unscale_(self.optimizer)
-                    else:
-                        total.backward()
-                    if t.clip_max_norm > 0:
-                        nn.utils.clip_grad_norm_(
-                            [p for g in self.optimizer.param_groups for p in g["params"]], t.clip_max_norm
-                        )
-                    if self.scaler is not None:
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                    else:
-                        self.optimizer.step()
-                    if self.ema is not None:
-                        self.ema.update(self._bare_model())
+                    losses = self.step_losses(batch, epoch, n, steps)
+                    self.step_update(losses)
                     for k, v in losses.items():
                         sums[k] += float(v.detach())
                     n += 1
