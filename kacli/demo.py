@@ -247,8 +247,7 @@ def prepare_base(
     n_test = RECIPE["test_images"] if n_test is None else n_test
     with stage("data"):
         if not (out / "data" / "test.json").is_file():
-            make_demo_data(out / "data", train_images=n_train, val_images=n_val, test_images=n_test, seed=seed,
-                           force=True)
+            make_demo_data(out / "data", train_images=n_train, val_images=n_val, test_images=n_test, seed=seed)
     with stage(scenario.tasks_stage):
         if not tasks_path.is_file():
             scenario.make_tasks(out, seed)
