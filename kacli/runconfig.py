@@ -8,6 +8,7 @@ teachers' recorded settings.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ RUN_PRESETS: dict[str, DetrRunConfig] = {
         ),
     ),
 }
+# Conditional DETR-R50 (arXiv 2108.06152): its paper's 50-epoch schedule, learning rate dropped at 40.
+RUN_PRESETS["conditional-r50"] = DetrRunConfig(
+    model=MODEL_PRESETS["conditional-r50"], aug=AUG_PRESETS["detr"], train=TrainConfig(epochs=50, lr_drop=40))
+# The tiny preset with Conditional DETR's decoder and classifier (the same data, schedule and sizes).
+RUN_PRESETS["tiny-conditional"] = dataclasses.replace(RUN_PRESETS["tiny"], model=MODEL_PRESETS["tiny-conditional"])
 
 
 def load_run_config(source: str | Path | None, overrides: dict[str, Any]) -> DetrRunConfig:

@@ -13,6 +13,7 @@ from torchvision.ops import box_iou
 
 from kacli.errors import KacliError
 from kacli.losses import HungarianMatcher, SetCriterion
+from kacli.losses.criterion import detection_criterion
 from kacli.models import DETR, PRESETS, ModelConfig, model_config, postprocess
 from kacli.models.backbone import ResNetBackbone, TinyBackbone, backbone_stride, build_backbone, load_backbone_weights
 from kacli.models.position import PositionEmbeddingSine
@@ -330,9 +331,10 @@ def test_state_dict_names_mirror_facebookresearch_detr():
     assert "transformer.encoder.norm.weight" not in post and "backbone.body.layer4.1.bn2.running_var" in post
 
 
-def test_padded_batch_equals_single_images_tiny_eval():
+@pytest.mark.parametrize("preset", ["tiny", "tiny-conditional"])
+def test_padded_batch_equals_single_images_tiny_eval(preset):
     torch.manual_seed(0)
-    model = DETR(model_config("tiny"), num_classes=2).eval()
+    model = DETR(model_config(preset), num_classes=2).eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics
         for m in model.backbone.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -370,9 +372,10 @@ def test_postprocess_hand_values():
     torch.testing.assert_close(res["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0], [0.0, 50.0, 100.0, 100.0]]))
 
 
-def test_tiny_detr_overfits_two_images():
+@pytest.mark.parametrize("preset", ["tiny", "tiny-conditional"])
+def test_tiny_detr_overfits_two_images(preset):
     torch.manual_seed(0)
-    model = DETR(model_config("tiny"), num_classes=2)
+    model = DETR(model_config(preset), num_classes=2)
     images = 0.1 * torch.randn(2, 3, 64, 64)
     images[0, 0, 8:32, 16:48] = 2.0  # a red box, class 0
     images[1, 2, 32:56, 8:24] = 2.0  # a blue box, class 1
@@ -381,7 +384,7 @@ def test_tiny_detr_overfits_two_images():
         {"labels": torch.tensor([0]), "boxes": torch.tensor([[32 / 64, 20 / 64, 32 / 64, 24 / 64]])},
         {"labels": torch.tensor([1]), "boxes": torch.tensor([[16 / 64, 44 / 64, 16 / 64, 24 / 64]])},
     ]
-    crit = SetCriterion(2, HungarianMatcher())
+    crit = detection_criterion(2, model.classifier)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     first = None
     for step in range(150):
@@ -391,13 +394,13 @@ def test_tiny_detr_overfits_two_images():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         opt.step()
         first = loss.item() if first is None else first
-        if loss.item() < 0.05 * first:  # far beyond the required 50 % drop
-            break
+        if loss.item() < 0.05 * first and model.classifier == "softmax":  # far beyond the required 50 % drop
+            break  # (focal loss is small long before one query per object stands out: all 150 steps)
     assert loss.item() < 0.5 * first, (first, loss.item(), step)
     # The best-scoring query of each image has the right class and box.
     model.eval()
     with torch.no_grad():
-        results = postprocess(model(images, mask), torch.tensor([[64, 64], [64, 64]]))
+        results = postprocess(model(images, mask), torch.tensor([[64, 64], [64, 64]]), model.classifier)
     gt = [torch.tensor([16.0, 8.0, 48.0, 32.0]), torch.tensor([8.0, 32.0, 24.0, 56.0])]
     for label, (res, box) in enumerate(zip(results, gt)):
         best = res["scores"].argmax()

@@ -14,6 +14,10 @@ from typing import Any, Mapping
 from kacli.errors import KacliError
 
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
+ARCHS = ("detr", "conditional")
+# The classifier each architecture has: DETR a softmax over K classes + "no object", Conditional
+# DETR a sigmoid per class (focal loss, no "no object" class).
+CLASSIFIERS = {"detr": "softmax", "conditional": "sigmoid"}
 
 
 @dataclass
@@ -21,6 +25,9 @@ class ModelConfig:
     """DETR architecture. Defaults are the paper's ``detr-r50``.
 
     Attributes:
+        arch: ``detr`` (vanilla DETR: softmax classifier with "no object") or ``conditional``
+            (Conditional DETR: conditional cross-attention, boxes relative to each query's
+            reference point, per-class sigmoid classifier; :mod:`kacli.models.conditional`).
         backbone: ``tiny`` (4 stride-2 conv3x3-BN-ReLU stages, stride 16) or a torchvision ResNet.
         dilation: dilate the last ResNet stage (stride 16 instead of 32; DETR's "DC5"); resnet50/101 only.
         d_model: transformer width d.
@@ -38,6 +45,7 @@ class ModelConfig:
             (:meth:`kacli.models.detr.DETR.decode`). 0 for every model kacli trains.
     """
 
+    arch: str = "detr"
     backbone: str = "resnet50"
     dilation: bool = False
     d_model: int = 256
@@ -53,13 +61,20 @@ class ModelConfig:
     unnamed_classes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON/YAML-able dict (``tiny_widths`` as a list; ``unnamed_classes`` only when not 0, so
-        the architecture of every trained model reads as before)."""
+        """JSON/YAML-able dict (``tiny_widths`` as a list; ``unnamed_classes`` only when not 0 and
+        ``arch`` only when not ``detr``, so the architecture of every DETR model reads as before)."""
         d = dataclasses.asdict(self)
         d["tiny_widths"] = list(self.tiny_widths)
         if not self.unnamed_classes:
             d.pop("unnamed_classes")
+        if self.arch == "detr":
+            d.pop("arch")
         return d
+
+    @property
+    def classifier(self) -> str:
+        """``softmax`` (K classes + "no object", DETR) or ``sigmoid`` (one per class, Conditional DETR)."""
+        return CLASSIFIERS[self.arch]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path=None) -> "ModelConfig":
@@ -85,6 +100,8 @@ class ModelConfig:
         def bad(msg):
             raise KacliError(f"model config: {msg}", path)
 
+        if self.arch not in ARCHS:
+            bad(f"arch {self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.backbone not in BACKBONES:
             bad(f"backbone {self.backbone!r} is not one of {', '.join(BACKBONES)}")
         for name in ("dilation", "pre_norm", "aux_loss"):
@@ -97,6 +114,8 @@ class ModelConfig:
         u = self.unnamed_classes
         if isinstance(u, bool) or not isinstance(u, int) or u < 0:
             bad(f"unnamed_classes must be a non-negative integer, got {u!r}")
+        if u and self.arch != "detr":
+            bad(f"unnamed_classes is for softmax classifiers (arch detr), not arch {self.arch!r}")
         if self.d_model % self.nheads:
             bad(f"d_model {self.d_model} is not divisible by nheads {self.nheads}")
         if self.d_model % 4:
@@ -137,6 +156,10 @@ PRESETS: dict[str, ModelConfig] = {
         tiny_widths=(16, 32, 64, 128),
     ),
 }
+# Conditional DETR (arXiv 2108.06152): R50, 300 queries, post-norm, as the paper's 50-epoch models.
+PRESETS["conditional-r50"] = dataclasses.replace(PRESETS["detr-r50"], arch="conditional", num_queries=300)
+# The tiny model with Conditional DETR's decoder and classifier, for the demo's CPU scale.
+PRESETS["tiny-conditional"] = dataclasses.replace(PRESETS["tiny"], arch="conditional")
 
 
 def model_config(spec: str | Mapping[str, Any] | ModelConfig, path=None) -> ModelConfig:
@@ -158,7 +181,7 @@ def model_config(spec: str | Mapping[str, Any] | ModelConfig, path=None) -> Mode
     if base not in PRESETS:
         raise KacliError(f"unknown model preset {base!r} (known: {', '.join(PRESETS)})", path)
     merged = PRESETS[base].to_dict()
-    names = set(merged)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(str(k) for k in values if k not in names)
     if unknown:
         raise KacliError(

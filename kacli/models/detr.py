@@ -14,40 +14,33 @@ Parameter names mirror facebookresearch/detr, so importing its checkpoints is a 
 The positional encoding has no parameters (DETR's ``backbone.1``). Tensors are batch-first
 (DETR's transformer is sequence-first internally; the weights are the same).
 
+With ``cfg.arch == "conditional"`` the decoder is Conditional DETR's
+(:mod:`kacli.models.conditional`; parameter names as in Atten4Vis/ConditionalDETR), the class head
+has K outputs (a sigmoid each, bias initialised to the prior 0.01 as in focal-loss detectors) and
+the boxes are offsets from each query's reference point: ``sigmoid(bbox_embed(h) + [σ⁻¹(s), 0, 0])``.
+
 The forward pass is split into pieces the extended student reuses: :meth:`backbone_features`,
 :meth:`positional`, the encoder (``self.transformer.encoder``) and :meth:`decode`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kacli.models.backbone import build_backbone
+from kacli.models.conditional import ConditionalDecoder, inverse_sigmoid
 from kacli.models.config import ModelConfig
 from kacli.models.position import PositionEmbeddingSine
-from kacli.models.transformer import Transformer
-
-
-class MLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU between them (DETR's box head: ``layers.{0,1,2}``)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
+from kacli.models.transformer import MLP, Transformer
 
 
 class DETR(nn.Module):
-    """DETR detector for ``num_classes`` classes (+ one "no object" class at index ``num_classes``)."""
+    """DETR detector for ``num_classes`` classes: ``cfg.classifier`` ``softmax`` (+ one "no object"
+    class at index ``num_classes``) or ``sigmoid`` (Conditional DETR: K independent classes)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
@@ -68,11 +61,26 @@ class DETR(nn.Module):
             dim_feedforward=cfg.dim_feedforward,
             dropout=cfg.dropout,
             pre_norm=cfg.pre_norm,
+            decoder=ConditionalDecoder(cfg.dec_layers, d, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.pre_norm)
+            if cfg.arch == "conditional" else None,
         )
         self.query_embed = nn.Embedding(cfg.num_queries, d)
-        # K classes, "no object", then cfg.unnamed_classes slots folded into "no object" (decode)
-        self.class_embed = nn.Linear(d, num_classes + 1 + cfg.unnamed_classes)
         self.bbox_embed = MLP(d, d, 4, 3)
+        if cfg.classifier == "sigmoid":
+            # K classes, no "no object"; every class starts at the prior probability 0.01, and the
+            # boxes at their reference points (Conditional DETR's initialisation)
+            self.class_embed = nn.Linear(d, num_classes)
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+            nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+            nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        else:
+            # K classes, "no object", then cfg.unnamed_classes slots folded into "no object" (decode)
+            self.class_embed = nn.Linear(d, num_classes + 1 + cfg.unnamed_classes)
+
+    @property
+    def classifier(self) -> str:
+        """``softmax`` (``pred_logits`` (…, K+1), the last "no object") or ``sigmoid`` ((…, K))."""
+        return self.cfg.classifier
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -94,16 +102,23 @@ class DETR(nn.Module):
     def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor | None, memory_pos: torch.Tensor | None) -> dict:
         """memory (B,S,d), memory_mask (B,S) True=pad, memory_pos (B,S,d) → predictions.
 
-        Returns ``pred_logits (B,Q,K+1)``, ``pred_boxes (B,Q,4)`` (cxcywh in [0,1]) from the last
-        decoder layer and ``aux_outputs``: one ``{pred_logits, pred_boxes}`` per earlier decoder
-        layer when ``cfg.aux_loss``, else an empty list.
+        Returns ``pred_logits (B,Q,K+1)`` (sigmoid classifier: ``(B,Q,K)``), ``pred_boxes (B,Q,4)``
+        (cxcywh in [0,1]) from the last decoder layer and ``aux_outputs``: one ``{pred_logits,
+        pred_boxes}`` per earlier decoder layer when ``cfg.aux_loss``, else an empty list.
         """
         B = memory.shape[0]
         query_pos = self.query_embed.weight[None].expand(B, -1, -1)
         tgt = torch.zeros_like(query_pos)
-        hs = self.transformer.decoder(tgt, memory, memory_mask, memory_pos, query_pos)  # (L,B,Q,d)
-        logits = self.class_logits(hs)
-        boxes = self.bbox_embed(hs).sigmoid()
+        if self.cfg.arch == "conditional":
+            hs, reference = self.transformer.decoder(tgt, memory, memory_mask, memory_pos, query_pos)  # (L,B,Q,d)
+            offset = self.bbox_embed(hs)
+            anchor = F.pad(inverse_sigmoid(reference), (0, 2))  # (B,Q,4): centre from the point, size 0
+            boxes = (offset + anchor.to(offset.dtype)).sigmoid()
+            logits = self.class_embed(hs)
+        else:
+            hs = self.transformer.decoder(tgt, memory, memory_mask, memory_pos, query_pos)  # (L,B,Q,d)
+            logits = self.class_logits(hs)
+            boxes = self.bbox_embed(hs).sigmoid()
         aux = (
             [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])] if self.cfg.aux_loss else []
         )

@@ -104,6 +104,23 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, L, d))
 
 
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (DETR's box head: ``layers.{0,1,2}``; Conditional DETR's
+    ``query_scale`` and ``ref_point_head``)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
 def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return x if pos is None else x + pos
 
@@ -236,15 +253,19 @@ class TransformerDecoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Encoder + decoder, initialised as DETR does (Xavier-uniform on every matrix)."""
+    """Encoder + decoder, initialised as DETR does (Xavier-uniform on every matrix).
+
+    ``decoder`` replaces DETR's decoder (Conditional DETR's, :mod:`kacli.models.conditional`); it is
+    initialised the same way."""
 
     def __init__(self, d_model: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
-                 dim_feedforward: int = 2048, dropout: float = 0.1, pre_norm: bool = False):
+                 dim_feedforward: int = 2048, dropout: float = 0.1, pre_norm: bool = False,
+                 decoder: nn.Module | None = None):
         super().__init__()
         self.d_model = d_model
         self.nheads = nheads
         self.encoder = TransformerEncoder(enc_layers, d_model, nheads, dim_feedforward, dropout, pre_norm)
-        self.decoder = TransformerDecoder(dec_layers, d_model, nheads, dim_feedforward, dropout, pre_norm)
+        self.decoder = decoder or TransformerDecoder(dec_layers, d_model, nheads, dim_feedforward, dropout, pre_norm)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
