@@ -10,8 +10,7 @@ from kacli.config import config_to_dict
 from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.engine.train import to_device
-from kacli.losses.criterion import SetCriterion
-from kacli.losses.matcher import HungarianMatcher
+from kacli.losses.criterion import SetCriterion, detection_criterion
 from kacli.models.detr import DETR
 from kacli.models.import_detr import init_from_checkpoint
 from kacli.runconfig import load_run_config
@@ -69,7 +68,7 @@ def train_teacher(
         rep = init_from_checkpoint(model, init, len(label_map["ids"]))
         log(f"initialised from {init}: {training.summary(rep)}")
 
-    criterion = SetCriterion(len(label_map["ids"]), HungarianMatcher(), eos_coef=0.1)
+    criterion = detection_criterion(len(label_map["ids"]), cfg.model.classifier, eos_coef=0.1)
     evaluate = training.validator(manifest, label_map, cfg.aug, cfg.train, dist)
     setup = training.train_setup(
         out, cfg.train, run_dir,

@@ -42,8 +42,8 @@ BATCH = 4
 CPU = torch.device("cpu")
 
 
-def _teacher(path: Path, label_map: dict, seed: int) -> Path:
-    cfg = model_config(MODEL)
+def _teacher(path: Path, label_map: dict, seed: int, arch: str = "detr") -> Path:
+    cfg = model_config({**MODEL, "arch": arch})
     torch.manual_seed(seed)
     model = DETR(cfg, len(label_map["ids"]))
     save_checkpoint(path, {"kind": "detr", "arch": cfg.to_dict(), "label_map": label_map, "task": None,
@@ -69,8 +69,11 @@ def env(tmp_path_factory):
                  progress=False)
     cache_teachers(manifest.path, teachers, root / "cache.h5", **quiet)
     cache_teachers(manifest.path, wide, root / "wide.h5", **quiet)
+    # mixed classifiers: the first task's DETR teacher beside a Conditional DETR teacher of the second
+    mixed = [teachers[0], _teacher(root / "cond.pt", maps[1], 11, arch="conditional")]
+    cache_teachers(manifest.path, mixed, root / "mixed.h5", **quiet)
     return {"root": root, "manifest": manifest, "teachers": teachers, "wide": wide, "cache": root / "cache.h5",
-            "wide_cache": root / "wide.h5", "maps": maps}
+            "wide_cache": root / "wide.h5", "maps": maps, "mixed": mixed, "mixed_cache": root / "mixed.h5"}
 
 
 def _objectives(cache: TeacherCache, teachers: list[Path], manifest: TaskManifest, overrides: dict):
@@ -86,10 +89,13 @@ def _objectives(cache: TeacherCache, teachers: list[Path], manifest: TaskManifes
     return cached, live, build_student(cfg, C, 2).train(), needs
 
 
-@pytest.mark.parametrize("case", ["ka", "ka-redundancy", "class-map"])
+@pytest.mark.parametrize("case", ["ka", "ka-redundancy", "class-map", "mixed", "mixed-conditional-student"])
 def test_online_teachers_give_the_cached_losses_on_the_same_views(env, case):
-    path, teachers = (env["wide_cache"], env["wide"]) if case == "class-map" else (env["cache"], env["teachers"])
+    path, teachers = {"class-map": (env["wide_cache"], env["wide"]), "mixed": (env["mixed_cache"], env["mixed"]),
+                      "mixed-conditional-student": (env["mixed_cache"], env["mixed"])}.get(case, (env["cache"], env["teachers"]))
     overrides = {"compress": "redundancy"} if case == "ka-redundancy" else {}
+    if case == "mixed-conditional-student":
+        overrides = {"model.arch": "conditional", "compress": "redundancy"}
     cache = TeacherCache(path, layers="all")
     images, mask, targets, teacher = batch = collate_cached([cache[i] for i in range(BATCH)])  # one cache batch
     assert {tuple(im.shape) for im, _, _ in (cache[i] for i in range(BATCH))} == {(3, 48, 48), (3, 64, 64)}
@@ -109,6 +115,17 @@ def test_online_teachers_give_the_cached_losses_on_the_same_views(env, case):
         torch.testing.assert_close(run["boxes"][k], want["boxes"][k], rtol=1e-5, atol=1e-5)
     if case == "class-map":
         assert run["logits"][1].shape[-1] == len(env["maps"][1]["ids"]) + 1  # remapped: task classes + no-object
+    if case.startswith("mixed"):
+        # the cache names each teacher's classifier, and stores the Conditional teacher's sigmoids as
+        # the distribution q_c = σ_c / max(1, Σσ), no object 1 − Σq (teachers/labels.py), computed here by hand
+        assert [(t["arch"], t["classifier"]) for t in cache.attrs["teachers"]] == [
+            ("detr", "softmax"), ("conditional", "sigmoid")]
+        with torch.no_grad():
+            p = live.teachers.models[1](images, mask)["pred_logits"].sigmoid()
+        q = p / p.sum(-1, keepdim=True).clamp(min=1)
+        want_q = torch.cat([q, (1 - q.sum(-1, keepdim=True)).clamp(min=1e-12)], dim=-1)
+        torch.testing.assert_close(teacher["logits"][1].exp(), want_q, rtol=1e-5, atol=1e-6)
+        assert student.classifier == ("sigmoid" if case == "mixed-conditional-student" else "softmax")
 
     cached_batch = (images, mask, targets, {**teacher, "seqs": want["seqs"]})
     a = cached(student, cached_batch, CPU)

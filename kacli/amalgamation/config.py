@@ -289,6 +289,9 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str]) ->
                          "to choose gt_loss)")
     if cfg.method == "sag" and cfg.sa.enabled is False:
         raise KacliError("--method sag is sequence supervision; it cannot run with --no-sa")
+    if cfg.model.classifier == "sigmoid" and cfg.ta.temperature != 1.0:
+        raise KacliError(f"ta.temperature {cfg.ta.temperature} softens a softmax; the student (model.arch "
+                         f"{cfg.model.arch}) has a sigmoid classifier, which takes temperature 1 only")
 
 
 __all__ = [

@@ -107,12 +107,12 @@ class AmalgamationObjective(nn.Module):
         self.class_index = [torch.as_tensor(c, dtype=torch.long) for c in class_index]
         self.criterion = GroundTruthLoss(num_classes, cfg.ground_truth_loss, class_index=self.class_index,
                                          eos_coef=cfg.eos_coef, threshold=cfg.pseudo_threshold,
-                                         iou_threshold=cfg.pseudo_iou)
+                                         iou_threshold=cfg.pseudo_iou, classifier=cfg.model.classifier)
         ta = cfg.ta
         self.ta = TaskAmalgamationLoss(
             num_classes, alpha=tuple(ta.alpha), alpha_conf=ta.alpha_conf, beta_kl=ta.beta_kl, beta_l1=ta.beta_l1,
             beta_giou=ta.beta_giou, threshold=ta.threshold, topk=ta.topk, temperature=ta.temperature,
-            noobj_weight=ta.noobj_weight,
+            noobj_weight=ta.noobj_weight, classifier=cfg.model.classifier,
         )
         self.use_gt = uses_ground_truth(cfg)
         self.use_seq = uses_sequences(cfg)

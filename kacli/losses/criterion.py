@@ -28,6 +28,15 @@ labelled on that image. It enters the weighted mean with the weight ``eos_coef``
 target, as its cross-entropy did: loss_ce = (Σ_matched ce_i + eos_coef·Σ_unmatched m_i) /
 (#matched + eos_coef·#unmatched) over the batch (see :func:`kacli.losses.partial.marginal_logits`).
 On an image complete for every class m_i is the "no object" cross-entropy, bit for bit.
+
+Sigmoid classifiers (``focal=True``, Conditional DETR; ``pred_logits (B,Q,K)``, no "no object"):
+``loss_ce`` is the sigmoid focal loss (α 0.25, γ 2; torchvision's ``sigmoid_focal_loss``) of every
+query and class against the one-hot target (all zeros for a query matched to no object), summed
+and divided by num_boxes, as Conditional DETR does; the matcher takes the focal cost
+(:func:`kacli.losses.matcher.focal_cost`). Partial labels: a class an image is not complete for
+(and has no annotation of) contributes no focal term on that image, neither positive nor
+negative; with independent sigmoids there is no "no object" to share, so ``marginal`` is the same
+as ``mask``. :func:`detection_criterion` gives either kind with its paper's weights.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from kacli.errors import KacliError
 from kacli.losses.matcher import HungarianMatcher
@@ -44,6 +53,10 @@ from kacli.runtime import rank_mean_count
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+# Conditional DETR's (and Deformable DETR's) weights for a sigmoid focal classifier; its matcher's
+# costs are the same numbers.
+FOCAL_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 
 
 def _base_name(key: str) -> str:
@@ -70,10 +83,13 @@ class SetCriterion(nn.Module):
             target's ``complete`` (C,) bool marks as not annotated (see the module docstring).
         marginal: as ``mask_incomplete``, and an unmatched query's target is "no object or a class
             left out" (the marginal likelihood; see the module docstring).
+        focal: the model's classifier is a sigmoid per class (``pred_logits (B,Q,K)``): focal loss
+            (see the module docstring); ``eos_coef`` is then unused.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict | None = None,
-                 eos_coef: float = 0.1, mask_incomplete: bool = False, marginal: bool = False):
+                 eos_coef: float = 0.1, mask_incomplete: bool = False, marginal: bool = False,
+                 focal: bool = False):
         super().__init__()
         weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
         unknown = sorted(k for k in weight_dict if k not in LOSS_NAMES)
@@ -84,7 +100,8 @@ class SetCriterion(nn.Module):
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
         self.mask_incomplete = bool(mask_incomplete or marginal)
-        self.marginal = bool(marginal)
+        self.marginal = bool(marginal) and not focal
+        self.focal = bool(focal)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
@@ -104,8 +121,12 @@ class SetCriterion(nn.Module):
         ``valid``: (B, K+1) bool, the classes each image's softmax keeps (:func:`valid_classes`);
         None keeps all. The matcher then sees the masked logits too."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        expected = self.num_classes if self.focal else self.num_classes + 1
+        if logits.shape[-1] != expected:
+            raise ValueError(f"pred_logits have {logits.shape[-1]} classes, expected {expected} "
+                             f"({'sigmoid' if self.focal else 'softmax'} classifier)")
         full = logits
-        if valid is not None:
+        if valid is not None and not self.focal:
             logits = mask_logits(logits.float(), valid)
             outputs = {"pred_logits": logits, "pred_boxes": boxes}
         if indices is None:
@@ -118,12 +139,15 @@ class SetCriterion(nn.Module):
 
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=dev)
         target_classes[batch_idx, src_idx] = tgt_labels
-        class_logits = logits.float()
-        if self.marginal and valid is not None:
-            class_logits = marginal_logits(full.float(), valid, target_classes == self.num_classes)
-        loss_ce = F.cross_entropy(
-            class_logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(dev)
-        )
+        if self.focal:
+            loss_ce = self.focal_loss(logits, target_classes, num_boxes, valid)
+        else:
+            class_logits = logits.float()
+            if self.marginal and valid is not None:
+                class_logits = marginal_logits(full.float(), valid, target_classes == self.num_classes)
+            loss_ce = F.cross_entropy(
+                class_logits.transpose(1, 2), target_classes, weight=self.empty_weight.to(dev)
+            )
 
         src_boxes = boxes[batch_idx, src_idx].float()
         tgt_boxes = tgt_boxes.float()
@@ -142,8 +166,18 @@ class SetCriterion(nn.Module):
                 class_error = torch.zeros((), device=dev)
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou, "class_error": class_error}
 
+    def focal_loss(self, logits: torch.Tensor, target_classes: torch.Tensor, num_boxes: float,
+                   valid: torch.Tensor | None) -> torch.Tensor:
+        """Σ focal(σ(logits), one-hot targets) / num_boxes: logits (B,Q,K), target_classes (B,Q)
+        (K = no object: all zeros); ``valid`` (B,K+1) leaves an image's other classes out."""
+        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(torch.float32)
+        loss = sigmoid_focal_loss(logits.float(), onehot, FOCAL_ALPHA, FOCAL_GAMMA, reduction="none")  # (B,Q,K)
+        if valid is not None:
+            loss = loss * valid[:, None, :-1].to(loss.dtype)
+        return loss.sum() / num_boxes
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """outputs: ``pred_logits (B,Q,K+1)``, ``pred_boxes (B,Q,4)``, optional ``aux_outputs``;
+        """outputs: ``pred_logits (B,Q,K+1)`` (``(B,Q,K)`` with ``focal``), ``pred_boxes (B,Q,4)``, optional ``aux_outputs``;
         targets: B dicts with ``boxes (M,4)`` cxcywh normalised and ``labels (M,)`` int64 (and,
         read only with ``mask_incomplete`` or ``marginal``, ``complete (K,)`` bool).
 
@@ -163,3 +197,17 @@ class SetCriterion(nn.Module):
             self.weight_dict.get(_base_name(k), 0.0) * v for k, v in losses.items() if k.startswith("loss_")
         )
         return losses
+
+
+def detection_criterion(num_classes: int, classifier: str = "softmax", eos_coef: float = 0.1,
+                        mask_incomplete: bool = False, marginal: bool = False) -> SetCriterion:
+    """The set criterion of a ``softmax`` (DETR: cross-entropy, class cost 1, weights
+    :data:`DEFAULT_WEIGHTS`) or ``sigmoid`` classifier (Conditional DETR: focal loss, focal class
+    cost 2, weights :data:`FOCAL_WEIGHTS`)."""
+    if classifier == "sigmoid":
+        matcher = HungarianMatcher(FOCAL_WEIGHTS["loss_ce"], FOCAL_WEIGHTS["loss_bbox"], FOCAL_WEIGHTS["loss_giou"],
+                                   focal=True, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA)
+        return SetCriterion(num_classes, matcher, FOCAL_WEIGHTS, eos_coef, mask_incomplete, marginal, focal=True)
+    if classifier != "softmax":
+        raise ValueError(f"unknown classifier {classifier!r} (softmax or sigmoid)")
+    return SetCriterion(num_classes, HungarianMatcher(), DEFAULT_WEIGHTS, eos_coef, mask_incomplete, marginal)

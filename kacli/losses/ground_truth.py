@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kacli.losses.criterion import SetCriterion
+from kacli.losses.criterion import SetCriterion, detection_criterion
 from kacli.losses.matcher import HungarianMatcher
 from kacli.losses.pseudo import hard_pseudo_targets
 
@@ -41,6 +41,8 @@ class GroundTruthLoss(nn.Module):
         eos_coef, weight_dict, matcher: as for :class:`SetCriterion` (matcher default: DETR's costs).
         threshold: ``pseudo-gt``: teacher predictions scoring below it are not added.
         iou_threshold: ``pseudo-gt``: class-wise NMS threshold of the added boxes.
+        classifier: the student's, ``softmax`` or ``sigmoid`` (focal loss; ``marginal`` is then
+            ``mask``: see :mod:`kacli.losses.criterion`).
 
     ``targets``: B dicts with ``labels (M,)``, ``boxes (M, 4)`` normalised cxcywh and, on partially
     annotated data, ``complete (C,)`` bool (absent = complete for every class). ``teacher``
@@ -58,6 +60,7 @@ class GroundTruthLoss(nn.Module):
         matcher: HungarianMatcher | None = None,
         threshold: float = 0.5,
         iou_threshold: float = 0.7,
+        classifier: str = "softmax",
     ):
         super().__init__()
         if mode not in GT_LOSSES:
@@ -69,8 +72,13 @@ class GroundTruthLoss(nn.Module):
         self.class_index = [torch.as_tensor(c, dtype=torch.long) for c in (class_index or [])]
         self.threshold = float(threshold)
         self.iou_threshold = float(iou_threshold)
-        self.criterion = SetCriterion(num_classes, matcher or HungarianMatcher(), weight_dict, eos_coef,
-                                      mask_incomplete=mode == "mask", marginal=mode == "marginal")
+        if matcher is None and weight_dict is None:
+            self.criterion = detection_criterion(num_classes, classifier, eos_coef, mask_incomplete=mode == "mask",
+                                                 marginal=mode == "marginal")
+        else:
+            self.criterion = SetCriterion(num_classes, matcher or HungarianMatcher(), weight_dict, eos_coef,
+                                          mask_incomplete=mode == "mask", marginal=mode == "marginal",
+                                          focal=classifier == "sigmoid")
 
     @property
     def needs_teacher(self) -> bool:

@@ -15,6 +15,16 @@
    criterion weighs its no-object class by ``eos_coef``; the official code does the same). Eq. 11
    alone leaves them untaught, so without ground truth nothing would teach "no object".
 
+Student classifiers. The rule above is a softmax student's (DETR). A sigmoid student (Conditional
+DETR, ``classifier="sigmoid"``, ``pred_logits (B, Q, C)``) reads the same padded targets as
+per-class probabilities ``t_c`` (the first C entries; the no-object entry is what no class takes)
+and its KL becomes the sum over the C classes of the binary KL ``KL(Bern(t_c) ‖ Bern(σ(x_c)))``,
+in the matching cost and in the loss alike (zero exactly when every σ(x_c) = t_c); the other tasks'
+classes have t_c = 0; an unmatched query's no-object term is ``−Σ_c log(1 − σ(x_c))`` (every
+class 0). Temperature must be 1 for it. Every teacher reaches this module as a distribution over
+its classes + no object, whatever its own classifier
+(:func:`kacli.teachers.labels.teacher_logits` writes down how a sigmoid teacher becomes one).
+
 Defaults follow UP-DETR's weights (class 1, L1 5, GIoU 2) for both α and β. Boxes are normalised
 ``cxcywh``; L1 is summed over the four coordinates, as in DETR.
 """
@@ -141,6 +151,23 @@ def _kl_pairs(target: Tensor, log_pred: Tensor) -> Tensor:
     return (torch.xlogy(target, target) - target * log_pred).sum(dim=-1)
 
 
+def _bernoulli_neg_entropy(target: Tensor) -> Tensor:
+    """``Σ_c t log t + (1 − t) log(1 − t)``: ``(M, C)`` → ``(M,)``."""
+    return (torch.xlogy(target, target) + torch.xlogy(1 - target, 1 - target)).sum(dim=-1)
+
+
+def _binary_kl_matrix(target: Tensor, logits: Tensor) -> Tensor:
+    """``Σ_c KL(Bern(t_jc) ‖ Bern(σ(x_ic)))`` for every pair: target ``(M, C)``, logits ``(Q, C)`` → ``(Q, M)``."""
+    log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return _bernoulli_neg_entropy(target)[None, :] - log_1mp.sum(dim=-1)[:, None] - (log_p - log_1mp) @ target.T
+
+
+def _binary_kl_pairs(target: Tensor, logits: Tensor) -> Tensor:
+    """``Σ_c KL(Bern(t_kc) ‖ Bern(σ(x_kc)))`` row by row: ``(K, C)`` each → ``(K,)``."""
+    log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return _bernoulli_neg_entropy(target) - (target * log_p + (1 - target) * log_1mp).sum(dim=-1)
+
+
 class TaskAmalgamationLoss(nn.Module):
     """Hungarian distillation from the pooled teacher predictions (Eq. 9–11).
 
@@ -155,6 +182,8 @@ class TaskAmalgamationLoss(nn.Module):
             softened; the KL is multiplied by T², as usual in distillation). Confidence, used for
             filtering and as the pair weight, always comes from the T = 1 teacher distribution.
         noobj_weight: weight of ``loss_ta_noobj`` (unmatched queries → no object); 0 turns it off.
+        classifier: the student's, ``softmax`` (logits ``(B, Q, C + 1)``) or ``sigmoid``
+            (``(B, Q, C)``, binary KL per class; see the module docstring).
 
     ``forward`` returns ``loss_ta_kl``, ``loss_ta_l1``, ``loss_ta_giou`` (each ``Σ conf·term /
     num_pairs``, unweighted), ``loss_ta_noobj`` (``Σ_unmatched −log p̂_C / num_pairs``, when
@@ -176,8 +205,14 @@ class TaskAmalgamationLoss(nn.Module):
         topk: int | None = None,
         temperature: float = 1.0,
         noobj_weight: float = 0.0,
+        classifier: str = "softmax",
     ):
         super().__init__()
+        if classifier not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown classifier {classifier!r} (softmax or sigmoid)")
+        if classifier == "sigmoid" and temperature != 1.0:
+            raise ValueError(f"a sigmoid student's TA takes no temperature (it must be 1, got {temperature})")
+        self.classifier = classifier
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         if len(alpha) != 3:
@@ -256,10 +291,13 @@ class TaskAmalgamationLoss(nn.Module):
         soft = torch.cat([t["soft"] for t in targets]).to(device).float()
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()
         conf = torch.cat([t["conf"] for t in targets]).to(device).float()
-        log_pred = torch.log_softmax(logits / temp, dim=-1).flatten(0, 2)
+        if self.classifier == "sigmoid":
+            class_cost = _binary_kl_matrix(soft[:, :-1], logits.flatten(0, 2))
+        else:
+            class_cost = _kl_matrix(soft, torch.log_softmax(logits / temp, dim=-1).flatten(0, 2)) * temp**2
         pred_boxes = boxes.flatten(0, 2)
         cost = (
-            a_kl * _kl_matrix(soft, log_pred) * temp**2
+            a_kl * class_cost
             + a_l1 * torch.cdist(pred_boxes, tgt_boxes, p=1)
             + a_giou * (1.0 - generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
                                                   box_convert(tgt_boxes, "cxcywh", "xyxy")))
@@ -320,9 +358,12 @@ class TaskAmalgamationLoss(nn.Module):
         soft = torch.cat([t["soft"] for t in targets]).to(device).float()[flat]
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()[flat]
         conf = torch.cat([t["conf"] for t in targets]).to(device).float()[flat]
-        log_pred = torch.log_softmax(logits[head_id, image_id, src].float() / self.temperature, dim=-1)
+        pred_logits = logits[head_id, image_id, src].float()
+        if self.classifier == "sigmoid":
+            kl = _binary_kl_pairs(soft[:, :-1], pred_logits)
+        else:
+            kl = _kl_pairs(soft, torch.log_softmax(pred_logits / self.temperature, dim=-1)) * self.temperature**2
         pred_boxes = boxes[head_id, image_id, src].float()
-        kl = _kl_pairs(soft, log_pred) * self.temperature**2
         l1 = (pred_boxes - tgt_boxes).abs().sum(dim=-1)
         giou = generalized_box_iou_loss(box_convert(pred_boxes, "cxcywh", "xyxy"),
                                         box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="none")
@@ -330,8 +371,11 @@ class TaskAmalgamationLoss(nn.Module):
         per_head = terms.new_zeros(len(heads), 3).index_add(0, head_id, terms) / num  # (H, 3)
         out = [{"kl": row[0], "l1": row[1], "giou": row[2]} for row in per_head]
         if "noobj" in self.beta:
-            # −log p̂(no object) of every query not matched in its head, at T = 1
-            log_noobj = torch.log_softmax(logits.float(), dim=-1)[..., -1]  # (H, B, Q)
+            # −log p̂(no object) of every query not matched in its head, at T = 1 (sigmoid: Σ_c log(1 − p̂_c))
+            if self.classifier == "sigmoid":
+                log_noobj = F.logsigmoid(-logits.float()).sum(dim=-1)  # (H, B, Q)
+            else:
+                log_noobj = torch.log_softmax(logits.float(), dim=-1)[..., -1]  # (H, B, Q)
             unmatched = torch.ones_like(log_noobj, dtype=torch.bool)
             unmatched[head_id, image_id, src] = False
             noobj = -(log_noobj * unmatched).sum(dim=(1, 2)) / num  # (H,)
@@ -358,8 +402,10 @@ class TaskAmalgamationLoss(nn.Module):
             auxiliary versions and ``total``.
         """
         logits = outputs["pred_logits"]
-        if logits.shape[-1] != self.num_classes + 1:
-            raise ValueError(f"student logits have {logits.shape[-1]} classes, expected {self.num_classes} + 1")
+        expected = self.num_classes + (self.classifier == "softmax")
+        if logits.shape[-1] != expected:
+            raise ValueError(f"student logits have {logits.shape[-1]} classes, expected {expected} "
+                             f"({self.classifier} classifier)")
         targets = self.prepare_targets(teacher_logits, teacher_boxes, class_index)
         if len(targets) != logits.shape[0]:
             raise ValueError(f"teachers cover {len(targets)} images, the student {logits.shape[0]}")

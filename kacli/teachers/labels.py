@@ -6,6 +6,21 @@ after the manifest's rename map). :func:`match_classes` finds each task class's 
 name (:mod:`kacli.data.names`); :func:`remap_logits` puts the teacher's logits in the task's
 order and folds every other teacher class into "no object", so the cache stores, for each task
 class, the teacher's own probability, and for "no object" the rest.
+
+Teachers of both classifier kinds (:func:`teacher_logits`). What the cache and the online teachers
+hand the losses is, for every teacher, logits whose softmax is a distribution over its task's
+classes + no object. A softmax teacher's (DETR) are its logits (remapped as above). A sigmoid
+teacher (Conditional DETR) has a probability p_c = σ(x_c) per class, which need not sum to 1; its
+distribution is
+
+    q_c = p_c / max(1, Σ_c p_c)   for the task's classes (the teacher's other classes dropped),
+    q_∅ = 1 − Σ_c q_c             ("no object": what no class takes; at least 1e-12),
+
+stored as ``log q``. So q_c = p_c whenever the teacher's probabilities sum to at most 1 (the usual
+case: one class per object), the student sees one kind of target whatever taught it, and the
+losses (:mod:`kacli.losses.task`, :mod:`kacli.losses.pseudo`) need no teacher kind. A softmax
+student learns this distribution (KL); a sigmoid student learns each q_c as its class's
+probability (binary KL per class, no-object = every class 0).
 """
 
 from __future__ import annotations
@@ -13,7 +28,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kacli.data.names import name_key, rename_keys, renamed
@@ -70,6 +88,38 @@ def remap_logits(logits: Tensor, class_map: Sequence[int]) -> Tensor:
     rest = torch.ones(c_t + 1, dtype=torch.bool, device=logits.device)
     rest[idx] = False  # no-object (index c_t) stays in the rest
     return torch.cat([logits[..., idx], logits[..., rest].logsumexp(-1, keepdim=True)], dim=-1)
+
+
+NOOBJ_FLOOR = 1e-12  # the least "no object" probability a sigmoid teacher's distribution keeps (finite logs)
+
+
+def sigmoid_to_distribution(logits: Tensor) -> Tensor:
+    """A sigmoid classifier's logits ``(..., C)`` → log-probabilities ``(..., C + 1)`` over its C
+    classes + no object, by the rule in the module docstring."""
+    log_p = F.logsigmoid(logits.float())
+    total = log_p.exp().sum(dim=-1, keepdim=True)
+    log_q = log_p - total.clamp(min=1.0).log()
+    noobj = (1.0 - total).clamp(min=NOOBJ_FLOOR).log()
+    return torch.cat([log_q, noobj], dim=-1)
+
+
+def teacher_logits(logits: Tensor, classifier: str, class_map: Sequence[int] | Tensor | None) -> Tensor:
+    """A teacher's class outputs → logits ``(..., C + 1)`` over its task's C classes + no object.
+
+    Args:
+        logits: the teacher's ``pred_logits``: ``(..., C_t + 1)`` (softmax) or ``(..., C_t)`` (sigmoid).
+        classifier: the teacher's, ``softmax`` or ``sigmoid``.
+        class_map: ``(C,)`` the teacher class of each task class; None: the teacher's classes are
+            the task's, in its order.
+    """
+    if classifier == "softmax":
+        return logits if class_map is None else remap_logits(logits, class_map)
+    if classifier != "sigmoid":
+        raise ValueError(f"unknown classifier {classifier!r} (softmax or sigmoid)")
+    if class_map is not None:
+        idx = class_map if isinstance(class_map, Tensor) else torch.as_tensor(list(class_map), dtype=torch.long)
+        logits = logits[..., idx.to(logits.device)]
+    return sigmoid_to_distribution(logits)
 
 
 def class_index(label_map: Mapping, teacher_maps: Sequence[Mapping], path: str | Path | None = None) -> list[Tensor]:

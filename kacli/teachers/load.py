@@ -126,6 +126,8 @@ class Teacher:
             "label_map": {"ids": [int(i) for i in self.label_map["ids"]], "names": list(self.label_map["names"])},
             "num_classes": self.num_classes,
             "num_queries": self.num_queries,
+            "arch": self.model.cfg.arch,
+            "classifier": self.model.classifier,
         } | ({"class_map": list(self.class_map)} if self.class_map is not None else {})
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from kacli.teachers.labels import remap_logits
+from kacli.teachers.labels import teacher_logits
 from kacli.teachers.layers import layer_outputs
 from kacli.teachers.load import Teacher
 
@@ -30,7 +30,7 @@ class OnlineTeachers(nn.Module):
             ``proj`` is the projected backbone sequence, ``encI`` encoder layer I's output).
         class_maps: per teacher, None, or the teacher class of each of its task's classes
             (:func:`kacli.teachers.labels.match_classes`): its logits are then remapped to the
-            task's classes (:func:`kacli.teachers.labels.remap_logits`), as the cache stores them.
+            task's classes (:func:`kacli.teachers.labels.teacher_logits`), as the cache stores them.
 
     ``forward(images (B,3,H,W), mask (B,H,W) True=pad)`` with H and W multiples of the
     teachers' stride returns ``{"seqs" (B,N,L,n,d) float32, "token_mask" (B,n) bool True=pad,
@@ -81,7 +81,7 @@ class OnlineTeachers(nn.Module):
                 seqs[:, k, j] = x
             lg = out["pred_logits"].float()
             class_map = getattr(self, f"class_map_{k}", None)
-            logits.append(lg if class_map is None else remap_logits(lg, class_map))
+            logits.append(teacher_logits(lg, model.classifier, class_map))
             boxes.append(out["pred_boxes"].float())
             token_mask = out["enc_mask"]
         seqs.masked_fill_(token_mask[:, None, None, :, None], 0.0)  # zeros at padding, as cached

@@ -2,9 +2,8 @@
 
 :func:`run_teacher` is what ``cache-teachers`` stores for every entry (the cache converts the
 sequences to its storage dtype, :mod:`kacli.cache.extract`): the chosen layers' valid tokens,
-row-major and entries in batch order, the class logits in the task's class order
-(:func:`kacli.teachers.labels.remap_logits` for a teacher whose label map is not its task's) and
-the boxes.
+row-major and entries in batch order, the class logits in the task's class order + no object,
+whatever the teacher's classifier (:func:`kacli.teachers.labels.teacher_logits`) and the boxes.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from kacli.errors import KacliError
-from kacli.teachers.labels import remap_logits
+from kacli.teachers.labels import teacher_logits
 from kacli.teachers.load import Teacher
 
 
@@ -54,7 +53,7 @@ def run_teacher(
     logits = out["pred_logits"].float()
     return {
         "seqs": [layers[i][valid] for i in layer_index],
-        "logits": logits if teacher.class_map is None else remap_logits(logits, teacher.class_map),
+        "logits": teacher_logits(logits, teacher.model.classifier, teacher.class_map),
         "boxes": out["pred_boxes"].float(),
     }
 
