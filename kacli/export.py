@@ -8,9 +8,11 @@ The exported model (:class:`ExportWrapper`) takes
 
 and returns, per query,
 
-- ``scores (B,Q)`` float32: the highest class probability (softmax over K+1, "no object" excluded),
-- ``labels (B,Q)`` int64: that class as the **dataset's category id** (the label map is inside),
-- ``boxes (B,Q,4)`` float32: **normalised xyxy** in [0, 1] relative to each image's unpadded
+- ``scores (B,D)`` float32: the highest class probability (softmax over K+1, "no object" excluded;
+  D = Q), or for a sigmoid classifier (Conditional DETR) the D = min(100, Q·K) highest (query,
+  class) probabilities, descending (:mod:`kacli.models.postprocess`),
+- ``labels (B,D)`` int64: that class as the **dataset's category id** (the label map is inside),
+- ``boxes (B,D,4)`` float32: **normalised xyxy** in [0, 1] relative to each image's unpadded
   region; multiply by ``(w, h, w, h)`` of the original image to get pixels.
 
 The label map goes with the model: ``export`` (.pt2) and TorchScript files carry
@@ -41,6 +43,7 @@ from torchvision.ops import box_convert
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_path
 from kacli.models.checkpoint import build_model, load_checkpoint
+from kacli.models.postprocess import class_scores
 
 FORMATS = ("export", "torchscript", "onnx")
 ONNX_OPSET = 17
@@ -58,10 +61,9 @@ class ExportWrapper(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images (B,3,H,W), mask (B,H,W) bool → scores (B,Q), labels (B,Q) int64 ids, boxes (B,Q,4) xyxy in [0,1]."""
         out = self.model(images, mask)
-        prob = out["pred_logits"].float().softmax(-1)[..., :-1]
-        scores, idx = prob.max(-1)
+        scores, idx, query = class_scores(out["pred_logits"], self.model.classifier)
         labels = self.category_ids[idx]
-        boxes = box_convert(out["pred_boxes"].float(), "cxcywh", "xyxy")
+        boxes = box_convert(out["pred_boxes"].float(), "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))
         return scores, labels, boxes
 
 

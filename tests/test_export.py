@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -34,6 +35,8 @@ TINY = ModelConfig(backbone="tiny", d_model=32, nheads=4, enc_layers=2, dec_laye
                    num_queries=6, dropout=0.0, pre_norm=True, tiny_widths=(8, 16, 16, 32))  # fmt: skip
 R18 = ModelConfig(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
                   num_queries=4, dropout=0.0, pre_norm=False)  # fmt: skip
+TINY_COND = dataclasses.replace(TINY, arch="conditional")
+R18_COND = dataclasses.replace(R18, arch="conditional")
 
 
 def batch(h: int, w: int, seed: int, n: int = 2):
@@ -51,8 +54,20 @@ def batch(h: int, w: int, seed: int, n: int = 2):
 def expected(model, x, mask):
     """What the export must return, computed from the eager model's raw outputs."""
     out = model(x, mask)
+    boxes = box_convert(out["pred_boxes"], "cxcywh", "xyxy")
+    if model.classifier == "sigmoid":  # the top min(100, Q·K) (query, class) pairs by σ
+        prob = out["pred_logits"].sigmoid()
+        K = prob.shape[-1]
+        scores, flat = prob.flatten(1).topk(min(100, prob.shape[1] * K), dim=1)
+        query = flat // K
+        return scores, torch.tensor(IDS)[flat % K], boxes[torch.arange(len(x))[:, None], query], out
     scores, idx = out["pred_logits"].softmax(-1)[..., :-1].max(-1)
-    return scores, torch.tensor(IDS)[idx], box_convert(out["pred_boxes"], "cxcywh", "xyxy"), out
+    return scores, torch.tensor(IDS)[idx], boxes, out
+
+
+def detections(cfg: ModelConfig) -> int:
+    """Detections per image: one per query (softmax), min(100, Q·K) (sigmoid)."""
+    return cfg.num_queries if cfg.classifier == "softmax" else min(100, cfg.num_queries * len(IDS))
 
 
 SIZES = [(64, 96), (160, 128)]  # neither is the trace example's (128, 160)
@@ -61,8 +76,9 @@ SIZES = [(64, 96), (160, 128)]  # neither is the trace example's (128, 160)
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 @pytest.mark.parametrize(
     "cfg, sizes, student",
-    [(TINY, SIZES, False), (R18, SIZES[:1], False), (TINY, SIZES[1:], True)],
-    ids=["tiny-prenorm", "resnet18-postnorm", "student-compressed"],
+    [(TINY, SIZES, False), (R18, SIZES[:1], False), (TINY, SIZES[1:], True), (R18_COND, SIZES[:1], False),
+     (TINY_COND, SIZES[1:], True)],
+    ids=["tiny-prenorm", "resnet18-postnorm", "student-compressed", "conditional-resnet18", "conditional-student"],
 )
 def test_torchscript_equals_the_checkpoint_model(tmp_path, cli, cfg, sizes, student):
     model = make_ckpt(tmp_path / "m.pt", cfg, student=student)
@@ -78,12 +94,13 @@ def test_torchscript_equals_the_checkpoint_model(tmp_path, cli, cfg, sizes, stud
         with torch.no_grad():
             scores, labels, boxes = ts(x, mask)
         e_scores, e_labels, e_boxes, raw = expected(model, x, mask)
-        assert scores.shape == (2, cfg.num_queries) and boxes.shape == (2, cfg.num_queries, 4)
+        D = detections(cfg)
+        assert scores.shape == (2, D) and boxes.shape == (2, D, 4)
         torch.testing.assert_close(scores, e_scores, atol=1e-5, rtol=0)
         assert torch.equal(labels, e_labels) and set(labels.unique().tolist()) <= set(IDS)
         torch.testing.assert_close(boxes, e_boxes, atol=1e-5, rtol=0)
         # Normalised xyxy × (w, h, w, h) are postprocess's pixel boxes for the unpadded image.
-        px = postprocess(raw, torch.tensor([[h, w], [h, w]]))[0]["boxes"]
+        px = postprocess(raw, torch.tensor([[h, w], [h, w]]), model.classifier)[0]["boxes"]
         torch.testing.assert_close(boxes[0] * torch.tensor([w, h, w, h]), px, atol=1e-4, rtol=0)
 
 
@@ -111,8 +128,8 @@ def test_onnx_has_dynamic_batch_and_size_and_equals_the_checkpoint_model(tmp_pat
         torch.testing.assert_close(torch.from_numpy(boxes), e_boxes, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("cfg, student", [(TINY, False), (R18, False), (TINY, True)],
-                         ids=["tiny-prenorm", "resnet18-postnorm", "student-compressed"])  # fmt: skip
+@pytest.mark.parametrize("cfg, student", [(TINY, False), (R18, False), (TINY, True), (TINY_COND, True)],
+                         ids=["tiny-prenorm", "resnet18-postnorm", "student-compressed", "conditional-student"])  # fmt: skip
 def test_torch_export_program_has_dynamic_batch_and_size_and_equals_the_checkpoint_model(tmp_path, cli, cfg, student):
     model = make_ckpt(tmp_path / "m.pt", cfg, seed=2, student=student)
     res = cli("export", "--model", tmp_path / "m.pt", "--format", "export", "--out", tmp_path / "m.pt2")
@@ -127,7 +144,7 @@ def test_torch_export_program_has_dynamic_batch_and_size_and_equals_the_checkpoi
         with torch.no_grad():
             scores, labels, boxes = run(x, mask)
         e_scores, e_labels, e_boxes, _ = expected(model, x, mask)
-        assert scores.shape == (n, cfg.num_queries) and boxes.shape == (n, cfg.num_queries, 4)
+        assert scores.shape == (n, detections(cfg)) and boxes.shape == (n, detections(cfg), 4)
         torch.testing.assert_close(scores, e_scores, atol=1e-5, rtol=0)
         assert torch.equal(labels, e_labels)
         torch.testing.assert_close(boxes, e_boxes, atol=1e-5, rtol=0)

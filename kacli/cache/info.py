@@ -20,7 +20,7 @@ def cache_summary(path: str | Path) -> dict:
 
     Returns ``{"path", "complete", "done_entries", "entries", "images", "views", "seed", "split",
     "tasks_path", "tasks_sha256", "d_model", "enc_layers", "stride", "layers", "dtype", "batch_size",
-    "teachers": [{task, checkpoint, sha256, num_classes, num_queries, sequence_bytes (int8: with the scales), head_bytes}],
+    "teachers": [{task, checkpoint, sha256, num_classes, num_queries, arch, classifier, sequence_bytes (int8: with the scales), head_bytes}],
     "sources": the split's sources from the manifest the cache names ([{name, task, images, format, path,
     complete, complete_all}], complete = the category names its images are annotated for), or None when
     that manifest is unreadable,
@@ -43,6 +43,8 @@ def cache_summary(path: str | Path) -> dict:
                     "sha256": t["sha256"],
                     "num_classes": int(t["num_classes"]),
                     "num_queries": int(t["num_queries"]),
+                    "arch": str(t.get("arch", "detr")),
+                    "classifier": str(t.get("classifier", "softmax")),
                     "sequence_bytes": int(seq),
                     "head_bytes": int(head),
                 }

@@ -51,7 +51,9 @@ ROOT_ATTRS = {
     "split": "split of tasks.yaml the entries come from",
     "tasks_path": "absolute path of tasks.yaml",
     "tasks_sha256": "sha256 of tasks.yaml",
-    "teachers": "* list of {task, checkpoint, sha256, label_map, num_classes, num_queries[, class_map]}",
+    "teachers": "* list of {task, checkpoint, sha256, label_map, num_classes, num_queries[, arch, classifier, "
+                "class_map]} (arch detr | conditional, classifier softmax | sigmoid: the teacher's own; its logits "
+                "are stored over its task's classes + no object either way; absent: detr, softmax)",
     "label_map": "* the union label map {ids, names}: all tasks' categories in task order, shared ones once",
     "d_model": "teachers' width d",
     "enc_layers": "teachers' encoder depth",
@@ -220,7 +222,8 @@ class CacheLayout:
 
     @property
     def teachers(self) -> list[dict]:
-        """Per teacher ``{task, checkpoint, sha256, label_map, num_classes, num_queries[, class_map]}``."""
+        """Per teacher ``{task, checkpoint, sha256, label_map, num_classes, num_queries[, arch, classifier,
+        class_map]}``."""
         return list(self.attrs["teachers"])
 
     @property

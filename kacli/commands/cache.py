@@ -171,11 +171,12 @@ def cache_info(
         table.add_row("created", f"{s['created']} by kacli {s['kacli_version']}")
         console.print(table)
         tt = Table(title="teachers")
-        for col in ("#", "task", "classes", "queries", "sequences", "logits+boxes", "sha256", "checkpoint"):
+        for col in ("#", "task", "arch", "classes", "queries", "sequences", "logits+boxes", "sha256", "checkpoint"):
             tt.add_column(col, justify="right" if col in ("#", "classes", "queries", "sequences", "logits+boxes") else "left")
         for k, te in enumerate(s["teachers"], 1):
             tt.add_row(
-                str(k), te["task"], str(te["num_classes"]), str(te["num_queries"]), human_bytes(te["sequence_bytes"]),
+                str(k), te["task"], te['arch'], str(te["num_classes"]), str(te["num_queries"]),
+                human_bytes(te["sequence_bytes"]),
                 human_bytes(te["head_bytes"]), te["sha256"][:12], te["checkpoint"],
             )
         console.print(tt)

@@ -38,8 +38,9 @@ def eval_sizes(ckpt: dict[str, Any], size: int | None = None, max_size: int | No
 def detect_batch(model: nn.Module, images: torch.Tensor, mask: torch.Tensor, orig_sizes: torch.Tensor) -> list[dict]:
     """A padded batch of evaluation views (``images`` (B,3,H,W), ``mask`` (B,H,W) True = padding)
     → per image ``scores (Q,)``, ``labels (Q,)`` (class indices) and ``boxes (Q,4)`` pixel xyxy in
-    its original ``orig_sizes`` (B,2) ``(h, w)`` image, unclipped (DETR's post-processing)."""
-    return postprocess(model(images, mask), orig_sizes)
+    its original ``orig_sizes`` (B,2) ``(h, w)`` image, unclipped (DETR's post-processing; a
+    sigmoid classifier's top 100 (query, class) pairs, :mod:`kacli.models.postprocess`)."""
+    return postprocess(model(images, mask), orig_sizes, model.classifier)
 
 
 @torch.inference_mode()
