@@ -32,7 +32,7 @@ DEFAULTS = {
     "KACLI_MAX_IMAGE_PIXELS": 100_000_000,
     "KACLI_MAX_IMAGE_SIDE": 4096,
     "KACLI_MAX_VIEWS": 1000,
-    "KACLI_MAX_WORKERS": max(8, 4 * (os.cpu_count() or 1)),
+    "KACLI_MAX_WORKERS": 8,  # the floor: the default is 4 × the CPU cores when that is more
     "KACLI_MAX_EPOCHS": 100_000,
     "KACLI_MAX_MINUTES": 7 * 24 * 60,
     "KACLI_MAX_SEEDS": 100,
@@ -47,12 +47,19 @@ def limit(var: str) -> int:
     than the default, else the default."""
     raw = os.environ.get(var)
     if raw is None or raw.strip() == "":
-        return DEFAULTS[var]
+        return default(var)
     try:
         value = int(raw.strip().replace("_", ""))
     except ValueError:
         raise KacliError(f"environment variable {var}={raw!r} is not a whole number") from None
-    return max(value, DEFAULTS[var])
+    return max(value, default(var))
+
+
+def default(var: str) -> int:
+    """The limit ``var`` without its environment variable (workers: 4 × the CPU cores, at least 8)."""
+    if var == "KACLI_MAX_WORKERS":
+        return max(DEFAULTS[var], 4 * (os.cpu_count() or 1))
+    return DEFAULTS[var]
 
 
 def max_image_pixels() -> int:
@@ -96,7 +103,7 @@ def check_positive(flag: str, value: int | None, path=None) -> None:
 def check_limit(flag: str, value: int | float | None, var: str, unit: str = "", path=None) -> None:
     """Refuse ``value`` over the limit ``var`` (None: not given), naming the variable that raises it."""
     if value is None or value <= DEFAULTS[var]:
-        return
+        return  # within the floor: no need to read the environment
     cap = limit(var)
     if value > cap:
         raise KacliError(f"{flag} is {value:g}{unit}, over the limit of {cap:,} (set {var} to raise it)", path)
