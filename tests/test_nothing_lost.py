@@ -186,7 +186,7 @@ def test_two_runs_into_one_folder_the_second_is_refused_and_a_killed_runs_lock_i
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert lock.is_file()  # left by the kill ...
-    third = kacli(*teacher_args(world, out, "--epochs", 1))  # ... and seen as stale
+    third = kacli(*teacher_args(world, out, "--epochs", 1, "--force"))  # ... and seen as stale
     assert third.returncode == 0, third.stderr[-2000:]
     assert (out / "last.pt").is_file() and not lock.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -43,7 +43,12 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any], *, force: bool | Non
     data = {"format": FORMAT, "task": None, "config": {}, "inputs": {}, "meta": {}}
     data.update(ckpt)
     with atomic_path(path, force=force) as tmp, open(tmp, "wb") as f:
-        torch.save(data, f)  # through a Python file: a failing write is an OSError (ENOSPC), not torch's RuntimeError
+        try:
+            torch.save(data, f)  # through a Python file, so that a failing write is the system's OSError
+        except RuntimeError as e:  # torch's zip writer hides that OSError behind its own error on closing
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
     return Path(path)
 
 
