@@ -49,6 +49,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from kacli import limits
 from kacli.amalgamate import amalgamate
 from kacli.amalgamation.config import AmalgamateConfig
 from kacli.config import apply_overrides
@@ -198,7 +199,7 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
             raise KacliError(f"--set takes KEY=VALUE (a dotted amalgamate config key), got {item!r}")
         try:
             out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             raise KacliError(f"--set {key.strip()}: {value!r} is not a YAML value") from None
     return out
 
@@ -662,10 +663,10 @@ def run_ablation(
     """
 
     scenario = _scenario(scenario)
-    if not minutes > 0:
-        raise KacliError(f"--minutes must be positive, got {minutes}")
+    limits.check_minutes("--minutes", minutes)
     if seeds < 1:
         raise KacliError(f"--seeds must be at least 1, got {seeds}")
+    limits.check_limit("--seeds", seeds, "KACLI_MAX_SEEDS", " seeds")
     rows = parse_rows(None if rows is None else ",".join(rows), scenario)
     settings = dict(settings or {})
     _check_settings(settings)

@@ -232,15 +232,20 @@ def amalgamate(
     train_set, collate_fn = source.training_data(objective, cfg)
 
     out = Path(out_dir)
-    run_dir = training.run_folder(out, resume, force)  # checks only: out is replaced at the first checkpoint
+    # checks (out is replaced at the first checkpoint) and locks the folder until the run ends
+    with training.run_folder(out, resume, force) as run_dir:
+        result = _train(cfg, source, model, objective, train_set, collate_fn, out, run_dir, backbone_weights, resume, log)
+    result.update(method=cfg.method, out=str(out))
+    return result
+
+
+def _train(cfg, source, model, objective, train_set, collate_fn, out, run_dir, backbone_weights, resume, log) -> dict:
     training.load_backbone(model, backbone_weights, log)
     dist = training.start_distributed(cfg.train.device)
 
     evaluate = training.validator(source.manifest, source.label_map, cfg.aug, cfg.train, dist)
     setup = train_setup(cfg, source, model, objective, out, run_dir, backbone_weights)
-    result = training.fit(model, objective, train_set, collate_fn, setup, dist, evaluate, resume)
-    result.update(method=cfg.method, out=str(out))
-    return result
+    return training.fit(model, objective, train_set, collate_fn, setup, dist, evaluate, resume)
 
 
 __all__ = [

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from kacli import limits
 from kacli.amalgamate import amalgamate
 from kacli.cache.writer import cache_teachers
 from kacli.data.demo_data import make_demo_data
@@ -281,8 +282,8 @@ def run_demo(
 ) -> dict:
     """Run the demo's ``scenario`` (:data:`SCENARIOS`) into ``out``; returns ``{"rows": [...],
     "seconds": total, "stages": {...}, "scenario", "seed", "epochs"}`` (also written as demo.json)."""
-    if minutes <= 0:
-        raise KacliError(f"--minutes must be positive, got {minutes}")
+    limits.check_minutes("--minutes", minutes)
+    limits.check_seed("--seed", seed)
     chosen = get_scenario(scenario)
     out = Path(out)
     check_output_dir(out, force)

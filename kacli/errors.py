@@ -29,7 +29,10 @@ class KacliError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        """``<path>: <problem>``; characters that would move the cursor or colour the terminal
+        (a newline or an escape in a file name) are shown escaped."""
+        line = f"{self.path}: {self.message}" if self.path else self.message
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 _WORKER = re.compile(r"^Caught KacliError in DataLoader worker process \d+\.")

@@ -41,7 +41,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from kacli.errors import KacliError
-from kacli.fsutil import atomic_path
+from kacli.fsutil import atomic_path, check_output_file
 from kacli.models.checkpoint import build_model, load_checkpoint
 from kacli.models.postprocess import class_scores
 
@@ -106,7 +106,7 @@ def _trace(wrapper: ExportWrapper, inputs) -> torch.jit.ScriptModule:
         return torch.jit.trace(wrapper, inputs, check_trace=False)
 
 
-def export_model(ckpt_path: str | Path, fmt: str, out_path: str | Path) -> dict[str, Any]:
+def export_model(ckpt_path: str | Path, fmt: str, out_path: str | Path, force: bool = False) -> dict[str, Any]:
     """Export the checkpoint at ``ckpt_path`` (file or run folder) to ``out_path``.
 
     Args:
@@ -122,25 +122,24 @@ def export_model(ckpt_path: str | Path, fmt: str, out_path: str | Path) -> dict[
 
     if fmt not in FORMATS:
         raise KacliError(f"unknown export format {fmt!r} (use {', '.join(FORMATS)})")
-    out = Path(out_path)
-    if out.is_dir():
-        raise KacliError("output is a folder, expected a file name", out)
+    out = check_output_file(out_path, force)
+    labels_path = out.with_name(out.name + ".labels.json") if fmt == "onnx" else None
+    if labels_path is not None:
+        check_output_file(labels_path, force)
     ckpt = load_checkpoint(ckpt_path)
     wrapper = build_wrapper(ckpt)
     inputs = example_inputs()
-    labels_path = None
     if fmt == "export":
         program = export_program(wrapper, inputs)
-        with atomic_path(out) as tmp:
+        with atomic_path(out, force=force) as tmp:
             torch.export.save(program, str(tmp), extra_files={"label_map.json": label_map_json(ckpt)})
     elif fmt == "torchscript":
         traced = _trace(wrapper, inputs)
-        with atomic_path(out) as tmp, warnings.catch_warnings():
+        with atomic_path(out, force=force) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
             torch.jit.save(traced, str(tmp), _extra_files={"label_map.json": label_map_json(ckpt)})
     else:
-        labels_path = out.with_name(out.name + ".labels.json")
-        with atomic_path(out) as tmp, atomic_path(labels_path) as tmp_labels:
+        with atomic_path(out, force=force) as tmp, atomic_path(labels_path, force=force) as tmp_labels:
             _export_onnx(wrapper, inputs, tmp)
             tmp_labels.write_text(label_map_json(ckpt) + "\n", encoding="utf-8")
     return {

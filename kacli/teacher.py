@@ -53,7 +53,11 @@ def train_teacher(
     info = manifest.require_trainable(task)  # a teacher-only task has nothing to train on
     cfg = load_run_config(config, overrides or {})
     out = Path(out)
-    run_dir = training.run_folder(out, resume, force)
+    with training.run_folder(out, resume, force) as run_dir:  # locked until the run ends
+        return _train(manifest, info, cfg, out, run_dir, task, init, backbone_weights, resume, log)
+
+
+def _train(manifest, info, cfg, out, run_dir, task, init, backbone_weights, resume, log) -> dict:
     dist = training.start_distributed(cfg.train.device)
 
     label_map = info.label_map()

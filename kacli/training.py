@@ -27,7 +27,8 @@ from kacli.runtime import DistInfo, init_distributed
 
 
 def run_folder(out: str | Path, resume: bool, force: bool) -> RunDir:
-    """The run folder, checked only: a new run replaces ``out`` at its first checkpoint."""
+    """The run folder, checked and locked (nothing written in it yet): a new run replaces ``out``
+    at its first checkpoint. Use it as a context manager: the lock is released when it ends."""
     return RunDir(Path(out), resume, force)
 
 

@@ -372,7 +372,8 @@ def test_predict_refuses_an_oversized_image_and_size(cli, runs, tmp_path):
 def test_eval_refuses_absurd_sizes_before_running(cli, world, runs, tmp_path, flag, value, needle):
     out = tmp_path / "eval.json"
     out.write_text("{}")
-    one_line(cli("eval", "--model", runs / "teacher", "--tasks", world["tasks"], flag, value, "--json", out), flag, needle)
+    one_line(cli("eval", "--model", runs / "teacher", "--tasks", world["tasks"], flag, value, "--json", out, "--force"),
+             flag, needle)
     assert out.read_text() == "{}"
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from kacli.cache.plan import CacheJob
 from kacli.data.dataset import collate
+from kacli.errors import KacliError
 from kacli.teachers.load import Teacher
 from kacli.teachers.quant import quantize_int8
 from kacli.teachers.run import run_teacher
@@ -34,12 +35,34 @@ def stored_sequences(picked: Sequence[torch.Tensor], store_dtype: torch.dtype) -
     return [q.cpu().numpy() for q, _ in pairs], torch.stack([s for _, s in pairs], 1).cpu().numpy()
 
 
+class NonFiniteOutputs(KacliError):
+    """A teacher gave NaN or infinite outputs: the cache being written is worthless and removed."""
+
+
+def check_finite_outputs(teacher: Teacher, out: dict, hw: np.ndarray, first_entry: int) -> None:
+    """Refuse a batch whose outputs hold NaN or inf, naming the teacher and the first such entry."""
+    bad: list[int] = []
+    for name in ("logits", "boxes"):
+        ok = torch.isfinite(out[name].flatten(1)).all(1)
+        if not bool(ok.all()):
+            bad.append(int((~ok).nonzero()[0]))
+    ends = np.cumsum([int(h) * int(w) for h, w in np.asarray(hw).tolist()])
+    for x in out["seqs"]:
+        ok = torch.isfinite(x).all(-1)
+        if not bool(ok.all()):
+            bad.append(int(np.searchsorted(ends, int((~ok).nonzero()[0]), side="right")))
+    if bad:
+        raise NonFiniteOutputs(f"teacher {teacher.task!r} gives NaN or infinite outputs at entry {first_entry + min(bad)}; "
+                               "nothing was kept (check its weights: kacli eval --model on it)", teacher.path)
+
+
 @torch.inference_mode()
 def stored_outputs(teacher: Teacher, images: torch.Tensor, mask: torch.Tensor, hw: np.ndarray,
                    layer_index: Sequence[int], store_dtype: torch.dtype, amp: bool, first_entry: int) -> dict:
     """:func:`run_teacher` as the cache stores it: ``{"seqs": [(Σ h·w, d) per layer], "scale": (Σ h·w, L) | None,
     "logits" (B,Q,C+1), "boxes" (B,Q,4)}`` numpy arrays (``scale``: int8 storage only, see :func:`stored_sequences`)."""
     out = run_teacher(teacher, images, mask, hw, layer_index, amp, first_entry)
+    check_finite_outputs(teacher, out, hw, first_entry)
     seqs, scale = stored_sequences(out["seqs"], store_dtype)
     return {"seqs": seqs, "scale": scale, "logits": out["logits"].cpu().numpy(), "boxes": out["boxes"].cpu().numpy()}
 

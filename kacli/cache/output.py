@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -23,9 +24,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kacli.cache import schema
-from kacli.cache.extract import teacher_batches
+from kacli.cache.extract import NonFiniteOutputs, teacher_batches
 from kacli.cache.plan import CacheJob
 from kacli.errors import KacliError
+from kacli.fsutil import WRITE_PROBLEMS
 from kacli.progress import make_progress
 
 #: Test hook: the writer SIGKILLs its own process after writing this many batches.
@@ -184,6 +186,18 @@ class _BackgroundWriter:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _write_failed(e: OSError, path: Path) -> Exception:
+    """A full disk (or another write error) while the cache is written: one line saying how to go on."""
+    code = e.errno
+    if code is None:  # h5py's errors carry the system's errno in their text: "... errno = 28, ..."
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    if code not in WRITE_PROBLEMS:
+        return e
+    return KacliError(f"cannot write: {WRITE_PROBLEMS[code]}; the entries done so far stay in it: make room and run "
+                      "the same command again to resume, or delete it to start over", path)
+
+
 def write_range(job: CacheJob, path: Path, attrs: dict, start: int, end: int, description: str) -> dict:
     """Cache ``job``'s entries [start, end) into ``path`` (created, or resumed when it holds the
     same attributes ``attrs``), running the teachers in batches of ``job.batch_size`` while a
@@ -191,7 +205,10 @@ def write_range(job: CacheJob, path: Path, attrs: dict, start: int, end: int, de
     ``description`` labels the progress bar. Returns ``{"resumed_from", "seconds"}``."""
     done = try_resume(path, attrs, job.log)
     if done is None:
-        create_file(job, path, attrs, start, end)
+        try:
+            create_file(job, path, attrs, start, end)
+        except OSError as e:
+            raise _write_failed(e, path) from None
         done = 0
     elif done:
         job.log(f"resuming {path.name} at entry {start + done} ({done} of {end - start} done)")
@@ -201,15 +218,21 @@ def write_range(job: CacheJob, path: Path, attrs: dict, start: int, end: int, de
     if batches:
         stream = teacher_batches(job, batches)  # workers start before the file is open and the writer thread runs
         offsets = job.plan.offsets(start, end)
-        with schema.open_h5(path, "r+") as f, make_progress("entry", disable=not job.progress) as bar:
-            task = bar.add_task(description, total=end - start, completed=done, info="")
-            writer = _BackgroundWriter(f, start, offsets, job.layers, len(job.teachers))
-            try:
-                for idx, payload in stream:
-                    writer.put(idx[0], idx[-1] + 1, payload)
-                    bar.update(task, advance=len(idx))
-            finally:
-                writer.close()
+        try:
+            with schema.open_h5(path, "r+") as f, make_progress("entry", disable=not job.progress) as bar:
+                task = bar.add_task(description, total=end - start, completed=done, info="")
+                writer = _BackgroundWriter(f, start, offsets, job.layers, len(job.teachers))
+                try:
+                    for idx, payload in stream:
+                        writer.put(idx[0], idx[-1] + 1, payload)
+                        bar.update(task, advance=len(idx))
+                finally:
+                    writer.close()
+        except NonFiniteOutputs:
+            path.unlink(missing_ok=True)  # kacli's own partial file: a cache of these teachers is worthless
+            raise
+        except OSError as e:
+            raise _write_failed(e, path) from None
         del stream
     return {"resumed_from": start + done if done else None, "seconds": time.perf_counter() - t0}
 

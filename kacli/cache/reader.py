@@ -238,7 +238,7 @@ class TeacherCache(Dataset):
                 if not np.isfinite(arr).all():
                     who = f"teacher {k}'s " if what != "sequences" else ""
                     raise KacliError(f"entry {e}: {who}cached {what} hold NaN or inf (kacli cache-info --verify checks "
-                                     "the whole file; recompute it with cache-teachers --force)", self.path)
+                                     "the whole file; a cache written now refuses such teachers)", self.path)
         stored = {"seqs": torch.from_numpy(seqs).to(self.seq_dtype)}
         if scale is not None:
             q, s = torch.from_numpy(seqs), torch.from_numpy(scale)

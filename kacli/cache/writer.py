@@ -33,7 +33,8 @@ from kacli.data.dataset import CocoDetection
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import AugConfig
 from kacli.errors import KacliError
-from kacli.limits import max_views
+from kacli.fsutil import check_output_file
+from kacli.limits import check_seed, check_workers, max_views
 from kacli.runconfig import load_run_config
 from kacli.teachers.layers import layer_names
 from kacli.teachers.load import Teacher, load_teachers
@@ -56,6 +57,7 @@ def resolve_aug(teachers: Sequence[Teacher], config: str | Path | None, log: Cal
 def _existing_output(out: Path, attrs: dict, force: bool) -> bool:
     """True when ``out`` is a complete cache with the same content (nothing to do). An existing
     file made otherwise is an error unless ``force``."""
+    check_output_file(out, force=True)  # never a symbolic link, device, FIFO or socket, even with --force
     if not out.exists():
         return False
     if out.is_dir():
@@ -90,11 +92,17 @@ def _nearest_folder(folder: Path) -> Path:
     return folder
 
 
-def _check_disk(folder: Path, need: int, what: str) -> int:
+def _check_disk(folder: Path, need: int, what: str, partial: Path | None = None) -> int:
+    """Refuse to start when ``folder`` has less free disk than ``need`` (less what ``partial``, a
+    file being resumed, already holds), saying how to go on."""
     free = shutil.disk_usage(folder).free
-    if need > free:
+    have = partial.stat().st_size if partial is not None and partial.is_file() else 0
+    if need - have > free:
+        hint = (f"; {partial.name} holds the entries done so far: make room, or delete it to start over"
+                if have else "")
         raise KacliError(
-            f"not enough free disk for {what}: needs about {schema.human_bytes(need)}, {schema.human_bytes(free)} free",
+            f"not enough free disk for {what}: needs about {schema.human_bytes(need - have)} more, "
+            f"{schema.human_bytes(free)} free{hint}",
             folder,
         )
     return free
@@ -135,8 +143,8 @@ def cache_teachers(
                          "(set KACLI_MAX_VIEWS to raise it)")
     if batch_size < 1:
         raise KacliError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers < 0:
-        raise KacliError(f"--workers must not be negative, got {workers}")
+    check_workers("--workers", workers)
+    check_seed("--seed", seed)
     if dtype not in schema.DTYPES:
         raise KacliError(f"--dtype must be one of {', '.join(schema.DTYPES)}, got {dtype!r}")
     out = Path(out)
@@ -225,7 +233,7 @@ def cache_teachers(
     t0 = time.perf_counter()
 
     if not dist.distributed:
-        _check_disk(out.parent, estimate, "the cache")
+        _check_disk(out.parent, estimate, "the cache", partial)
         res = write_range(job, partial, attrs, 0, E, "cache-teachers")
         os.replace(partial, out)
         summary["resumed_from"] = res["resumed_from"]

@@ -17,14 +17,33 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def os_error(e: OSError) -> KacliError | None:
+    """A full disk, a read-only file system, a folder where a file should be (...) as one line
+    naming the file (None for other OS errors)."""
+    from kacli.fsutil import WRITE_PROBLEMS
+
+    problem = WRITE_PROBLEMS.get(getattr(e, "errno", None))
+    return None if problem is None else KacliError(problem, e.filename)
+
+
 def cli_errors(fn):
     """Decorate a command so that a :class:`KacliError` prints ``error: <path>: <problem>``
-    on one line to stderr and exits with code 2, with no traceback."""
+    on one line to stderr and exits with code 2, with no traceback; so do the OS errors of
+    :data:`kacli.fsutil.WRITE_PROBLEMS` (a full disk, a read-only file system, ...) and a
+    RecursionError (an input nested too deeply)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:  # a write the library did not wrap: the file system's problem, one line
+                err = os_error(e)
+                if err is None:
+                    raise
+                raise err from None
+            except RecursionError:
+                raise KacliError("an input is nested too deeply to read") from None
         except KacliError as e:
             err_console.print(f"[bold red]error:[/] {escape(e.one_line())}", highlight=False, soft_wrap=True, markup=True)
             sys.stderr.flush()

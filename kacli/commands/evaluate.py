@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
             help="Write every detection as a COCO results file ([{image_id, category_id, bbox, score}], "
             "the dataset's ids; what pycocotools' loadRes reads).",
         ),
-        force: bool = typer.Option(False, "--force", help="Replace an existing --detections file."),
+        force: bool = typer.Option(False, "--force", help="Replace existing --json and --detections files."),
     ):
         """Bbox AP (pycocotools) per category and per task, params and GFLOPs; several --model
         are scored one by one and as the teachers' ensemble.
@@ -64,8 +64,10 @@ def register(app: typer.Typer) -> None:
         Example: kacli eval --model runs/round --model runs/angular --tasks tasks/tasks.yaml --json eval.json
         """
         from kacli.eval.evaluate import evaluate_checkpoints
-        from kacli.fsutil import write_json
+        from kacli.fsutil import check_output_file, write_json
 
+        if json_out:
+            check_output_file(json_out, force)  # before the evaluation: a bad target costs nothing
         result = evaluate_checkpoints(model, tasks, split=split, size=size, max_size=max_size,
                                       device_pref=device, batch_size=batch_size,
                                       detections_out=detections, force=force)
@@ -74,7 +76,7 @@ def register(app: typer.Typer) -> None:
         if conv:
             console.print(f"GFLOPs: {conv}", style="dim")
         if json_out:
-            write_json(json_out, result)
+            write_json(json_out, result, force=force)
             console.print(f"metrics written to {json_out}")
         if detections:
             console.print(f"detections written to {detections} (COCO results format)", highlight=False)

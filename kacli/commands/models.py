@@ -54,6 +54,7 @@ def import_checkpoint(
         help="DC5 backbone (default: the checkpoint's args/config.json, else no).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ):  # fmt: skip
     """Convert a facebookresearch/detr, UP-DETR or HF transformers DETR checkpoint into a kacli checkpoint.
 
@@ -61,7 +62,7 @@ def import_checkpoint(
     pre-norm); pretraining-only keys are ignored and listed."""
     from kacli.models.import_detr import import_checkpoint as run
 
-    report = run(src, out, label_map, heads=heads, dilation=dilation)
+    report = run(src, out, label_map, heads=heads, dilation=dilation, force=force)
     if as_json:
         console.print_json(json.dumps(report))
         return
@@ -145,6 +146,7 @@ def export(
         "torchscript (deprecated in PyTorch, kept while it ships); onnx.",
     ),
     out: Path = typer.Option(..., "--out", metavar="FILE", show_default=False, help="File to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file (and its .labels.json)."),
 ):  # fmt: skip
     """Export a model as a torch.export program, TorchScript or ONNX: (images (B,3,H,W) normalised,
     mask (B,H,W) bool) → (scores (B,Q), labels (B,Q) category ids, boxes (B,Q,4) xyxy normalised to
@@ -154,7 +156,7 @@ def export(
     file (FILE.labels.json)."""
     from kacli.export import export_model
 
-    res = export_model(model, fmt, out)
+    res = export_model(model, fmt, out, force=force)
     extra = f" and {res['labels']}" if res["labels"] else ""
     console.print(
         f"wrote {res['out']}{extra}: {res['kind']} model, {res['classes']} classes, {res['queries']} queries",

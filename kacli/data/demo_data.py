@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_dir
+from kacli.limits import check_seed
 from kacli.progress import make_progress
 
 CATEGORIES = [
@@ -168,6 +169,7 @@ def make_demo_data(
         raise KacliError("need at least 1 training image and 0 or more validation and test images", out)
     if size < 2 * MAX_SIZE:
         raise KacliError(f"--size must be at least {2 * MAX_SIZE} px to hold {MAX_SIZE}-px shapes", out)
+    check_seed("--seed", seed)
     out = Path(out)
     t0 = time.perf_counter()
     # test.json only when asked for: a dataset without one is a dataset without a test split

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from kacli import limits
 from kacli.config import ConfigValueError
+from kacli.errors import KacliError
 from kacli.engine import runlog
 
 
@@ -57,6 +59,15 @@ class TrainConfig:
         for name in ("workers", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")
+        for name, var in (("epochs", "KACLI_MAX_EPOCHS"), ("workers", "KACLI_MAX_WORKERS")):
+            try:
+                limits.check_limit(name, getattr(self, name), var)
+            except KacliError as e:
+                raise ConfigValueError(name, e.message.removeprefix(f"{name} ")) from None
+        try:
+            limits.check_seed("seed", self.seed)
+        except KacliError as e:
+            raise ConfigValueError("seed", e.message.removeprefix("seed ")) from None
         for name in ("lr", "lr_backbone", "weight_decay", "clip_max_norm"):
             if getattr(self, name) < 0:
                 raise ConfigValueError(name, f"must not be negative, got {getattr(self, name)}")

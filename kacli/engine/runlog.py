@@ -59,6 +59,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, str, Any]]:
             continue
         try:
             value = json.loads(line)
+        except RecursionError:
+            raise KacliError(f"malformed JSON on line {n}: nested too deeply", path) from None
         except json.JSONDecodeError as e:
             if n == len(lines) and not text.endswith("\n"):
                 break  # torn, or being written

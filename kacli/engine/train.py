@@ -38,7 +38,7 @@ from kacli.engine.rundir import RunDir, kill_point
 from kacli.engine.runlog import RunLogs, read_jsonl
 from kacli.errors import KacliError
 from kacli.fsutil import atomic_file, atomic_path, write_yaml
-from kacli.models.checkpoint import load_checkpoint, save_checkpoint
+from kacli.models.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
 from kacli.progress import make_progress
 from kacli.runtime import DistInfo, all_reduce_mean, barrier
 
@@ -174,7 +174,10 @@ class Trainer:
         base["train_state"] = self._train_state(epoch, step, best, best_epoch, train_seconds, partial)
         if self.ema is not None:  # the average is the model; the trained weights resume from train_state
             base["model"], base["train_state"]["ema"] = self.ema.checkpoint_fields(base["model"])
-        save_checkpoint(self.out / name, base)
+        try:
+            save_checkpoint(self.out / name, base)
+        except KacliError as e:  # named as the run's file, not as the staging folder's
+            raise KacliError(e.message, Path(self.s.out_dir) / name) from None
 
     def _bare_model(self) -> nn.Module:
         return self.model.module if hasattr(self.model, "module") else self.model
@@ -196,7 +199,7 @@ class Trainer:
                 path,
             )
         self._check_resumable(ckpt, path)
-        self._bare_model().load_state_dict(ckpt["model"])
+        load_weights_into(self._bare_model(), ckpt["model"], path)
         if self.ema is not None:
             self.ema.restore(self._bare_model(), ckpt, path)
         else:

@@ -210,13 +210,13 @@ def evaluate_checkpoints(
         result = dict(members[0])
         result["members"] = []
         if detections_out is not None:
-            write_results(detections_out, all_dets[0])
+            write_results(detections_out, all_dets[0], force)
         return result
     union = sorted({c for ck in ckpts for c in ck["label_map"]["ids"]})
     pooled = ensemble_detections(all_dets)
     result = evaluate_detections(gt, pooled, union, tasks)
     if detections_out is not None:
-        write_results(detections_out, pooled)
+        write_results(detections_out, pooled, force)
     result.update(
         {
             "model": "ensemble",

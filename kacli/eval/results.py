@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from kacli.errors import KacliError
-from kacli.fsutil import atomic_file
+from kacli.fsutil import atomic_file, check_output_file
 
 
 def check_results_target(path: str | Path, force: bool) -> Path:
@@ -25,11 +25,7 @@ def check_results_target(path: str | Path, force: bool) -> Path:
         raise KacliError(f"folder {str(parent)!r} does not exist", p)
     if not parent.is_dir():
         raise KacliError(f"{str(parent)!r} is not a folder", p)
-    if p.is_dir():
-        raise KacliError("is a folder, expected a file name", p)
-    if p.exists() and not force:
-        raise KacliError("file exists (use --force to replace it)", p)
-    return p
+    return check_output_file(p, force)
 
 
 def to_results(detections: Sequence[Mapping]) -> list[dict]:
@@ -45,10 +41,11 @@ def to_results(detections: Sequence[Mapping]) -> list[dict]:
     ]
 
 
-def write_results(path: str | Path, detections: Sequence[Mapping]) -> Path:
-    """Write ``detections`` as a COCO results file (one compact JSON list), atomically."""
+def write_results(path: str | Path, detections: Sequence[Mapping], force: bool | None = None) -> Path:
+    """Write ``detections`` as a COCO results file (one compact JSON list), atomically (``force``:
+    as :func:`kacli.fsutil.atomic_file`'s, for a file the user named)."""
     p = Path(path)
-    with atomic_file(p, encoding="utf-8") as f:
+    with atomic_file(p, encoding="utf-8", force=force) as f:
         json.dump(to_results(detections), f, separators=(",", ":"))
         f.write("\n")
     return p

@@ -34,15 +34,21 @@ FORMAT = "kacli-checkpoint/1"
 KINDS = ("detr", "student")
 
 
-def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
-    """Write ``ckpt`` atomically (temporary name, then rename)."""
+def save_checkpoint(path: str | Path, ckpt: dict[str, Any], *, force: bool | None = None) -> Path:
+    """Write ``ckpt`` atomically (temporary name, then rename; ``force`` as in
+    :func:`kacli.fsutil.atomic_file`). A full disk is one line naming ``path``."""
     missing = [k for k in ("kind", "arch", "label_map", "model") if k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint lacks {missing}")
     data = {"format": FORMAT, "task": None, "config": {}, "inputs": {}, "meta": {}}
     data.update(ckpt)
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+    with atomic_path(path, force=force) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(data, f)  # through a Python file, so that a failing write is the system's OSError
+        except RuntimeError as e:  # torch's zip writer hides that OSError behind its own error on closing
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
     return Path(path)
 
 
@@ -91,12 +97,32 @@ def build_model(ckpt: dict[str, Any], *, load_weights: bool = True) -> torch.nn.
     else:
         model = Student.from_arch(ckpt["arch"], num_classes)
     if load_weights:
-        result = model.load_state_dict(ckpt["model"], strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise KacliError(
-                f"weights do not fit the architecture (missing {len(result.missing_keys)}: "
-                f"{', '.join(result.missing_keys[:3])}; unexpected {len(result.unexpected_keys)}: "
-                f"{', '.join(result.unexpected_keys[:3])})",
-                ckpt.get("path"),
-            )
+        load_weights_into(model, ckpt["model"], ckpt.get("path"))
+        nonfinite = [k for k, v in ckpt["model"].items()
+                     if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if nonfinite:
+            raise KacliError(f"weights hold NaN or infinite values ({len(nonfinite)} tensors: "
+                             f"{', '.join(nonfinite[:2])}); the model cannot be used", ckpt.get("path"))
     return model
+
+
+def load_weights_into(model: torch.nn.Module, state: Any, path: str | Path | None, what: str = "weights") -> None:
+    """``model.load_state_dict(state)``, with keys that are missing or unexpected and tensors of the
+    wrong shape refused in one line naming ``path`` (torch's own error is a page long)."""
+    if not isinstance(state, dict):
+        raise KacliError(f"{what} are not a state dict", path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        raise KacliError(
+            f"{what} do not fit the architecture (missing {len(missing)}: {', '.join(missing[:3])}; "
+            f"unexpected {len(extra)}: {', '.join(extra[:3])})",
+            path,
+        )
+    wrong = [f"{k} {tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__} "
+             f"for {tuple(v.shape)}" for k, v in own.items()
+             if not torch.is_tensor(state[k]) or tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise KacliError(f"{what} do not fit the architecture (wrong shape {len(wrong)}: {'; '.join(wrong[:2])})", path)
+    model.load_state_dict(state)

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from kacli.errors import KacliError
-from kacli.fsutil import load_json, load_yaml, sha256_file
+from kacli.fsutil import check_output_file, load_json, load_yaml, sha256_file
 from kacli.models.checkpoint import FORMAT, resolve_checkpoint_path, save_checkpoint
 from kacli.models.config import ModelConfig
 from kacli.models.detr import DETR
@@ -130,7 +130,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise bad
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise bad from None
     if not isinstance(header, dict):
         raise bad
@@ -551,6 +551,7 @@ def import_checkpoint(
     *,
     heads: int | None = None,
     dilation: bool | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Convert a facebookresearch/detr, UP-DETR or HF transformers DETR checkpoint into a kacli
     checkpoint (kind ``detr``) at ``dst``, written atomically.
@@ -564,6 +565,7 @@ def import_checkpoint(
     is not DETR-like, or whose label map does not fit.
     """
 
+    check_output_file(dst, force)  # an existing dst is replaced only with ``force``
     obj, meta = read_source(src)
     path = meta["path"]
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
@@ -609,6 +611,7 @@ def import_checkpoint(
                 "ignored_keys": conv["ignored"],
             },
         },
+        force=force,
     )
     return {
         "source": str(path),
