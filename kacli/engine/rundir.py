@@ -80,6 +80,11 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # a new run's folder may not have a parent yet
+        except OSError as e:
+            raise write_error(e, self.path.parent) or KacliError(f"cannot create the folder: {e.strerror}",
+                                                                 self.path.parent) from None
         while self.fd is None:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
