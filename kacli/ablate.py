@@ -57,6 +57,7 @@ from kacli.data.manifest import TaskManifest
 from kacli.demo import (
     DESIGN_MINUTES,
     RECIPE,
+    check_arch,
     prepare_base,
     run_finished,
     run_train_seconds,
@@ -210,7 +211,7 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
     apply_overrides(AmalgamateConfig(), dict(settings))
 
 
-def _demo_seed(demo: Path, scenario: str) -> int:
+def _demo_seed(demo: Path, scenario: str, arch: str = "detr") -> int:
     """The seed a demo folder was made with (its demo.json), checking that it is a demo of
     ``scenario`` and holds a cache, teachers and a test split."""
 
@@ -222,6 +223,9 @@ def _demo_seed(demo: Path, scenario: str) -> int:
     if made != scenario:
         raise KacliError(f"is a {made} demo; the {scenario} ablation needs a {scenario} demo's tasks and teachers "
                          f"(--scenario {made} for this one)", demo)
+    if recorded.get("arch", "detr") != arch:
+        raise KacliError(f"is a demo of {recorded.get('arch', 'detr')} teachers; this ablation is of {arch} "
+                         f"(--arch {recorded.get('arch', 'detr')} for this one)", demo)
     seed = recorded.get("seed")
     if not isinstance(seed, int):
         raise KacliError("demo.json does not record the demo's seed (made by an older kacli; rerun the demo)", summary)
@@ -235,9 +239,10 @@ def _demo_seed(demo: Path, scenario: str) -> int:
 
 def ablation_settings(scenario: str = "split", minutes: float = 12.0, settings: Mapping[str, Any] | None = None,
                       train_images: int | None = None, val_images: int | None = None,
-                      test_images: int | None = None) -> dict[str, Any]:
-    """What ablate.yaml records: a rerun into the same folder must give the same."""
-    return {"format": FORMAT, "scenario": _scenario(scenario), "minutes": float(minutes),
+                      test_images: int | None = None, arch: str = "detr") -> dict[str, Any]:
+    """What ablate.yaml records: a rerun into the same folder must give the same (``arch`` only when
+    not ``detr``, so folders made before it continue)."""
+    return ({"arch": check_arch(arch)} if arch != "detr" else {}) | {"format": FORMAT, "scenario": _scenario(scenario), "minutes": float(minutes),
             "settings": dict(settings or {}), "train_images": train_images or RECIPE["train_images"],
             "val_images": val_images or RECIPE["val_images"], "test_images": test_images or RECIPE["test_images"]}
 
@@ -644,6 +649,7 @@ def run_ablation(
     val_images: int | None = None,
     test_images: int | None = None,
     scenario: str = "split",
+    arch: str = "detr",
 ) -> dict:
     """Run (or continue) the ablation into ``out``; returns what ablation.json holds.
 
@@ -656,6 +662,7 @@ def run_ablation(
         demos: finished demo folders of ``scenario`` lending their data, teachers and cache to their seed.
         train_images, val_images, test_images: the generated data's size (default the demo recipe's).
         scenario: ``split`` (Table V, Fig. 6b) or ``cross-dataset``.
+        arch: the teachers' architecture (``detr`` or ``conditional``; the students take it too).
 
     Raises:
         KacliError: bad arguments, a row of another scenario, a folder of another ablation, a demo
@@ -673,11 +680,11 @@ def run_ablation(
     lent = {}
     for d in demos:
         d = Path(d)
-        lent.setdefault(_demo_seed(d, scenario), d)
+        lent.setdefault(_demo_seed(d, scenario, arch), d)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise KacliError("output exists and is not a folder", out)
-    recorded = ablation_settings(scenario, minutes, settings, train_images, val_images, test_images)
+    recorded = ablation_settings(scenario, minutes, settings, train_images, val_images, test_images, arch)
     marker = out / "ablate.yaml"
     if marker.is_file():
         before = load_yaml(marker) or {}
@@ -736,7 +743,7 @@ def run_ablation(
             else:
                 teachers, tasks_path = prepare_base(base, seed, teacher_epochs, recorded["train_images"],
                                                     recorded["val_images"], _Stage, scenario=scenario,
-                                                    n_test=recorded["test_images"])
+                                                    n_test=recorded["test_images"], arch=arch)
             images[seed], by_source = _test_images(tasks_path)
             if by_source is not None:
                 source_images[seed] = by_source

@@ -19,6 +19,9 @@ Every training run selects its ``best.pt`` on the validation split; every report
 test split, which no selection looked at.
 
 The recipe (data, model, schedule) is the ``tiny`` preset; docs/DEMO.md says how it was chosen.
+``arch`` picks the teachers' architecture (:data:`TEACHER_PRESETS`: ``tiny`` DETR or
+``tiny-conditional`` Conditional DETR, the same sizes and schedule); the students and raw take
+the teachers' architecture, as ``amalgamate`` does.
 ``--minutes`` scales every stage's epochs from the recipe's 12-minute design.
 """
 
@@ -47,7 +50,7 @@ from kacli.engine.runlog import read_jsonl
 from kacli.errors import KacliError
 from kacli.eval.evaluate import evaluate_checkpoints, make_eval_dataset
 from kacli.eval.infer import detect_batch, eval_sizes
-from kacli.fsutil import atomic_path, check_output_dir, write_json
+from kacli.fsutil import atomic_path, check_output_dir, load_yaml, write_json
 from kacli.models.checkpoint import build_model, load_checkpoint
 from kacli.progress import shared_progress
 from kacli.report import load_curves, load_rows, write_report
@@ -73,6 +76,17 @@ RECIPE = {
     # epochs, then from its own (docs/DEMO.md, "The slim student").
     "slim_compress_guide": 0.33,
 }
+
+
+# The teachers' run preset of each architecture (kacli/runconfig.py): the same data, sizes and schedule.
+TEACHER_PRESETS = {"detr": "tiny", "conditional": "tiny-conditional"}
+
+
+def check_arch(arch: str) -> str:
+    """``arch`` if it is one of :data:`TEACHER_PRESETS`, else a KacliError."""
+    if arch not in TEACHER_PRESETS:
+        raise KacliError(f"--arch {arch!r} is not one of {', '.join(TEACHER_PRESETS)}")
+    return arch
 
 
 # The split the demo reports on, and how each run's reported checkpoint was chosen.
@@ -229,13 +243,16 @@ def run_finished(run: Path, epochs: int) -> bool:
 
 def prepare_base(
     out: Path, seed: int, teacher_epochs: int, n_train: int, n_val: int, stage: Callable[[str], Any],
-    scenario: str | Scenario = "split", n_test: int | None = None,
+    scenario: str | Scenario = "split", n_test: int | None = None, arch: str = "detr",
 ) -> tuple[dict[str, Path], Path]:
     """The demo's data, tasks, teachers and cache in ``out`` (``data/``, ``tasks/tasks.yaml``,
     ``runs/teacher-<task>``, ``cache.h5``; the cross-dataset scenario also ``sources/``); what a
     previous call finished is kept and reused. Each teacher trains on its task's images (all of
     them in ``split``, its own half in ``cross-dataset``); the cache holds every teacher on every
     training image.
+
+    ``arch`` picks the teachers' preset (:data:`TEACHER_PRESETS`); a teacher folder of another
+    architecture is refused (the folder is another demo's).
 
     ``stage(name)`` returns a context manager around each stage (progress and timing). Returns
     ``({task: teacher run folder}, tasks.yaml path)``.
@@ -254,12 +271,14 @@ def prepare_base(
             scenario.make_tasks(out, seed)
     manifest = TaskManifest(tasks_path)
     teachers: dict[str, Path] = {}
+    preset = TEACHER_PRESETS[check_arch(arch)]
     for t in manifest.tasks:
         run = out / "runs" / f"teacher-{t.name}"
         with stage(f"teacher {t.name}"):
+            _check_teacher_arch(run, arch)
             if not run_finished(run, teacher_epochs):
                 resume = (run / "last.pt").is_file()
-                train_teacher(tasks_path, t.name, run, config="tiny", resume=resume, force=run.exists() and not resume,
+                train_teacher(tasks_path, t.name, run, config=preset, resume=resume, force=run.exists() and not resume,
                               overrides={"train.epochs": teacher_epochs, "train.seed": seed}, log=quiet)
         teachers[t.name] = run
     with stage("cache"):
@@ -267,6 +286,16 @@ def prepare_base(
             cache_teachers(tasks_path, [teachers[t.name] for t in manifest.tasks], out / "cache.h5",
                            views=RECIPE["views"], seed=seed, log=quiet)
     return teachers, tasks_path
+
+
+def _check_teacher_arch(run: Path, arch: str) -> None:
+    """A teacher run already in the folder must be of ``arch`` (its config.yaml's model.arch)."""
+    config = run / "config.yaml"
+    if not config.is_file():
+        return
+    made = ((load_yaml(config) or {}).get("model") or {}).get("arch", "detr")
+    if made != arch:
+        raise KacliError(f"holds a {made} teacher; this run trains {arch} teachers (use another folder)", run)
 
 
 def run_demo(
@@ -279,12 +308,14 @@ def run_demo(
     log: Callable[[str], None] = print,
     scenario: str = "split",
     test_images: int | None = None,
+    arch: str = "detr",
 ) -> dict:
     """Run the demo's ``scenario`` (:data:`SCENARIOS`) into ``out``; returns ``{"rows": [...],
     "seconds": total, "stages": {...}, "scenario", "seed", "epochs"}`` (also written as demo.json)."""
     limits.check_minutes("--minutes", minutes)
     limits.check_seed("--seed", seed)
     chosen = get_scenario(scenario)
+    check_arch(arch)
     out = Path(out)
     check_output_dir(out, force)
     # --force: the old demo moves aside and comes back if this one fails; it is deleted only when
@@ -296,7 +327,7 @@ def run_demo(
         os.replace(out, aside)
     try:
         out.mkdir(parents=True)
-        result = _run_demo(out, chosen, minutes, seed, train_images, val_images, test_images)
+        result = _run_demo(out, chosen, minutes, seed, train_images, val_images, test_images, arch)
     except BaseException:
         if aside.exists():
             shutil.rmtree(out, ignore_errors=True)
@@ -307,7 +338,7 @@ def run_demo(
 
 
 def _run_demo(out: Path, scenario: Scenario, minutes: float, seed: int, train_images: int | None,
-              val_images: int | None, test_images: int | None) -> dict:
+              val_images: int | None, test_images: int | None, arch: str = "detr") -> dict:
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -336,7 +367,7 @@ def _run_demo(out: Path, scenario: Scenario, minutes: float, seed: int, train_im
     quiet = lambda msg: None  # noqa: E731  (stages' own chatter would break the one display)
     with shared_progress(unit="stage") as progress:
         overall = progress.add_task("kacli demo", total=6 + len(scenario.runs), info="")
-        teachers, tasks_path = prepare_base(out, seed, teacher_epochs, n_train, n_val, stage, scenario, n_test)
+        teachers, tasks_path = prepare_base(out, seed, teacher_epochs, n_train, n_val, stage, scenario, n_test, arch)
         manifest = TaskManifest(tasks_path)
         student_overrides = student_schedule(minutes, seed)
         for name, over in scenario.runs:
@@ -367,6 +398,7 @@ def _run_demo(out: Path, scenario: Scenario, minutes: float, seed: int, train_im
         prediction_pictures(teachers, runs / "student", tasks_path, out / "predictions")
     total = time.perf_counter() - t_start
     summary = {"rows": rows, "seconds": round(total, 1), "stages": stages, "seed": seed, "scenario": scenario.name,
+               "arch": arch,
                "epochs": {"teacher": teacher_epochs, "student": student_epochs},
                "split": REPORT_SPLIT, "selection": SELECTION}
     write_json(out / "demo.json", summary)

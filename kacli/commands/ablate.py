@@ -35,6 +35,10 @@ def register(app: typer.Typer) -> None:
         demos: List[Path] = typer.Option(
             [], "--demo", help="A finished `kacli demo` folder of the same scenario: its data, teachers and cache "
                                "serve its seed."),
+        arch: str = typer.Option(
+            "detr", "--arch",
+            help="The teachers' architecture: detr (tiny DETR) or conditional (tiny Conditional DETR: the same "
+                 "sizes and schedule); the students and raw take it too."),
         train_images: Optional[int] = typer.Option(None, "--train-images", help="Override the demo's 2,000."),
         val_images: Optional[int] = typer.Option(None, "--val-images", help="Override the demo's 300."),
         test_images: Optional[int] = typer.Option(None, "--test-images", help="Override the demo's test images."),
@@ -59,7 +63,7 @@ def register(app: typer.Typer) -> None:
 
         result = run_ablation(out, minutes=minutes, seeds=seeds, rows=parse_rows(rows, scenario),
                               settings=parse_settings(settings), demos=demos, train_images=train_images,
-                              val_images=val_images, test_images=test_images, scenario=scenario)
+                              val_images=val_images, test_images=test_images, scenario=scenario, arch=arch)
         console.print(ablation_table(result))
         console.print(f"ablation finished in {result['seconds'] / 60:.1f} min; {out / 'ablation.md'}, "
                       f"{out / 'curves.png'}")

@@ -25,6 +25,10 @@ def register(app: typer.Typer) -> None:
             None, "--val-images", help="Override the demo's 300 (checkpoint selection)."),
         test_images: Optional[int] = typer.Option(
             None, "--test-images", min=1, help="Override the demo's 500 (every reported figure)."),
+        arch: str = typer.Option(
+            "detr", "--arch",
+            help="The teachers' architecture: detr (tiny DETR) or conditional (tiny Conditional DETR: the same "
+                 "sizes and schedule); the students and raw take it too."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
         scenario: str = typer.Option(
             "split", "--scenario",
@@ -42,7 +46,7 @@ def register(app: typer.Typer) -> None:
         from kacli.report import load_rows, rows_table
 
         summary = run_demo(out, minutes=minutes, seed=seed, force=force, train_images=train_images,
-                           val_images=val_images, log=console.print, scenario=scenario, test_images=test_images)
+                           val_images=val_images, log=console.print, scenario=scenario, test_images=test_images, arch=arch)
         rows = load_rows([out / "eval" / f"{r['model']}.json" for r in summary["rows"]])
         console.print(rows_table(rows))
         console.print(
