@@ -63,6 +63,8 @@ BATCH = 8
 # The paper's model (ResNet-50, d 256, 6 + 6 layers, 100 queries; random weights) on small images:
 # what the fixed per-step costs of training from the cache weigh against a real DETR step.
 R50 = {"preset": "detr-r50", "images": 8, "image_size": 256, "batch": 2}
+# Conditional DETR (model.arch conditional): the same ratio for its tiny and R50 presets.
+CONDITIONAL = {"tiny": "tiny-conditional", "r50": "conditional-r50"}
 NUM_TEACHERS = 2
 TARGET_SPREAD = 0.015  # relative 95 % half-width of every ratio's median: runs agree within ~3 %
 
@@ -231,17 +233,33 @@ R50_PAIRS = (("ka-compressed", "raw"),)
 
 
 def r50_step_ratio(device: torch.device, image_size: int, batch: int, images: int, rounds: int, steps: int,
-                   workers: int, clock: Callable[[], float], max_rounds: int) -> dict:
-    """The detr-r50 step times of raw and ``ka --compress redundancy`` from the cache at one image
-    size and batch (random weights), with their ratio and its spread."""
+                   workers: int, clock: Callable[[], float], max_rounds: int, preset: str = R50["preset"]) -> dict:
+    """The step times of raw and ``ka --compress redundancy`` from the cache at one image size and
+    batch (random weights; ``preset`` detr-r50, or another run preset such as conditional-r50),
+    with their ratio and its spread."""
     with tempfile.TemporaryDirectory(prefix="kacli-bench-amalgamate-r50-") as tmp:
         t0 = time.perf_counter()
-        setup = make_setup(Path(tmp), device, R50["preset"], images, image_size, batch)
-        _log(f"amalgamate bench (detr-r50, {image_size} px, batch {batch}): setup {time.perf_counter() - t0:.1f} s")
+        setup = make_setup(Path(tmp), device, preset, images, image_size, batch)
+        _log(f"amalgamate bench ({preset}, {image_size} px, batch {batch}): setup {time.perf_counter() - t0:.1f} s")
         times = step_benchmark(setup, device, rounds, steps, 1, workers, clock, names=("raw", "ka-compressed"),
                                pairs=R50_PAIRS, max_rounds=max_rounds)  # fmt: skip
     ratio, spread = ratio_of(times, "ka-compressed", "raw")
     return {"steps": times, "ratio": ratio, "spread": spread, "rounds": len(times["raw"]["rounds"])}
+
+
+def conditional_step_ratios(device: torch.device, rounds: int, steps: int, warmup: int, workers: int,
+                            clock: Callable[[], float], max_rounds: int) -> dict:
+    """``ka --compress redundancy`` from the cache ÷ ``raw`` for Conditional DETR: the tiny preset
+    (as the tiny rows) and the R50 one (as the detr-r50 rows)."""
+    with tempfile.TemporaryDirectory(prefix="kacli-bench-amalgamate-cond-") as tmp:
+        setup = make_setup(Path(tmp), device, CONDITIONAL["tiny"])
+        tiny = step_benchmark(setup, device, rounds, steps, warmup, workers, clock, names=("raw", "ka-compressed"),
+                              pairs=R50_PAIRS, max_rounds=max_rounds)
+    r50 = r50_step_ratio(device, R50["image_size"], R50["batch"], R50["images"], 5, 2, workers, clock,
+                         max_rounds=40, preset=CONDITIONAL["r50"])
+    ratio, spread = ratio_of(tiny, "ka-compressed", "raw")
+    return {"tiny": {"steps": tiny, "ratio": ratio, "spread": spread, "rounds": len(tiny["raw"]["rounds"])},
+            "r50": r50}
 
 
 # -- decoupled vs dense encoder ---------------------------------------------------------------------
@@ -346,6 +364,7 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
                                  max_rounds=40)  # fmt: skip
         r50, r50_rounds = r50_res["steps"], r50_res["rounds"]
         _log("detr-r50 step times: " + ", ".join(f"{k} {1000 * v['total']:.1f} ms" for k, v in r50.items()))
+        cond = conditional_step_ratios(device, rounds, steps, warmup, workers, clock, max_rounds=10 * rounds)
         enc = encoder_benchmark(device, clock)
     finally:
         torch.set_num_threads(threads)
@@ -387,6 +406,10 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
         ("ka (compressed) from the cache ÷ raw (equal model cost), tiny", ratio("ka-compressed", "raw"), "≤ 1.10"),
         (f"the same with detr-r50 ({R50['image_size']} px, batch {R50['batch']})",
          (r50_res["ratio"], r50_res["spread"]), "≤ 1.10"),
+        ("Conditional DETR (tiny-conditional): ka (compressed) from the cache ÷ raw",
+         (cond["tiny"]["ratio"], cond["tiny"]["spread"]), "≤ 1.10"),
+        (f"the same with conditional-r50 ({R50['image_size']} px, batch {R50['batch']})",
+         (cond["r50"]["ratio"], cond["r50"]["spread"]), "≤ 1.10"),
         ("ka from the cache ÷ raw-ext (the same extended model)", ratio("ka", "raw-ext"), "≤ 1.10"),
         ("ka (uncompressed) from the cache ÷ raw", ratio("ka", "raw"), "(includes the extension's own cost)"),
         (f"ka with online teachers ÷ ka from the cache, N = {NUM_TEACHERS}", ratio("ka-online", "ka"),
@@ -423,7 +446,7 @@ def run(out_lines: list[str], rounds: int = 7, steps: int = 4, warmup: int = 3) 
         )
     lines.append("")
     out_lines.extend(lines)
-    return {"steps": step, "r50_steps": r50, "r50": r50_res, "encoder": enc}
+    return {"steps": step, "r50_steps": r50, "r50": r50_res, "conditional": cond, "encoder": enc}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -194,10 +194,11 @@ class Trainer:
         diff = sorted(k for k in set(theirs) | set(self.s.signature) if theirs.get(k) != self.s.signature.get(k))
         if diff:
             k = diff[0]
-            raise KacliError(
-                f"checkpoint belongs to another run ({k}: {theirs.get(k)!r} there, {self.s.signature.get(k)!r} here)",
-                path,
-            )
+            there, here = theirs.get(k), self.s.signature.get(k)
+            if isinstance(there, dict) and isinstance(here, dict):  # name the differing field, not the whole dict
+                sub = sorted(j for j in set(there) | set(here) if there.get(j) != here.get(j))[0]
+                k, there, here = f"{k}.{sub}", there.get(sub), here.get(sub)
+            raise KacliError(f"checkpoint belongs to another run ({k}: {there!r} there, {here!r} here)", path)
         self._check_resumable(ckpt, path)
         load_weights_into(self._bare_model(), ckpt["model"], path)
         if self.ema is not None:
