@@ -121,8 +121,10 @@ def test_bad_inputs(cli, demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_data_parallel_training_under_torchrun(demo, tmp_path):
-    """Two gloo processes on the CPU: each rank takes half of every epoch, rank 0 writes the run."""
+@pytest.mark.parametrize("arch", ["detr", "conditional"])
+def test_data_parallel_training_under_torchrun(demo, tmp_path, arch):
+    """Two gloo processes on the CPU: each rank takes half of every epoch, rank 0 writes the run
+    (DETR and Conditional DETR alike)."""
     import os
     import shutil
     import subprocess
@@ -132,10 +134,12 @@ def test_data_parallel_training_under_torchrun(demo, tmp_path):
     if torchrun is None:
         pytest.skip("torchrun not installed beside this Python")
     run = tmp_path / "ddp"
+    config = tmp_path / "overfit.yaml"
+    config.write_text(yaml.safe_dump({**OVERFIT, "model": {**OVERFIT["model"], "arch": arch}}))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-port", "29537", "-m", "kacli", "train-teacher",
-         "--tasks", str(demo / "tasks" / "tasks.yaml"), "--task", "convex", "--config", str(demo / "overfit.yaml"),
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(29537 + (arch == "conditional")), "-m", "kacli",
+         "train-teacher", "--tasks", str(demo / "tasks" / "tasks.yaml"), "--task", "convex", "--config", str(config),
          "--epochs", "3", "--batch-size", "2", "--out", str(run)],
         capture_output=True, text=True, env=env, timeout=300,
     )
@@ -146,4 +150,5 @@ def test_data_parallel_training_under_torchrun(demo, tmp_path):
     assert rows[-1]["total"] < rows[0]["total"]
     ck = load_checkpoint(run / "last.pt")
     assert not any(k.startswith("module.") for k in ck["model"])
+    assert ck["arch"].get("arch", "detr") == arch
     assert r.stdout.count("teacher convex:") == 1
