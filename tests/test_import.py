@@ -262,7 +262,7 @@ def test_imported_coco_scores_equal_detrs_postprocess(tmp_path):
     with torch.no_grad():
         model.class_embed.bias[COCO_UNUSED] -= 30
     torch.save({"model": to_detr_layout(model.state_dict())}, tmp_path / "detr.pth")
-    import_checkpoint(tmp_path / "detr.pth", tmp_path / "coco.pt", "coco", heads=4)
+    import_checkpoint(tmp_path / "detr.pth", tmp_path / "coco.pt", "coco", heads=4, force=True)  # replaces the first
     ref, got = both(model, build_model(load_checkpoint(tmp_path / "coco.pt")))
     for r, g in zip(ref, got):
         assert torch.equal(ids[g["labels"]], r["labels"])
