@@ -340,7 +340,7 @@ def test_bad_inputs_one_line_and_nothing_written(tmp_path, cli, post91):
     import torchvision
 
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet.pth")
-    assert_one_line_error(cli("import-checkpoint", tmp_path / "resnet.pth", "--out", out), "not a DETR state dict")
+    assert_one_line_error(cli("import-checkpoint", tmp_path / "resnet.pth", "--out", out), "not a DETR or Conditional DETR state dict")
 
     torch.save({"model": sd}, tmp_path / "d.pth")
     assert_one_line_error(cli("import-checkpoint", tmp_path / "d.pth", "--out", out), "3 classes", "--label-map")
