@@ -262,7 +262,7 @@ def test_imported_coco_scores_equal_detrs_postprocess(tmp_path):
     with torch.no_grad():
         model.class_embed.bias[COCO_UNUSED] -= 30
     torch.save({"model": to_detr_layout(model.state_dict())}, tmp_path / "detr.pth")
-    import_checkpoint(tmp_path / "detr.pth", tmp_path / "coco.pt", "coco", heads=4, force=True)  # replaces the first
+    import_checkpoint(tmp_path / "detr.pth", tmp_path / "coco.pt", "coco", heads=4, force=True)  # replaces the first import
     ref, got = both(model, build_model(load_checkpoint(tmp_path / "coco.pt")))
     for r, g in zip(ref, got):
         assert torch.equal(ids[g["labels"]], r["labels"])
@@ -340,7 +340,7 @@ def test_bad_inputs_one_line_and_nothing_written(tmp_path, cli, post91):
     import torchvision
 
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet.pth")
-    assert_one_line_error(cli("import-checkpoint", tmp_path / "resnet.pth", "--out", out), "not a DETR state dict")
+    assert_one_line_error(cli("import-checkpoint", tmp_path / "resnet.pth", "--out", out), "not a DETR or Conditional DETR state dict")
 
     torch.save({"model": sd}, tmp_path / "d.pth")
     assert_one_line_error(cli("import-checkpoint", tmp_path / "d.pth", "--out", out), "3 classes", "--label-map")
@@ -352,8 +352,9 @@ def test_bad_inputs_one_line_and_nothing_written(tmp_path, cli, post91):
     assert_one_line_error(cli("import-checkpoint", tmp_path / "missing.pth", "--out", out), "not found")
     assert not out.exists()
 
-    out.write_bytes(b"old")  # an existing output is left alone on error
-    assert_one_line_error(cli("import-checkpoint", tmp_path / "resnet.pth", "--out", out), "not a DETR")
+    out.write_bytes(b"old")  # an existing output is left alone on error: without --force, and with it
+    assert_one_line_error(cli("import-checkpoint", tmp_path / "resnet.pth", "--out", out), "exists", "--force")
+    assert_one_line_error(cli("import-checkpoint", tmp_path / "resnet.pth", "--out", out, "--force"), "not a DETR")
     assert out.read_bytes() == b"old"
 
 

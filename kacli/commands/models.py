@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
 def import_checkpoint(
     src: Path = typer.Argument(
         ..., metavar="SRC", show_default=False,
-        help="facebookresearch/detr or UP-DETR .pth, HF pytorch_model.bin / model.safetensors, or an HF model folder.",
+        help="facebookresearch/detr, UP-DETR or Atten4Vis/ConditionalDETR .pth, HF pytorch_model.bin / "
+        "model.safetensors, or an HF model folder (DETR or Conditional DETR).",
     ),
     out: Path = typer.Option(..., "--out", metavar="DST.pt", show_default=False, help="kacli checkpoint to write."),
     label_map: Optional[str] = typer.Option(
@@ -56,10 +57,11 @@ def import_checkpoint(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ):  # fmt: skip
-    """Convert a facebookresearch/detr, UP-DETR or HF transformers DETR checkpoint into a kacli checkpoint.
+    """Convert a DETR or Conditional DETR checkpoint (facebookresearch/detr, UP-DETR,
+    Atten4Vis/ConditionalDETR, HF transformers) into a kacli checkpoint.
 
-    The architecture is read from the tensors (ResNet depth, d_model, layers, FFN, queries,
-    pre-norm); pretraining-only keys are ignored and listed."""
+    The architecture is read from the tensors (DETR or Conditional DETR, ResNet depth, d_model,
+    layers, FFN, queries, pre-norm); pretraining-only keys are ignored and listed."""
     from kacli.models.import_detr import import_checkpoint as run
 
     report = run(src, out, label_map, heads=heads, dilation=dilation, force=force)
@@ -70,17 +72,21 @@ def import_checkpoint(
     table = Table(title=f"imported {report['layout']} checkpoint")
     table.add_column("field", style="bold")
     table.add_column("value")
+    table.add_row("architecture", "Conditional DETR (sigmoid classes)" if a.get("arch") == "conditional" else "DETR")
     table.add_row("backbone", a["backbone"] + (" (DC5)" if a["dilation"] else ""))
     table.add_row("transformer", f"d {a['d_model']}, {a['nheads']} heads, {a['enc_layers']}+{a['dec_layers']} layers, "
                   f"FFN {a['dim_feedforward']}, {'pre' if a['pre_norm'] else 'post'}-norm")  # fmt: skip
     table.add_row("queries", str(a["num_queries"]))
     lm = report["label_map"]
-    table.add_row("classes", f"{len(lm['ids'])} from {lm['source']} ({len(report['dropped_slots'])} unnamed slots: in the softmax, never predicted)")
+    where = "rows removed" if a.get("arch") == "conditional" else "in the softmax"
+    table.add_row("classes", f"{len(lm['ids'])} from {lm['source']} ({len(report['dropped_slots'])} unnamed slots: {where}, never predicted)")
     table.add_row("tensors", f"{len(report['loaded'])} loaded, {len(report['ignored'])} ignored")
     console.print(table)
     if report["ignored"]:
         shown = ", ".join(report["ignored"][:8]) + (" …" if len(report["ignored"]) > 8 else "")
         console.print(f"ignored: {shown}", highlight=False)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
     console.print(f"wrote {report['out']}", highlight=False)
 
 

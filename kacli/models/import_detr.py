@@ -1,4 +1,5 @@
-"""Foreign DETR checkpoints → kacli: facebookresearch/detr, UP-DETR and HF transformers.
+"""Foreign DETR checkpoints → kacli: facebookresearch/detr, UP-DETR, Atten4Vis/ConditionalDETR and
+HF transformers (DETR and Conditional DETR).
 
 Supported sources (read without running any code from the file):
 
@@ -39,6 +40,39 @@ Supported sources (read without running any code from the file):
   ``…shortcut.*``), which are renamed to torchvision's. A ``detr.`` prefix (DetrForSegmentation)
   is stripped; HF's learned position embeddings and a bare ``DetrModel`` without heads are not
   importable (``--init`` still loads what fits from the latter).
+- Conditional DETR (arch ``conditional``, :mod:`kacli.models.conditional`), told from DETR by its
+  decoder's keys (``ref_point_head``, ``query_scale``, ``sa_*`` / ``ca_*`` projections):
+
+  - Atten4Vis/ConditionalDETR ``.pth``: ``{"model": state_dict, "args": ...}`` as DETR's; kacli's
+    names are the official ones (``transformer.decoder.layers.i.sa_qcontent_proj`` …,
+    ``ca_qpos_proj`` in layer 0 only, ``cross_attn.out_proj``, ``transformer.decoder.query_scale``,
+    ``ref_point_head``), ``backbone.0.body.*`` aside.
+  - HF ``ConditionalDetrForObjectDetection`` (``save_pretrained`` folder: ``config.json`` with
+    ``model_type: conditional_detr`` + ``model.safetensors`` or ``pytorch_model.bin``). Backbone,
+    input projection, queries, encoder and heads are named as DETR's above; the decoder layers:
+
+    ==========================================  ==========================================  ======================
+    transformers v4                             transformers v5                             kacli (official)
+    ==========================================  ==========================================  ======================
+    sa_{qcontent,qpos,kcontent,kpos,v}_proj     self_attn.{q_content,q_pos,k_content,       sa_*_proj
+                                                k_pos,v}_proj
+    ca_{qcontent,qpos,kcontent,kpos,v,          encoder_attn.{q_content,q_pos,k_content,    ca_*_proj
+    qpos_sine}_proj                             k_pos,v,q_pos_sine}_proj
+    self_attn.out_proj / encoder_attn.out_proj  self_attn.o_proj / encoder_attn.o_proj      self_attn.out_proj /
+                                                                                            cross_attn.out_proj
+    self_attn_layer_norm, encoder_attn_layer_   same; mlp.fc1, mlp.fc2                      norm1, norm2, norm3,
+    norm, final_layer_norm, fc1, fc2                                                        linear1, linear2
+    model.decoder.{layernorm,query_scale,       same                                        transformer.decoder.
+    ref_point_head}                                                                         {norm,query_scale,…}
+    ==========================================  ==========================================  ======================
+
+    transformers computes the official decoder only with ``auxiliary_loss: false`` (its default,
+    and that of the published checkpoints); with ``true`` it feeds every decoder layer the previous
+    layer's normalised output instead. kacli computes the official decoder, and the import report
+    carries a note when config.json says ``true``.
+
+A state dict whose encoder or decoder holds a tensor neither DETR nor Conditional DETR has
+(Deformable DETR's sampling offsets, DAB-DETR's anchor heads …) is refused, naming that tensor.
 
 Architecture inferred from the tensors: ResNet depth from the block counts (layer3: 2/6 basic
 blocks → resnet18/34, 6/23 bottlenecks → resnet50/101), d_model, encoder/decoder layers, FFN
@@ -49,7 +83,8 @@ no dilation (DC5 checkpoints need ``--dilation`` unless their ``args`` say so).
 Label maps follow DETR's convention: class index k of the checkpoint *is* category id k. The map
 (``coco``, or a YAML/JSON file: a list of ``{id, name}``, a mapping ``{id: name}``, or an HF
 ``config.json`` with ``id2label``) names the slots to keep; every id must be a class slot of the
-checkpoint (``id < K``, the head having K+1 outputs). Slots without a name (or named ``N/A``) are
+checkpoint (``id < K``, the head having K+1 outputs; Conditional DETR's sigmoid head K, e.g. 91
+for COCO). Slots without a name (or named ``N/A``) are
 dropped from the class head — for COCO the 11 unused ids of DETR's 91 — so the kacli label map
 holds real categories only. The unnamed slots' outputs stay in the head, after "no object"
 (``ModelConfig.unnamed_classes``): they count in the softmax's normalisation, folded into "no
@@ -57,12 +92,20 @@ object", so every score (and AP) equals DETR's own post-processing (softmax over
 logits, "no object" dropped, max), and no unnamed slot is ever predicted. (A query whose best
 slot is unnamed, which DETR reports under an id no dataset has, is reported here as its best named
 class at that class's probability.) Boxes are unchanged.
+
+A sigmoid head (Conditional DETR) has no "no object" and no normalisation across classes: its
+unnamed slots' rows are removed from ``class_embed``, so the kacli head has the named classes only
+(``unnamed_classes`` stays 0). Every named class keeps its own score, bit for bit; the top-100
+(query, class) post-processing then ranks the named pairs only, so kacli's 100 detections are the
+official post-processing's with the unnamed-id pairs (never a real category) left out and the next
+named pairs in their place.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -104,7 +147,13 @@ KNOWN_PREFIXES = (
 
 LAYOUT_DETR = "facebookresearch/detr"
 LAYOUT_HF = "hf-transformers"
+LAYOUT_COND = "Atten4Vis/ConditionalDETR"
+LAYOUT_HF_COND = "hf-transformers-conditional"
 LAYOUT_KACLI = "kacli"
+#: The layouts whose weights are Conditional DETR's (arch ``conditional``).
+CONDITIONAL_LAYOUTS = (LAYOUT_COND, LAYOUT_HF_COND)
+#: config.json's ``model_type`` of each HF layout.
+_HF_MODEL_TYPES = {LAYOUT_HF: "detr", LAYOUT_HF_COND: "conditional_detr"}
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -158,11 +207,22 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _hf_config_beside(p: Path) -> dict | None:
+    """The ``config.json`` beside HF weights (any model type: the importer keeps it only when its
+    ``model_type`` is the weights' own, see :func:`_hf_config_for`)."""
     cfg = (p if p.is_dir() else p.parent) / "config.json"
     if not cfg.is_file():
         return None
     data = load_json(cfg)
-    return data if isinstance(data, dict) and data.get("model_type") in (None, "detr") else None
+    return data if isinstance(data, dict) else None
+
+
+def _hf_config_for(layout: str, hf_config: Mapping | None) -> Mapping | None:
+    """``hf_config`` when it describes weights of ``layout`` (its ``model_type`` absent or the
+    layout's: ``detr`` / ``conditional_detr``), else None."""
+    want = _HF_MODEL_TYPES.get(layout)
+    if want is None or not hf_config or hf_config.get("model_type") not in (None, want):
+        return None
+    return hf_config
 
 
 def _load_file(p: Path) -> Any:
@@ -231,30 +291,45 @@ def extract_state_dict(obj: Any, path: str | Path | None = None) -> tuple[dict[s
 # ---------------------------------------------------------------------------------- conversion
 
 
+_COND_SUBKEY = r"((sa|ca)_\w+_proj|(self_attn|encoder_attn)\.(q_content|q_pos|k_content|k_pos|q_pos_sine)_proj)"
+
+
 def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
-    """``facebookresearch/detr`` (also kacli's own names), ``hf-transformers``, or a KacliError."""
+    """``facebookresearch/detr`` (also kacli's own names), ``Atten4Vis/ConditionalDETR`` (also kacli's
+    Conditional DETR), ``hf-transformers`` (``DetrForObjectDetection``),
+    ``hf-transformers-conditional`` (``ConditionalDetrForObjectDetection``), or a KacliError.
+
+    Conditional DETR is told from DETR by its decoder: ``ref_point_head``, ``query_scale`` or the
+    separate content/position projections (``sa_qcontent_proj`` …; transformers v5:
+    ``self_attn.q_content_proj`` …)."""
     keys = list(sd)
 
     def has(pattern: str) -> bool:
         rx = re.compile(pattern)
         return any(rx.search(k) for k in keys)
 
-    if has(r"(^|\.)transformer\.(encoder|decoder)\.layers\.\d+\.") or has(r"(^|\.)backbone\.0\.body\."):
-        return LAYOUT_DETR
+    official = has(r"(^|\.)transformer\.(encoder|decoder)\.layers\.\d+\.") or has(r"(^|\.)backbone\.0\.body\.")
+    if official:
+        conditional = has(rf"(^|\.)transformer\.decoder\.(ref_point_head|query_scale|layers\.\d+\.{_COND_SUBKEY})\.")
+        return LAYOUT_COND if conditional else LAYOUT_DETR
     if has(r"(^|\.)(encoder|decoder)\.layers\.\d+\.(self_attn|encoder_attn)\.[qkv]_proj\.") or has(
         r"(^|\.)(class_labels_classifier|input_projection|query_position_embeddings)\."
-    ):
-        return LAYOUT_HF
+    ) or has(rf"(^|\.)decoder\.layers\.\d+\.{_COND_SUBKEY}\."):
+        conditional = has(rf"(^|\.)decoder\.(ref_point_head|query_scale|layers\.\d+\.{_COND_SUBKEY})\.")
+        return LAYOUT_HF_COND if conditional else LAYOUT_HF
     raise KacliError(
-        "not a DETR state dict (no facebookresearch/detr or HF transformers DETR keys; "
-        f"it has e.g. {', '.join(sorted(keys)[:3])})"
+        "not a DETR or Conditional DETR state dict (no facebookresearch/detr, Atten4Vis/ConditionalDETR or "
+        f"HF transformers keys; it has e.g. {', '.join(sorted(keys)[:3])})"
     )
 
 
 def _strip_wrapper(sd: dict[str, torch.Tensor], core: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Remove a ``detr.`` prefix (segmentation wrappers) when the core keys sit under it."""
-    if not any(k.startswith(core) for k in sd) and any(k.startswith("detr.") for k in sd):
-        return {(k[len("detr."):] if k.startswith("detr.") else k): v for k, v in sd.items()}
+    """Remove a ``detr.`` / ``conditional_detr.`` prefix (segmentation wrappers) when the core keys sit under it."""
+    if any(k.startswith(core) for k in sd):
+        return sd
+    for wrapper in ("detr.", "conditional_detr."):  # DETRsegm / DetrForSegmentation, ConditionalDetrForSegmentation
+        if any(k.startswith(wrapper) for k in sd):
+            return {(k[len(wrapper):] if k.startswith(wrapper) else k): v for k, v in sd.items()}
     return sd
 
 
@@ -314,8 +389,34 @@ _HF_LAYER = {
 _HF_LAYER_RX = [(re.compile("^" + k + r"(weight|bias)$"), v) for k, v in _HF_LAYER.items()]
 _HF_QKV = re.compile(r"^(self_attn|encoder_attn)\.([qkv])_proj\.(weight|bias)$")
 
+# A ConditionalDetrForObjectDetection decoder layer: transformers v4 kept the official names of the
+# projections on the layer (``sa_qcontent_proj`` …), v5 moved them into the attention modules
+# (``self_attn.q_content_proj``, ``encoder_attn.q_pos_sine_proj`` …). kacli's names are the official ones.
+_HF_COND_PROJ = {"q_content": "qcontent", "q_pos": "qpos", "k_content": "kcontent", "k_pos": "kpos", "v": "v",
+                 "q_pos_sine": "qpos_sine"}  # fmt: skip
+_HF_COND_LAYER_RX = [
+    (re.compile(r"^((?:sa|ca)_\w+_proj)\.(weight|bias)$"), lambda m: f"{m[1]}.{m[2]}"),
+    (re.compile(r"^(self_attn|encoder_attn)\.(q_content|q_pos|k_content|k_pos|v|q_pos_sine)_proj\.(weight|bias)$"),
+     lambda m: f"{'sa' if m[1] == 'self_attn' else 'ca'}_{_HF_COND_PROJ[m[2]]}_proj.{m[3]}"),
+    (re.compile(r"^(self_attn|encoder_attn)\.(?:out_proj|o_proj)\.(weight|bias)$"),
+     lambda m: f"{'self_attn' if m[1] == 'self_attn' else 'cross_attn'}.out_proj.{m[2]}"),
+    (re.compile(r"^self_attn_layer_norm\.(weight|bias)$"), lambda m: f"norm1.{m[1]}"),
+    (re.compile(r"^encoder_attn_layer_norm\.(weight|bias)$"), lambda m: f"norm2.{m[1]}"),
+    (re.compile(r"^final_layer_norm\.(weight|bias)$"), lambda m: f"norm3.{m[1]}"),
+    (re.compile(r"^(?:mlp\.)?fc([12])\.(weight|bias)$"), lambda m: f"linear{m[1]}.{m[2]}"),
+]  # fmt: skip
 
-def _convert_hf(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+
+def _hf_conditional_decoder_name(sub: str) -> str | None:
+    """A ConditionalDetr decoder layer's parameter (v4 or v5 name, after ``decoder.layers.i.``) →
+    kacli's (= the official) name after ``transformer.decoder.layers.i.``; None if unknown."""
+    for rx, name in _HF_COND_LAYER_RX:
+        if m := rx.match(sub):
+            return name(m)
+    return None
+
+
+def _convert_hf(sd: dict[str, torch.Tensor], conditional: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
     sd = _strip_wrapper(sd, ("model.", "class_labels_classifier."))
     pre = "model." if any(k.startswith("model.") for k in sd) else ""
     if any(re.match(rf"^{re.escape(pre)}(backbone\.)?position_embedding\.", k) for k in sd):
@@ -339,6 +440,8 @@ def _convert_hf(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
             new = "query_embed.weight"
         elif k.startswith(f"{pre}decoder.layernorm."):
             new = "transformer.decoder.norm." + k[len(f"{pre}decoder.layernorm."):]
+        elif conditional and k.startswith((f"{pre}decoder.query_scale.", f"{pre}decoder.ref_point_head.")):
+            new = "transformer." + k[len(pre):]
         elif k.startswith("class_labels_classifier."):
             new = "class_embed." + k[len("class_labels_classifier."):]
         elif k.startswith("bbox_predictor.layers."):
@@ -346,7 +449,10 @@ def _convert_hf(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
         elif m := layer_rx.match(k):
             part, i, sub = m.groups()
             base = f"transformer.{part}.layers.{i}."
-            if q := _HF_QKV.match(sub):
+            if conditional and part == "decoder":
+                name = _hf_conditional_decoder_name(sub)
+                new = None if name is None else base + name
+            elif q := _HF_QKV.match(sub):
                 attn, which, kind = q.groups()
                 if part == "decoder" or attn == "self_attn":
                     ours = "self_attn" if attn == "self_attn" else "multihead_attn"
@@ -370,18 +476,62 @@ def _convert_hf(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
     return out, ignored
 
 
-def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Rename a foreign DETR state dict to kacli's names.
+_PARAM = r"\.(weight|bias)$"
+# The transformer tensors each architecture has, in kacli's names (after "transformer.").
+_ENCODER_KEYS = re.compile(
+    r"^encoder\.(norm" + _PARAM + r"|layers\.\d+\.(self_attn\.(in_proj_(weight|bias)$|out_proj" + _PARAM
+    + r")|(linear[12]|norm[12])" + _PARAM + "))"
+)
+_DECODER_KEYS = {
+    "detr": re.compile(
+        r"^decoder\.(norm" + _PARAM + r"|layers\.\d+\.((self_attn|multihead_attn)\.(in_proj_(weight|bias)$|out_proj"
+        + _PARAM + r")|(linear[12]|norm[123])" + _PARAM + "))"
+    ),
+    "conditional": re.compile(
+        r"^decoder\.((norm|(query_scale|ref_point_head)\.layers\.\d+)" + _PARAM + r"|layers\.\d+\.("
+        r"(sa_(qcontent|qpos|kcontent|kpos|v)|ca_(qcontent|qpos|kcontent|kpos|v|qpos_sine))_proj" + _PARAM
+        + r"|(self_attn|cross_attn)\.out_proj" + _PARAM + r"|(linear[12]|norm[123])" + _PARAM + "))"
+    ),
+}
 
-    Returns ``{"layout", "state" (kacli names → tensors), "ignored" (source keys not used)}``.
-    Raises KacliError for a state dict that is not DETR-like.
+
+def _check_transformer_keys(state: Mapping[str, torch.Tensor], ignored: list[str], arch: str) -> None:
+    """Every encoder and decoder tensor must be one ``arch`` has: a state dict whose transformer is
+    another model's (Deformable DETR's sampling offsets, DAB-DETR's anchors …) is refused here, in one
+    line naming a tensor, rather than imported in part."""
+    name = "Conditional DETR" if arch == "conditional" else "DETR"
+    for k in state:
+        if not k.startswith("transformer."):
+            continue
+        sub = k[len("transformer."):]
+        if not (_ENCODER_KEYS.match(sub) or _DECODER_KEYS[arch].match(sub)):
+            raise KacliError(f"keys are neither DETR's nor Conditional DETR's: {k} is no tensor of a {name} "
+                             "transformer (another architecture?)")  # fmt: skip
+    layer = re.compile(r"(^|\.)(transformer\.)?(encoder|decoder)\.(layers\.\d+\.|ref_point_head\.|query_scale\.)")
+    unknown = [k for k in ignored if layer.search(k) and not k.endswith("num_batches_tracked")]
+    if unknown:
+        raise KacliError(f"keys are neither DETR's nor Conditional DETR's: {unknown[0]} is no tensor of a {name} "
+                         "transformer (another architecture?)")  # fmt: skip
+
+
+def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Rename a foreign DETR or Conditional DETR state dict to kacli's names.
+
+    Returns ``{"layout", "arch" (detr | conditional), "state" (kacli names → tensors), "ignored"
+    (source keys not used)}``. Raises KacliError for a state dict that is neither DETR's nor
+    Conditional DETR's (also one whose transformer holds tensors of another architecture).
     """
     sd = dict(sd)
     layout = detect_layout(sd)
-    state, ignored = (_convert_detr if layout == LAYOUT_DETR else _convert_hf)(sd)
+    arch = "conditional" if layout in CONDITIONAL_LAYOUTS else "detr"
+    if layout in (LAYOUT_DETR, LAYOUT_COND):
+        state, ignored = _convert_detr(sd)
+    else:
+        state, ignored = _convert_hf(sd, conditional=arch == "conditional")
     if not state:
         raise KacliError("no DETR tensors found in the state dict")
-    return {"layout": layout, "state": state, "ignored": sorted(ignored)}
+    _check_transformer_keys(state, ignored, arch)
+    return {"layout": layout, "arch": arch, "state": state, "ignored": sorted(ignored)}
 
 
 # ---------------------------------------------------------------------------------- architecture
@@ -406,15 +556,22 @@ def infer_arch(
     hf_config: Mapping[str, Any] | None = None,
     heads: int | None = None,
     dilation: bool | None = None,
+    arch: str = "detr",
 ) -> ModelConfig:
-    """The :class:`ModelConfig` of converted DETR weights (see the module docstring for what comes
-    from the tensors and what from ``args`` / ``hf_config`` / the caller)."""
+    """The :class:`ModelConfig` of converted DETR (``arch`` detr) or Conditional DETR (``arch``
+    conditional) weights (see the module docstring for what comes from the tensors and what from
+    ``args`` / ``hf_config`` / the caller)."""
     args = dict(args or {})
     hf = dict(hf_config or {})
     _require(
         state, "backbone.body.conv1.weight", "input_proj.weight", "query_embed.weight",
         "transformer.encoder.layers.0.linear1.weight", "transformer.decoder.layers.0.linear1.weight",
     )  # fmt: skip
+    if arch == "conditional":
+        _require(
+            state, "transformer.decoder.ref_point_head.layers.0.weight", "transformer.decoder.query_scale.layers.0.weight",
+            "transformer.decoder.layers.0.ca_qpos_proj.weight",
+        )  # fmt: skip
     bottleneck = "backbone.body.layer1.0.conv3.weight" in state
     blocks = _count(state, "backbone.body.layer3.")
     depth = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
@@ -432,10 +589,15 @@ def infer_arch(
         return default
 
     nheads = int(pick(heads, args.get("nheads"), hf.get("encoder_attention_heads"), default=8))
+    dec_heads = hf.get("decoder_attention_heads")
+    if heads is None and dec_heads is not None and int(dec_heads) != nheads:
+        raise KacliError(f"config.json has {nheads} encoder and {dec_heads} decoder attention heads; "
+                         "kacli's encoder and decoder share one head count")  # fmt: skip
     dil = bool(pick(dilation, args.get("dilation"), hf.get("dilation"), default=False))
     dropout = float(pick(None, args.get("dropout"), hf.get("dropout"), default=0.1))
     d_model = int(state["input_proj.weight"].shape[0])
     values = dict(
+        arch=arch,
         backbone=backbone,
         dilation=dil,
         d_model=d_model,
@@ -484,8 +646,10 @@ def _pairs_from(data: Any, path: Path) -> list[tuple[int, str]]:
     return pairs
 
 
-def resolve_label_map(spec: str | Path | None, num_slots: int, hf_config: Mapping | None = None) -> dict:
-    """The label map for a checkpoint with ``num_slots`` (= K) classes.
+def resolve_label_map(spec: str | Path | None, num_slots: int, hf_config: Mapping | None = None,
+                      sigmoid: bool = False) -> dict:
+    """The label map for a checkpoint with ``num_slots`` (= K) classes (``sigmoid``: a head of K
+    outputs, Conditional DETR's; else K + 1, the last "no object").
 
     ``spec``: ``"coco"``, a YAML/JSON file, or None (the HF ``config.json``'s ``id2label`` when
     there is one, else ``coco`` when K is 91). Returns ``{"ids", "names", "source"}`` with the named
@@ -514,7 +678,7 @@ def resolve_label_map(spec: str | Path | None, num_slots: int, hf_config: Mappin
     if too_big:
         raise KacliError(
             f"label map id {too_big[0]} does not fit the checkpoint's {num_slots} classes "
-            f"(class head of {num_slots + 1} outputs; DETR's class index is the category id)",
+            f"(class head of {num_slots + (0 if sigmoid else 1)} outputs; DETR's class index is the category id)",
             where,
         )
     return {"ids": [c for c, _ in named], "names": [n for _, n in named], "source": source}
@@ -553,16 +717,18 @@ def import_checkpoint(
     dilation: bool | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Convert a facebookresearch/detr, UP-DETR or HF transformers DETR checkpoint into a kacli
-    checkpoint (kind ``detr``) at ``dst``, written atomically.
+    """Convert a facebookresearch/detr, UP-DETR, Atten4Vis/ConditionalDETR or HF transformers
+    (``DetrForObjectDetection``, ``ConditionalDetrForObjectDetection``) checkpoint into a kacli
+    checkpoint (kind ``detr``; arch ``conditional`` for Conditional DETR) at ``dst``, written atomically.
 
     Returns a report: ``source``, ``out``, ``layout``, ``arch`` (dict), ``label_map`` (ids, names,
-    source), ``dropped_slots`` (class indices without a name: never predicted, kept in the
-    softmax's normalisation after "no object"), ``loaded``
-    (kacli keys written), ``ignored`` (source keys not used, e.g. UP-DETR's ``patch2query.*``).
+    source), ``dropped_slots`` (class indices without a name: never predicted; a softmax head keeps
+    them in its normalisation after "no object", a sigmoid head loses their rows), ``loaded``
+    (kacli keys written), ``ignored`` (source keys not used, e.g. UP-DETR's ``patch2query.*``),
+    ``notes`` (lines worth reading, e.g. a transformers setting kacli does not follow).
 
     Raises KacliError (nothing written) for a file that is no checkpoint, needs code to unpickle,
-    is not DETR-like, or whose label map does not fit.
+    is neither DETR's nor Conditional DETR's, or whose label map does not fit.
     """
 
     check_output_file(dst, force)  # an existing dst is replaced only with ``force``
@@ -575,20 +741,34 @@ def import_checkpoint(
         conv = convert_state_dict(sd)
         state = conv["state"]
         _require(state, "class_embed.weight", "class_embed.bias", "bbox_embed.layers.2.weight")
-        hf_config = meta["hf_config"] if conv["layout"] == LAYOUT_HF else None
-        cfg = infer_arch(state, args=args, hf_config=hf_config, heads=heads, dilation=dilation)
+        hf_config = _hf_config_for(conv["layout"], meta["hf_config"])
+        cfg = infer_arch(state, args=args, hf_config=hf_config, heads=heads, dilation=dilation, arch=conv["arch"])
     except KacliError as e:
         raise KacliError(e.message, e.path or path) from None
-    num_slots = int(state["class_embed.weight"].shape[0]) - 1
+    sigmoid = cfg.classifier == "sigmoid"
+    num_slots = int(state["class_embed.weight"].shape[0]) - (0 if sigmoid else 1)
     if num_slots < 1:
         raise KacliError("class head has no class besides 'no object'", path)
-    lm = resolve_label_map(label_map_spec, num_slots, hf_config)
+    lm = resolve_label_map(label_map_spec, num_slots, hf_config, sigmoid=sigmoid)
     dropped = [k for k in range(num_slots) if k not in set(lm["ids"])]
-    keep = lm["ids"] + [num_slots] + dropped  # the named slots, "no object", the unnamed slots
+    if sigmoid:
+        # Each class is its own sigmoid: an unnamed slot's row is simply removed (no normalisation
+        # to keep), so every named class keeps its score and no unnamed slot is ever predicted.
+        keep = lm["ids"]
+    else:
+        keep = lm["ids"] + [num_slots] + dropped  # the named slots, "no object", the unnamed slots
     state = dict(state)
     state["class_embed.weight"] = state["class_embed.weight"][keep]
     state["class_embed.bias"] = state["class_embed.bias"][keep]
-    cfg.unnamed_classes = len(dropped)
+    if not sigmoid:
+        cfg.unnamed_classes = len(dropped)
+    notes = []
+    if conv["arch"] == "conditional" and hf_config and hf_config.get("auxiliary_loss"):
+        notes.append(
+            "config.json has auxiliary_loss: true, with which transformers feeds each decoder layer the "
+            "previous layer's normalised output; kacli computes the official Conditional DETR's decoder "
+            "(as transformers does with auxiliary_loss: false), so its outputs may differ from transformers'"
+        )
 
     model = DETR(cfg, len(lm["ids"]))
     _load_into(model, state, path)
@@ -606,6 +786,7 @@ def import_checkpoint(
             "meta": {
                 "imported_from": str(path),
                 "layout": conv["layout"],
+                "classifier": cfg.classifier,
                 "label_map_source": lm["source"],
                 "dropped_slots": dropped,
                 "ignored_keys": conv["ignored"],
@@ -622,15 +803,18 @@ def import_checkpoint(
         "dropped_slots": dropped,
         "loaded": sorted(state),
         "ignored": conv["ignored"],
+        "notes": notes,
     }
 
 
 def init_from_checkpoint(model: nn.Module, path_or_ckpt: str | Path | Mapping, num_classes: int) -> dict[str, Any]:
     """Initialise ``model`` (a DETR or student for ``num_classes`` classes) from a kacli checkpoint
-    or a foreign DETR checkpoint (path, or an already loaded dict), for ``train-teacher --init``.
+    or a foreign DETR or Conditional DETR checkpoint (path, or an already loaded dict), for
+    ``train-teacher --init``.
 
     Every tensor whose (converted) name and shape match is loaded. The class head (``class_embed``)
-    is loaded when its class count equals ``num_classes`` and re-initialised otherwise (an imported
+    is loaded when its classifier kind (softmax, sigmoid) is the model's and its class count equals
+    ``num_classes``, and re-initialised otherwise (a sigmoid head at the focal prior 0.01; an imported
     checkpoint's unnamed slots are not part of that count: the head keeps its named classes and
     "no object").
 
@@ -651,7 +835,9 @@ def init_from_checkpoint(model: nn.Module, path_or_ckpt: str | Path | Mapping, n
         if not isinstance(obj.get("model"), Mapping):
             raise KacliError("checkpoint lacks 'model'", where)
         state, layout = dict(obj["model"]), LAYOUT_KACLI
-        unnamed = (obj.get("arch") or {}).get("unnamed_classes") or 0
+        arch = obj.get("arch") or {}
+        src_arch = arch.get("arch", "detr") if isinstance(arch, Mapping) else "detr"
+        unnamed = (arch.get("unnamed_classes") if isinstance(arch, Mapping) else 0) or 0
         if unnamed and "class_embed.weight" in state:  # an imported head: its named classes and "no object"
             for k in ("class_embed.weight", "class_embed.bias"):
                 state[k] = state[k][: state[k].shape[0] - int(unnamed)]
@@ -661,13 +847,17 @@ def init_from_checkpoint(model: nn.Module, path_or_ckpt: str | Path | Mapping, n
             conv = convert_state_dict(sd)
         except KacliError as e:
             raise KacliError(e.message, e.path or where) from None
-        state, layout, ignored = conv["state"], conv["layout"], conv["ignored"]
+        state, layout, ignored, src_arch = conv["state"], conv["layout"], conv["ignored"], conv["arch"]
 
     own = model.state_dict()
+    sigmoid = getattr(model, "classifier", "softmax") == "sigmoid"
+    src_sigmoid = src_arch == "conditional"
     src_head = state.get("class_embed.weight")
+    # A head is kept only for the same classifier kind and class count (sigmoid: K rows; softmax: K + 1).
     same_classes = (
         src_head is not None
-        and src_head.shape[0] == num_classes + 1
+        and src_sigmoid == sigmoid
+        and src_head.shape[0] == num_classes + (0 if sigmoid else 1)
         and "class_embed.weight" in own
         and src_head.shape == own["class_embed.weight"].shape
     )
@@ -677,8 +867,10 @@ def init_from_checkpoint(model: nn.Module, path_or_ckpt: str | Path | Mapping, n
         if k not in own:
             skipped.append({"key": k, "reason": "not in the model"})
         elif k.startswith("class_embed.") and not same_classes:
-            have = "no" if src_head is None else src_head.shape[0] - 1
-            skipped.append({"key": k, "reason": f"{have} classes, the model has {num_classes}"})
+            have = "no" if src_head is None else src_head.shape[0] - (0 if src_sigmoid else 1)
+            kinds = "" if src_sigmoid == sigmoid else (
+                f" ({'sigmoid' if src_sigmoid else 'softmax'} head, the model's is {'sigmoid' if sigmoid else 'softmax'})")
+            skipped.append({"key": k, "reason": f"{have} classes, the model has {num_classes}{kinds}"})
         elif v.shape != own[k].shape:
             skipped.append({"key": k, "reason": f"shape {tuple(v.shape)} vs the model's {tuple(own[k].shape)}"})
         else:
@@ -693,6 +885,8 @@ def init_from_checkpoint(model: nn.Module, path_or_ckpt: str | Path | Mapping, n
     head = "loaded" if same_classes else ("absent" if src_head is None else "reinitialised")
     if head == "reinitialised" and isinstance(getattr(model, "class_embed", None), nn.Linear):
         model.class_embed.reset_parameters()
+        if sigmoid:  # every class back at the focal prior 0.01, as a new sigmoid head starts
+            nn.init.constant_(model.class_embed.bias, -math.log((1 - 0.01) / 0.01))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in load.items()}, strict=False)
     return {
         "source": None if where is None else str(where),
