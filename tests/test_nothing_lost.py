@@ -26,7 +26,9 @@ import torch
 
 from kacli.engine.rundir import RunLock
 from kacli.models.checkpoint import load_checkpoint, save_checkpoint
-from test_runs_survive import ROOT, existing, kacli, one_line, runs, student_args, teacher_args, world  # noqa: F401
+from test_runs_survive import (  # noqa: F401
+    ROOT, _nan_cache, existing, kacli, one_line, runs, student_args, teacher_args, world,
+)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -454,3 +456,41 @@ def test_control_characters_in_a_path_are_escaped(cli, world, tmp_path):
     err = one_line(cli("split-tasks", "--train", weird, "--scheme", world["root"] / "data" / "tasks-2.yaml",
                        "--out", tmp_path / "t"), "\\n", "\\x1b")
     assert "\x1b" not in err
+
+
+# -- smaller: a training error is the one line, with no empty line before it --------------------------------
+
+
+def test_an_error_during_training_is_the_only_line_on_stderr(cli, world, tmp_path):
+    """The progress display of a failed run leaves nothing behind (not even the empty line rich
+    ends a display with when stderr is a file)."""
+    bad = _nan_cache(world["cache"], tmp_path / "nan.h5")
+    r = cli("amalgamate", "--cache", bad, "--epochs", 1, "--out", tmp_path / "s")
+    err = one_line(r, "nan.h5", "entry 3")
+    assert r.stderr.splitlines() == [err], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.h5"]
+
+
+# -- smaller: usage errors (a value of the wrong type, an unknown option) are one line too --------------------
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["ablate", "--seeds", "abc"], ["kacli ablate", "--seeds", "integer"]),
+    (["train-teacher", "--epochs", "1.5"], ["kacli train-teacher", "--epochs"]),
+    (["eval", "--bogus"], ["kacli eval", "--bogus"]),
+    (["predict", "--model", "m.pt"], ["kacli predict", "IMAGE"]),
+    (["cache-teachers", "--out", "c.h5"], ["kacli cache-teachers", "--tasks"]),
+    (["no-such-command"], ["kacli", "no-such-command"]),
+    (["--bogus"], ["kacli", "--bogus"]),
+])
+def test_usage_errors_are_one_line(cli, tmp_path, monkeypatch, args, needles):
+    monkeypatch.chdir(tmp_path)
+    r = cli(*args)
+    err = one_line(r, *needles)
+    assert r.stderr.splitlines() == [err] and "--help" in err and "╭" not in r.stderr + r.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kacli_alone_still_shows_its_help(cli):
+    r = cli()
+    assert "Usage" in r.stdout and "train-teacher" in r.stdout
