@@ -494,3 +494,29 @@ def test_usage_errors_are_one_line(cli, tmp_path, monkeypatch, args, needles):
 def test_kacli_alone_still_shows_its_help(cli):
     r = cli()
     assert "Usage" in r.stdout and "train-teacher" in r.stdout
+
+
+# -- smaller: a resume that trains nothing does not rewrite the run's config ------------------------------------
+
+
+@pytest.mark.parametrize("kind, extra, key", [
+    ("teacher", ["--batch-size", 8], "train.batch_size"),
+    ("student", ["--batch-size", 8], "train.batch_size"),
+    ("teacher", ["--epochs", 1], "train.epochs"),
+])
+def test_resuming_a_finished_run_with_other_settings_is_refused(cli, world, runs, tmp_path, kind, extra, key):
+    """Nothing would be trained with the new value, so config.yaml must not claim it (as --resume
+    refuses a new learning rate the saved optimiser would not use)."""
+    out, _ = existing(runs, kind, tmp_path)
+    before = snapshot(tmp_path)
+    args = teacher_args(world, out, "--resume", *extra) if kind == "teacher" else student_args(world, out, "--resume", *extra)
+    one_line(cli(*args), "last.pt", "nothing to train", key, "--epochs")
+    assert snapshot(tmp_path) == before
+
+
+def test_resuming_a_finished_run_as_it_was_still_succeeds(cli, world, runs, tmp_path):
+    out, _ = existing(runs, "student", tmp_path)
+    config = (out / "config.yaml").read_bytes()
+    r = cli(*student_args(world, out, "--resume"))
+    assert r.exit_code == 0, r.stderr
+    assert (out / "config.yaml").read_bytes() == config
