@@ -520,3 +520,38 @@ def test_resuming_a_finished_run_as_it_was_still_succeeds(cli, world, runs, tmp_
     r = cli(*student_args(world, out, "--resume"))
     assert r.exit_code == 0, r.stderr
     assert (out / "config.yaml").read_bytes() == config
+
+
+# -- smaller: predict --format coco never gives two images one id ---------------------------------------------
+
+
+def _two_images_named_alike(world, tmp_path: Path) -> None:
+    image = next((world["root"] / "data" / "images" / "val").iterdir())
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(image, tmp_path / folder / "000001.png")
+
+
+def test_predict_coco_refuses_two_images_with_one_id(cli, world, runs, tmp_path, monkeypatch):
+    """An image id is the image's id in its dataset, so a results file cannot make one up: two
+    files both named 000001.png are refused, and --image-ids names each one."""
+    _two_images_named_alike(world, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    model = runs / "teacher"
+    before = snapshot(tmp_path)
+    err = one_line(cli("predict", "--model", model, "a/000001.png", "b/000001.png", "--format", "coco", "--out", "p"),
+                   "b/000001.png", "a/000001.png", "image id 1", "--image-ids")
+    assert snapshot(tmp_path) == before
+    # an --image-ids file that names them only by their common file name cannot tell them apart either
+    (tmp_path / "ids.json").write_text(json.dumps({"images": [{"id": 7, "file_name": "000001.png"}]}))
+    before = snapshot(tmp_path)
+    one_line(cli("predict", "--model", model, "a/000001.png", "b/000001.png", "--format", "coco", "--out", "p",
+                 "--image-ids", "ids.json"), "b/000001.png", "image id 7", "--image-ids")
+    assert snapshot(tmp_path) == before
+    # ... one that names each file does
+    (tmp_path / "ids.json").write_text(json.dumps({"images": [{"id": 7, "file_name": "a/000001.png"},
+                                                              {"id": 8, "file_name": "b/000001.png"}]}))
+    r = cli("predict", "--model", model, "a/000001.png", "b/000001.png", "--format", "coco", "--out", "p",
+            "--image-ids", "ids.json", "--threshold", 0)
+    assert r.exit_code == 0, r.stderr
+    assert {d["image_id"] for d in json.loads((tmp_path / "p" / "predictions.json").read_text())} == {7, 8}
