@@ -102,7 +102,8 @@ def make_progress(unit: str = "it", console: Console | None = None, transient: b
 
 class _Progress(Progress):
     """A display that vanishes when its stage fails, so the error line is all that is left (rich
-    ends a display written to a file or pipe with an empty line, which would come before it)."""
+    ends a display written to a file or pipe with an empty line, which would come before it; a
+    transient display leaves no such line either)."""
 
     _failed = False
 
@@ -113,7 +114,7 @@ class _Progress(Progress):
         return super().__exit__(exc_type, exc, tb)
 
     def stop(self) -> None:
-        if self._failed and not self.disable:
+        if (self._failed or self.live.transient) and not self.disable:
             self.live.stop()
             return
         super().stop()
