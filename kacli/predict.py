@@ -8,7 +8,8 @@
   with ``fmt="coco"`` it is instead a COCO results file (:mod:`kacli.eval.results`):
   ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]``, the best 100 detections
   of each image scoring at least ``threshold``, image ids from ``image_ids`` (a COCO json, matched
-  by file name) or the image's numeric file name, boxes unclipped as ``kacli eval`` writes them;
+  by file name) or the image's numeric file name (two images with one id are refused), boxes
+  unclipped as ``kacli eval`` writes them;
 - ``OUT/<image stem>.png`` per image (``_2``, ``_3``… appended on name clashes) with the boxes
   drawn and labelled ``"<name> <score>"``.
 
@@ -50,6 +51,20 @@ def _png_names(images: Sequence[Path]) -> list[str]:
     return names
 
 
+def _check_distinct_ids(paths: Sequence[Path], coco_ids: Sequence[int], from_file: bool) -> None:
+    """Two images given one image id (``a/000001.png`` and ``b/000001.png``, or one file given
+    twice) would have their detections merged into one image by whoever reads the results file:
+    refused, naming both files. (An id is the image's id in its dataset, so none is made up.)"""
+    first: dict[int, Path] = {}
+    for p, i in zip(paths, coco_ids):
+        if i in first:
+            how = ("the --image-ids file matches both to it by file name" if from_file
+                   else "give --image-ids COCO.json to map each file to its id")
+            raise KacliError(f"image id {i} is also that of {first[i]}: a COCO results file would merge their "
+                             f"detections; {how}", p)
+        first[i] = p
+
+
 def predict_images(
     ckpt_path: str | Path,
     images: Sequence[str | Path],
@@ -83,6 +98,7 @@ def predict_images(
     if fmt == "coco":
         lookup = image_ids_by_name(load_json(image_ids), image_ids) if image_ids is not None else None
         coco_ids = [image_id_for(p, lookup) for p in paths]
+        _check_distinct_ids(paths, coco_ids, lookup is not None)
     decoded = [load_image(p) for p in paths]  # every image checked before any work
     ckpt = load_checkpoint(ckpt_path)
     size, max_size = eval_sizes(ckpt, size, max_size)

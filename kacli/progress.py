@@ -101,12 +101,23 @@ def make_progress(unit: str = "it", console: Console | None = None, transient: b
 
 
 class _Progress(Progress):
-    """A display that vanishes when its stage fails, so the error line is all that is left."""
+    """A display that vanishes when its stage fails, so the error line is all that is left (rich
+    ends a display written to a file or pipe with an empty line, which would come before it; a
+    transient display leaves no such line either)."""
+
+    _failed = False
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.live.transient = True
+            self._failed = True
         return super().__exit__(exc_type, exc, tb)
+
+    def stop(self) -> None:
+        if (self._failed or self.live.transient) and not self.disable:
+            self.live.stop()
+            return
+        super().stop()
 
 
 def _new_progress(unit: str, console: Console | None, transient: bool, **extra) -> Progress:

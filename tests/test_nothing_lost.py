@@ -26,7 +26,16 @@ import torch
 
 from kacli.engine.rundir import RunLock
 from kacli.models.checkpoint import load_checkpoint, save_checkpoint
-from test_runs_survive import ROOT, existing, kacli, one_line, runs, student_args, teacher_args, world  # noqa: F401
+from test_runs_survive import (  # noqa: F401
+    ROOT, _nan_cache, existing, kacli, one_line, runs, student_args, teacher_args, world,
+)
+
+
+def only_line(result, *needles: str) -> str:
+    """:func:`one_line`, and nothing else on stderr (not even an empty line before it)."""
+    err = one_line(result, *needles)
+    assert result.stderr.splitlines() == [err], result.stderr
+    return err
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -454,3 +463,151 @@ def test_control_characters_in_a_path_are_escaped(cli, world, tmp_path):
     err = one_line(cli("split-tasks", "--train", weird, "--scheme", world["root"] / "data" / "tasks-2.yaml",
                        "--out", tmp_path / "t"), "\\n", "\\x1b")
     assert "\x1b" not in err
+
+
+# -- smaller: a training error is the one line, with no empty line before it --------------------------------
+
+
+def test_an_error_during_training_is_the_only_line_on_stderr(cli, world, tmp_path):
+    """The progress display of a failed run leaves nothing behind (not even the empty line rich
+    ends a display with when stderr is a file)."""
+    bad = _nan_cache(world["cache"], tmp_path / "nan.h5")
+    r = cli("amalgamate", "--cache", bad, "--epochs", 1, "--out", tmp_path / "s")
+    only_line(r, "nan.h5", "entry 3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.h5"]
+
+
+# -- smaller: usage errors (a value of the wrong type, an unknown option) are one line too --------------------
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["ablate", "--seeds", "abc"], ["kacli ablate", "--seeds", "integer"]),
+    (["train-teacher", "--epochs", "1.5"], ["kacli train-teacher", "--epochs"]),
+    (["eval", "--bogus"], ["kacli eval", "--bogus"]),
+    (["predict", "--model", "m.pt"], ["kacli predict", "IMAGE"]),
+    (["cache-teachers", "--out", "c.h5"], ["kacli cache-teachers", "--tasks"]),
+    (["no-such-command"], ["kacli", "no-such-command"]),
+    (["--bogus"], ["kacli", "--bogus"]),
+])
+def test_usage_errors_are_one_line(cli, tmp_path, monkeypatch, args, needles):
+    monkeypatch.chdir(tmp_path)
+    r = cli(*args)
+    err = only_line(r, *needles)
+    assert "--help" in err and "╭" not in r.stderr + r.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kacli_alone_still_shows_its_help(cli):
+    r = cli()
+    assert "Usage" in r.stdout and "train-teacher" in r.stdout
+
+
+# -- smaller: a resume that trains nothing does not rewrite the run's config ------------------------------------
+
+
+@pytest.mark.parametrize("kind, extra, key", [
+    ("teacher", ["--batch-size", 8], "train.batch_size"),
+    ("student", ["--batch-size", 8], "train.batch_size"),
+    ("teacher", ["--epochs", 1], "train.epochs"),
+])
+def test_resuming_a_finished_run_with_other_settings_is_refused(cli, world, runs, tmp_path, kind, extra, key):
+    """Nothing would be trained with the new value, so config.yaml must not claim it (as --resume
+    refuses a new learning rate the saved optimiser would not use)."""
+    out, _ = existing(runs, kind, tmp_path)
+    before = snapshot(tmp_path)
+    args = teacher_args(world, out, "--resume", *extra) if kind == "teacher" else student_args(world, out, "--resume", *extra)
+    only_line(cli(*args), "last.pt", "nothing to train", key, "--epochs")
+    assert snapshot(tmp_path) == before
+
+
+def test_resuming_a_finished_run_as_it_was_still_succeeds(cli, world, runs, tmp_path):
+    out, _ = existing(runs, "student", tmp_path)
+    config = (out / "config.yaml").read_bytes()
+    r = cli(*student_args(world, out, "--resume"))
+    assert r.exit_code == 0, r.stderr
+    assert (out / "config.yaml").read_bytes() == config
+
+
+# -- smaller: predict --format coco never gives two images one id ---------------------------------------------
+
+
+def _two_images_named_alike(world, tmp_path: Path) -> None:
+    image = next((world["root"] / "data" / "images" / "val").iterdir())
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(image, tmp_path / folder / "000001.png")
+
+
+def test_predict_coco_refuses_two_images_with_one_id(cli, world, runs, tmp_path, monkeypatch):
+    """An image id is the image's id in its dataset, so a results file cannot make one up: two
+    files both named 000001.png are refused, and --image-ids names each one."""
+    _two_images_named_alike(world, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    model = runs / "teacher"
+    before = snapshot(tmp_path)
+    err = only_line(cli("predict", "--model", model, "a/000001.png", "b/000001.png", "--format", "coco", "--out", "p"),
+                   "b/000001.png", "a/000001.png", "image id 1", "--image-ids")
+    assert snapshot(tmp_path) == before
+    # an --image-ids file that names them only by their common file name cannot tell them apart either
+    (tmp_path / "ids.json").write_text(json.dumps({"images": [{"id": 7, "file_name": "000001.png"}]}))
+    before = snapshot(tmp_path)
+    only_line(cli("predict", "--model", model, "a/000001.png", "b/000001.png", "--format", "coco", "--out", "p",
+                 "--image-ids", "ids.json"), "b/000001.png", "image id 7", "--image-ids")
+    assert snapshot(tmp_path) == before
+    # ... one that names each file does
+    (tmp_path / "ids.json").write_text(json.dumps({"images": [{"id": 7, "file_name": "a/000001.png"},
+                                                              {"id": 8, "file_name": "b/000001.png"}]}))
+    r = cli("predict", "--model", model, "a/000001.png", "b/000001.png", "--format", "coco", "--out", "p",
+            "--image-ids", "ids.json", "--threshold", 0)
+    assert r.exit_code == 0, r.stderr
+    assert {d["image_id"] for d in json.loads((tmp_path / "p" / "predictions.json").read_text())} == {7, 8}
+
+
+# -- smaller: cached values no teacher writes are named, not blamed on the learning rate ----------------------
+
+
+@pytest.fixture(scope="module")
+def int8_cache(world):
+    from kacli.cache.writer import cache_teachers
+
+    path = world["root"] / "cache-int8.h5"
+    if not path.exists():
+        cache_teachers(world["tasks"], [world["root"] / "t-convex.pt", world["root"] / "t-concave.pt"], path, views=1,
+                       dtype="int8", batch_size=4, workers=0, device="cpu", log=lambda *a, **k: None, progress=False)
+    return path
+
+
+def _edited(src: Path, dst: Path, name: str, index, value) -> Path:
+    import h5py
+
+    shutil.copyfile(src, dst)
+    with h5py.File(dst, "r+") as f:
+        f[name][index] = value
+    return dst
+
+
+@pytest.mark.parametrize("value, needle", [(-0.5, "negative scales"), (0.0, "zero scales"), (6e4, "scales above")])
+def test_verify_flags_int8_scales_no_writer_stores(cli, int8_cache, tmp_path, value, needle):
+    bad = _edited(int8_cache, tmp_path / "bad.h5", "teachers/1/scale", (3, 1), value)
+    before = snapshot(tmp_path)
+    only_line(cli("cache-info", bad, "--verify"), "bad.h5", "verification failed", "teacher 1 (concave)",
+             "layer enc1", needle)
+    assert snapshot(tmp_path) == before
+    r = cli("cache-info", int8_cache, "--verify")
+    assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("what, index, needle", [("boxes", (3, 0, 2), "outside [0, 1]"),
+                                                  ("boxes", (3, 1, 0), "outside [0, 1]"),
+                                                  ("logits", (3, 0, 0), "beyond ±65504")])
+def test_cached_outputs_out_of_range_are_named_with_the_cache_and_entry(cli, world, tmp_path, what, index, needle):
+    """Boxes of 1e30 (or below 0), logits of 1e30: finite, yet what no teacher writes. Training
+    names the cache and the entry instead of a learning rate; --verify names the teacher."""
+    value = -0.25 if index == (3, 1, 0) else 1e30
+    bad = _edited(world["cache"], tmp_path / "bad.h5", f"teachers/1/{what}", index, value)
+    before = snapshot(tmp_path)
+    err = only_line(cli("amalgamate", "--cache", bad, "--epochs", 1, "--out", tmp_path / "s"),
+                   "bad.h5", "entry 3", f"teacher 1's cached {what}", needle)
+    assert "learning rate" not in err
+    only_line(cli("cache-info", bad, "--verify"), "bad.h5", "teacher 1 (concave)", f"/teachers/1/{what}", needle)
+    assert snapshot(tmp_path) == before

@@ -109,8 +109,10 @@ def verify_cache(
 ) -> dict:
     """Check a cache fully: structure (:func:`schema.validate`), the entry tables (image indices in
     range, entry ``e = i·K + v``, token grids equal ``ceil(view size / stride)``), every stored
-    value finite, int8 values in ``[-127, 127]`` with finite scales ``>= 0``, and the teachers'
-    sha256 against the given checkpoint files (in order).
+    value finite, boxes in [0, 1] and logits within float16's range, int8 values in ``[-127, 127]``
+    with finite scales ``>= 0``, at most :data:`schema.MAX_INT8_SCALE` and zero only beside zeros
+    (each named with its teacher and layer), and the teachers' sha256 against the given checkpoint
+    files (in order).
 
     Returns ``{"ok": bool, "problems": [str], "values_checked": int}``; a file that is not a
     readable complete cache raises KacliError.
@@ -144,6 +146,9 @@ def verify_cache(
         if layout.dtype in schema.SCALED:
             names += [schema.scale_path(k) for k in range(layout.num_teachers)]
         total = sum(int(np.prod(f[n].shape)) for n in names)
+        scaled = layout.dtype in schema.SCALED
+        # an int8 sequence is read with its layer's column of scales: (teacher, column) by dataset
+        columns = {schema.seq_path(k, n): (k, j) for k in range(layout.num_teachers) for j, n in enumerate(layout.layers)}
         with make_progress("value", disable=not progress, transient=True) as bar:
             task = bar.add_task("verify", total=total, info="")
             for n in names:
@@ -151,17 +156,27 @@ def verify_cache(
                 row = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
                 step = max(1, block_bytes // max(row, 1))
                 bad = out_of_range = 0
+                scale_counts = np.zeros(3, np.int64)
                 for s in range(0, ds.shape[0], step):
                     block = ds[s : s + step]
                     bad += int(block.size - np.count_nonzero(np.isfinite(block)))
                     out_of_range += _out_of_range(n, block)
+                    if scaled and n in columns:
+                        k, j = columns[n]
+                        scale_counts += _bad_scales(block, f[schema.scale_path(k)][s : s + step, j])
                     checked += block.size
                     bar.update(task, advance=block.size)
                 if bad:
                     problems.append(f"/{n} holds {bad} non-finite values")
                 if out_of_range:
-                    what = "negative scales" if n.endswith("/scale") else "int8 values of -128 (outside [-127, 127])"
-                    problems.append(f"/{n} holds {out_of_range} {what}")
+                    what = ("int8 values of -128 (outside [-127, 127])" if ds.dtype == np.int8 else
+                            "boxes outside [0, 1]" if n.endswith("/boxes") else "logits beyond ±65504")
+                    problems.append(f"{_teacher(a, n)}: /{n} holds {out_of_range} {what}")
+                for count, what in zip(scale_counts.tolist(), _SCALE_PROBLEMS):
+                    if count:
+                        k, j = columns[n]
+                        problems.append(f"{_teacher(a, n)}, layer {layout.layers[j]}: /{schema.scale_path(k)} holds "
+                                        f"{count} {what}")
     stored = a["teachers"]
     if teachers:
         if len(teachers) != len(stored):
@@ -174,12 +189,36 @@ def verify_cache(
 
 
 def _out_of_range(name: str, block: np.ndarray) -> int:
-    """Values an int8 cache never holds: -128 in a sequence, a negative scale."""
+    """Values no cache holds: -128 in an int8 sequence, boxes outside [0, 1], logits beyond
+    float16's range (:func:`schema.head_out_of_range`)."""
     if block.dtype == np.int8:
         return int(np.count_nonzero(block == -128))
-    if name.endswith("/scale"):
-        return int(np.count_nonzero(block < 0))
+    for what in ("boxes", "logits"):
+        if name.endswith("/" + what):
+            return schema.head_out_of_range(what, block)
     return 0
+
+
+_SCALE_PROBLEMS = (
+    "negative scales",
+    "zero scales on tokens whose int8 values are not zero (they would read back as zeros)",
+    f"scales above {schema.MAX_INT8_SCALE:.1f} (values beyond float16's range, which no teacher writes)",
+)
+
+
+def _bad_scales(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The int8 scales of a block of tokens (``q`` (n, d), ``scale`` (n,)) that no writer stores:
+    counts of (negative, zero beside non-zero values, above :data:`schema.MAX_INT8_SCALE`)."""
+    s = scale.astype(np.float64)
+    nonzero = (q != 0).any(axis=1) if q.size else np.zeros(len(s), bool)
+    return np.array([np.count_nonzero(s < 0), np.count_nonzero((s == 0) & nonzero),
+                     np.count_nonzero(np.isfinite(s) & (s > schema.MAX_INT8_SCALE))], np.int64)
+
+
+def _teacher(attrs: dict, name: str) -> str:
+    """``teacher <k> (<task>)`` for a dataset ``teachers/<k>/...``."""
+    k = int(name.split("/")[1])
+    return f"teacher {k} ({attrs['teachers'][k]['task']})"
 
 
 def require_verified(path: str | Path, result: dict) -> None:

@@ -239,6 +239,11 @@ class TeacherCache(Dataset):
                     who = f"teacher {k}'s " if what != "sequences" else ""
                     raise KacliError(f"entry {e}: {who}cached {what} hold NaN or inf (kacli cache-info --verify checks "
                                      "the whole file; a cache written now refuses such teachers)", self.path)
+        for what, arrays, bound in (("boxes", boxes, "outside [0, 1]"), ("logits", logits, "beyond ±65504")):
+            for k, arr in enumerate(arrays):
+                if schema.head_out_of_range(what, arr):
+                    raise KacliError(f"entry {e}: teacher {k}'s cached {what} lie {bound}, where no teacher's do: the "
+                                     "file is damaged (kacli cache-info --verify checks it whole)", self.path)
         stored = {"seqs": torch.from_numpy(seqs).to(self.seq_dtype)}
         if scale is not None:
             q, s = torch.from_numpy(seqs), torch.from_numpy(scale)

@@ -43,6 +43,22 @@ SCALED = ("int8",)
 SCALE_DTYPE = np.float16
 SCALE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
+#: The range of what a teacher writes: boxes are sigmoid outputs (cx, cy, w, h in [0, 1]); no logit
+#: and no sequence value lies beyond float16's range (a float16 cache could not hold it), so an
+#: int8 scale is at most that over 127. Values outside are a damaged file, refused on reading
+#: (boxes, logits) and by ``cache-info --verify`` (all three).
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+MAX_INT8_SCALE = FLOAT16_MAX / 127
+
+
+def head_out_of_range(what: str, values: np.ndarray) -> int:
+    """How many of a teacher's cached ``"boxes"`` (outside [0, 1]) or ``"logits"`` (beyond
+    ±:data:`FLOAT16_MAX`) are outside what a teacher writes (NaN is counted elsewhere)."""
+    v = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        bad = (v < 0) | (v > 1) if what == "boxes" else np.abs(v) > FLOAT16_MAX
+    return int(np.count_nonzero(bad & np.isfinite(v)))
+
 #: Root attributes (name → meaning); ``*`` marks JSON strings.
 ROOT_ATTRS = {
     "format": "format tag, 'kacli-cache/1'",
@@ -424,6 +440,9 @@ __all__ = [
     "SCALED",
     "SCALE_DTYPE",
     "SCALE_DTYPES",
+    "FLOAT16_MAX",
+    "MAX_INT8_SCALE",
+    "head_out_of_range",
     "size_estimates",
     "read_layout",
     "teacher_settings",

@@ -26,6 +26,12 @@ def os_error(e: OSError) -> KacliError | None:
     return None if problem is None else KacliError(problem, e.filename)
 
 
+def print_error(e: KacliError) -> None:
+    """``error: <path>: <problem>`` on one line to stderr (what every failing command prints)."""
+    err_console.print(f"[bold red]error:[/] {escape(e.one_line())}", highlight=False, soft_wrap=True, markup=True)
+    sys.stderr.flush()
+
+
 def cli_errors(fn):
     """Decorate a command so that a :class:`KacliError` prints ``error: <path>: <problem>``
     on one line to stderr and exits with code 2, with no traceback; so do the OS errors of
@@ -45,8 +51,7 @@ def cli_errors(fn):
             except RecursionError:
                 raise KacliError("an input is nested too deeply to read") from None
         except KacliError as e:
-            err_console.print(f"[bold red]error:[/] {escape(e.one_line())}", highlight=False, soft_wrap=True, markup=True)
-            sys.stderr.flush()
+            print_error(e)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)

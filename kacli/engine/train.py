@@ -235,9 +235,22 @@ class Trainer:
     def _check_resumable(self, ckpt: dict, path: Path) -> None:
         """Refuse a resume with settings it cannot honour (the optimiser's learning rates and
         weight decay, the schedule, and mid-epoch the batch size) rather than record them unused."""
-        saved = (ckpt.get("config") or {}).get("train") or {}
+        state = ckpt.get("train_state") or {}
+        done = int(state.get("epoch") or 0)
+        recorded, given = ckpt.get("config"), self.s.checkpoint_base.get("config")
+        if done >= self.s.train.epochs and not state.get("step") and recorded is not None and given is not None:
+            # nothing left to train: a changed setting would be recorded in config.yaml, never used
+            diff = _first_difference(recorded, given)
+            if diff is not None:
+                key, theirs, ours = diff
+                raise KacliError(
+                    f"--resume has nothing to train (the run has done {done} epoch{'s' * (done != 1)}) and cannot change {key} "
+                    f"({_short(theirs)} in the run, {_short(ours)} given); raise --epochs to train on, or start a new run",
+                    path,
+                )
+        saved = (recorded or {}).get("train") or {}
         names = list(self.FIXED_ON_RESUME)
-        if (ckpt.get("train_state") or {}).get("step"):
+        if state.get("step"):
             names.append("batch_size")
         for name in names:
             theirs, ours = saved.get(name), getattr(self.s.train, name)
@@ -455,6 +468,22 @@ class Trainer:
         """A ``last.pt`` was saved: a new run now replaces the old one in its folder."""
         if self.dist.is_main and self.s.run_dir is not None:
             self.s.run_dir.commit()
+
+
+def _first_difference(a, b, prefix: str = ""):
+    """The first dotted key (sorted) whose value differs between two configs, with both values
+    (None where a key is missing); None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b or a[k] != b[k]:
+                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _non_finite(e: Exception) -> bool:
