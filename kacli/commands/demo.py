@@ -26,9 +26,9 @@ def register(app: typer.Typer) -> None:
         test_images: Optional[int] = typer.Option(
             None, "--test-images", min=1, help="Override the demo's 500 (every reported figure)."),
         arch: str = typer.Option(
-            "detr", "--arch",
-            help="The teachers' architecture: detr (tiny DETR) or conditional (tiny Conditional DETR: the same "
-                 "sizes and schedule); the students and raw take it too."),
+            "conditional", "--arch",
+            help="The teachers' architecture: conditional (tiny Conditional DETR, the default) or detr (tiny DETR: "
+                 "the same sizes and schedule); the students and raw take it too."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
         scenario: str = typer.Option(
             "split", "--scenario",
