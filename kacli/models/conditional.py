@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kacli.models.transformer import MLP, _merge_masks
+from kacli.models.transformer import MLP, attend
 
 
 def point_sine_embedding(points: torch.Tensor, d_model: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -53,24 +53,6 @@ def point_sine_embedding(points: torch.Tensor, d_model: int, temperature: float 
 
     pts = points.float()
     return torch.cat((encode(pts[..., 1]), encode(pts[..., 0])), dim=-1)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nheads: int, key_padding_mask: torch.Tensor | None,
-            dropout: float) -> torch.Tensor:
-    """Multi-head attention without input projections: q (B,L,Dq), k (B,S,Dq), v (B,S,Dv) → (B,L,Dv).
-
-    Heads split the last axis; a query row that may attend to no key gets 0 (never NaN)."""
-    B, L, dq = q.shape
-    S, dv = k.shape[1], v.shape[-1]
-    h = nheads
-    q = q.view(B, L, h, dq // h).transpose(1, 2)
-    k = k.view(B, S, h, dq // h).transpose(1, 2)
-    v = v.view(B, S, h, dv // h).transpose(1, 2)
-    mask, dead = _merge_masks(key_padding_mask, None, q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    if dead is not None:
-        out = out.masked_fill(dead, 0.0)
-    return out.transpose(1, 2).reshape(B, L, dv)
 
 
 class _OutProj(nn.Module):
@@ -107,7 +89,7 @@ class ConditionalDecoderLayer(nn.Module):
     def _self_attention(self, x: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         q = self.sa_qcontent_proj(x) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(x) + self.sa_kpos_proj(query_pos)
-        out = _attend(q, k, self.sa_v_proj(x), self.nheads, None, self.attn_dropout if self.training else 0.0)
+        out = attend(q, k, self.sa_v_proj(x), self.nheads, None, None, self.attn_dropout if self.training else 0.0)
         return self.self_attn.out_proj(out)
 
     def _cross_attention(self, x, memory, memory_mask, pos, query_pos, query_sine) -> torch.Tensor:
@@ -122,7 +104,7 @@ class ConditionalDecoderLayer(nn.Module):
         sine = self.ca_qpos_sine_proj(query_sine)
         q = torch.cat([q.view(B, Q, h, d // h), sine.view(B, Q, h, d // h)], dim=-1).view(B, Q, 2 * d)
         k = torch.cat([k.view(B, S, h, d // h), k_pos.view(B, S, h, d // h)], dim=-1).view(B, S, 2 * d)
-        out = _attend(q, k, self.ca_v_proj(memory), h, memory_mask, self.attn_dropout if self.training else 0.0)
+        out = attend(q, k, self.ca_v_proj(memory), h, memory_mask, None, self.attn_dropout if self.training else 0.0)
         return self.cross_attn.out_proj(out)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,23 @@ def _merge_masks(
     return ~blocked | dead, dead
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nheads: int, key_padding_mask: torch.Tensor | None = None,
+           attn_mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of projected inputs: q (B,L,Dq), k (B,S,Dq),
+    v (B,S,Dv) → (B,L,Dv); heads split the last axis (Dq and Dv may differ), masks as in
+    :class:`MultiheadAttention`. A query row that may attend to no key gets 0, never NaN."""
+    B, L, dq = q.shape
+    S, dv = k.shape[1], v.shape[-1]
+    q = q.view(B, L, nheads, dq // nheads).transpose(1, 2)
+    k = k.view(B, S, nheads, dq // nheads).transpose(1, 2)
+    v = v.view(B, S, nheads, dv // nheads).transpose(1, 2)
+    mask, dead = _merge_masks(key_padding_mask, attn_mask, q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B,h,L,Dv/h)
+    if dead is not None:
+        out = out.masked_fill(dead, 0.0)
+    return out.transpose(1, 2).reshape(B, L, dv)
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameter layout, batch-first,
     computed with ``F.scaled_dot_product_attention``.
@@ -82,9 +99,7 @@ class MultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query (B,L,d), key (B,S,d), value (B,S,d) → (B,L,d)."""
-        B, L, d = query.shape
-        S = key.shape[1]
-        h = self.nheads
+        d = query.shape[-1]
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         if query is key:  # self-attention with the same positional encoding: one matmul for q and k
@@ -92,16 +107,8 @@ class MultiheadAttention(nn.Module):
         else:
             q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
         v = F.linear(value, w_v, b_v)
-        q = q.view(B, L, h, d // h).transpose(1, 2)
-        k = k.view(B, S, h, d // h).transpose(1, 2)
-        v = v.view(B, S, h, d // h).transpose(1, 2)
-        mask, dead = _merge_masks(key_padding_mask, attn_mask, q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B,h,L,d/h)
-        if dead is not None:
-            out = out.masked_fill(dead, 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, d))
+        out = attend(q, k, v, self.nheads, key_padding_mask, attn_mask, self.dropout if self.training else 0.0)
+        return self.out_proj(out)
 
 
 class MLP(nn.Module):

@@ -28,8 +28,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
