@@ -272,7 +272,8 @@ class Transformer(nn.Module):
         self.d_model = d_model
         self.nheads = nheads
         self.encoder = TransformerEncoder(enc_layers, d_model, nheads, dim_feedforward, dropout, pre_norm)
-        self.decoder = decoder or TransformerDecoder(dec_layers, d_model, nheads, dim_feedforward, dropout, pre_norm)
+        self.decoder = decoder if decoder is not None else TransformerDecoder(
+            dec_layers, d_model, nheads, dim_feedforward, dropout, pre_norm)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
