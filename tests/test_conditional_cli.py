@@ -77,6 +77,13 @@ def test_conditional_teacher_beside_a_detr_teacher_to_either_student(cli, env, t
     # a sigmoid model reports its top min(100, Q·K) (query, class) pairs: 6 queries × 8 classes
     assert [len(v) for v in preds.values()] == [48]
 
+    # a sigmoid student has no softmax to soften: a TA temperature is refused before anything is written
+    hot = tmp_path / "hot.yaml"
+    hot.write_text(yaml.safe_dump({**yaml.safe_load(env["cond"].read_text()), "ta": {"temperature": 2.0}}))
+    res = cli("amalgamate", "--cache", cache, "--config", hot, "--out", tmp_path / "s-hot")
+    assert_one_line_error(res, "ta.temperature 2.0", "sigmoid classifier")
+    assert not (tmp_path / "s-hot").exists()
+
     # resuming a run as the other architecture names the field that differs
     res = cli("train-teacher", "--tasks", tasks, "--task", "concave", "--config", env["detr"], "--epochs", "3",
               "--resume", "--out", runs["concave"])
