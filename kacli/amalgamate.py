@@ -114,7 +114,7 @@ def resolve_config(
         cfg = apply_overrides(cfg, overrides)
     if device is not None:
         cfg = apply_overrides(cfg, {"train.device": device})
-    check_method(cfg, source.num_teachers, source.layers)
+    check_method(cfg, source.num_parts, source.layers)
     check_architecture(cfg.model, source.d_model, source.enc_layers, source.stride, backbone_stride(cfg.model),
                        source.where, source.noun)
     return cfg
@@ -122,7 +122,8 @@ def resolve_config(
 
 def build_student(cfg: AmalgamateConfig, num_classes: int, num_teachers: int) -> nn.Module:
     """The model ``cfg.method`` trains: DETR (``raw``, ``raw-partial``, ``pseudo``), a 1-part student
-    (``sag``), the N-part one."""
+    (``sag``), the N-part one (``num_teachers``: the teachers with sequences; a transformers teacher,
+    which teaches through TA only, has no part)."""
 
     if cfg.plain_detr:
         return DETR(cfg.model, num_classes)
@@ -134,11 +135,11 @@ def build_student(cfg: AmalgamateConfig, num_classes: int, num_teachers: int) ->
 def build_objective(cfg: AmalgamateConfig, source: CacheSource | TeacherSource, needs: CacheNeeds) -> AmalgamationObjective:
     """The objective over the layers ``needs`` names, with SAG's W_a (random: drawn here) for
     ``sag``, and the teachers to run on every batch when the source runs them online."""
-    n = source.num_teachers
+    n = source.num_parts  # the teachers with sequences
     sag_proj = SAGProjection(n, source.d_model, len(needs.layers), init=cfg.sag_init) if cfg.method == "sag" else None
     index = class_index(source.label_map, source.teacher_label_maps, source.where)
-    return AmalgamationObjective(cfg, len(source.label_map["ids"]), n, needs.layers, index, sag_proj,
-                                 teachers=source.online_teachers(needs))
+    return AmalgamationObjective(cfg, len(source.label_map["ids"]), source.num_teachers, needs.layers, index, sag_proj,
+                                 teachers=source.online_teachers(needs), num_parts=n)
 
 
 def train_setup(cfg: AmalgamateConfig, source: CacheSource | TeacherSource, model: nn.Module, objective: AmalgamationObjective,
@@ -226,7 +227,7 @@ def amalgamate(
     source = open_source(cache_path, teachers, tasks_path, allow_val)
     cfg = resolve_config(source, cfg, config, overrides, device)
     training.seed_model(cfg.train.seed)
-    model = build_student(cfg, len(source.label_map["ids"]), source.num_teachers)
+    model = build_student(cfg, len(source.label_map["ids"]), source.num_parts)
     needs = AmalgamationObjective.needs(cfg, source.layers)
     objective = build_objective(cfg, source, needs)
     train_set, collate_fn = source.training_data(objective, cfg)

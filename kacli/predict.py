@@ -33,7 +33,7 @@ from kacli.eval.infer import detect_image, eval_sizes
 from kacli.eval.results import image_id_for, image_ids_by_name, write_results
 from kacli.fsutil import atomic_dir, load_json
 from kacli.limits import check_side
-from kacli.models.checkpoint import build_model, load_checkpoint
+from kacli.teachers.hf import build_detector, load_detector
 from kacli.progress import make_progress
 from kacli.runtime import pick_device
 
@@ -100,10 +100,10 @@ def predict_images(
         coco_ids = [image_id_for(p, lookup) for p in paths]
         _check_distinct_ids(paths, coco_ids, lookup is not None)
     decoded = [load_image(p) for p in paths]  # every image checked before any work
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_detector(ckpt_path)  # a kacli checkpoint, or a transformers folder (kacli.teachers.hf)
     size, max_size = eval_sizes(ckpt, size, max_size)
     dev = device if isinstance(device, torch.device) else pick_device(str(device))
-    model = build_model(ckpt).to(dev).eval()
+    model = build_detector(ckpt).to(dev).eval()
     ids, names = ckpt["label_map"]["ids"], ckpt["label_map"]["names"]
     model_name = Path(ckpt["path"]).stem if ckpt.get("task") is None else str(ckpt["task"])
 

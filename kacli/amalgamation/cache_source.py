@@ -49,6 +49,11 @@ class CacheSource:
         return self.layout.num_teachers
 
     @property
+    def num_parts(self) -> int:
+        """The teachers with cached sequences: the student's parts."""
+        return len(self.layout.seq_teachers)
+
+    @property
     def layers(self) -> list[str]:
         """The cached layers (``proj``, ``enc1``, …)."""
         return self.layout.layers

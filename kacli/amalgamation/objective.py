@@ -84,17 +84,19 @@ class AmalgamationObjective(nn.Module):
     Args:
         cfg: the run's configuration.
         num_classes: C, the union label set's size.
-        num_teachers: N.
+        num_teachers: N, every teacher (TA reads each one's predictions).
         layers: names of the cached layers (``proj``, ``enc1``, …), in the order of ``seqs``' L axis.
         class_index: per teacher, the student class index of each of its classes.
         sag_proj: the SAG projections W_a (``sag`` only); optimise its parameters with the model.
         teachers: the frozen teachers run on every batch (:class:`~kacli.teachers.online.OnlineTeachers`
             over ``layers``); None: the batches carry the teachers' outputs (the cache).
+        num_parts: N_s, the teachers with sequences (the student's parts, ``seqs``' N axis; a
+            transformers teacher teaches through TA only); default N.
     """
 
     def __init__(self, cfg: AmalgamateConfig, num_classes: int, num_teachers: int, layers: list[str],
                  class_index: list[torch.Tensor], sag_proj: SAGProjection | None = None,
-                 teachers: OnlineTeachers | None = None):
+                 teachers: OnlineTeachers | None = None, num_parts: int | None = None):
         super().__init__()
         if teachers is not None and (len(teachers.models) != num_teachers or teachers.layers != list(layers)):
             raise ValueError(f"online teachers ({len(teachers.models)}, layers {teachers.layers}) do not match "
@@ -103,6 +105,7 @@ class AmalgamationObjective(nn.Module):
         self.cfg = cfg
         self.method = cfg.method
         self.num_teachers = num_teachers
+        self.num_parts = num_teachers if num_parts is None else int(num_parts)
         self.layers = list(layers)
         self.class_index = [torch.as_tensor(c, dtype=torch.long) for c in class_index]
         self.criterion = GroundTruthLoss(num_classes, cfg.ground_truth_loss, class_index=self.class_index,
@@ -193,8 +196,8 @@ class AmalgamationObjective(nn.Module):
     def sequence_loss(self, out: dict, teacher: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """SA (``ka``) or SAG (``sag``) over the cached layers; see :mod:`kacli.losses.sequence`."""
         seqs = teacher["seqs"]  # (B, N, L, n, d)
-        if seqs.shape[1] != self.num_teachers or seqs.shape[2] != len(self.layers):
-            raise ValueError(f"teacher sequences {tuple(seqs.shape)} do not have N={self.num_teachers} teachers "
+        if seqs.shape[1] != self.num_parts or seqs.shape[2] != len(self.layers):
+            raise ValueError(f"teacher sequences {tuple(seqs.shape)} do not have N={self.num_parts} teachers "
                              f"and L={len(self.layers)} layers")
         n = out["enc_mask"].shape[1]
         if seqs.shape[3] != n or teacher["token_mask"].shape[1] != n:
@@ -209,7 +212,7 @@ class AmalgamationObjective(nn.Module):
             return sag_loss(student, targets, mask, self.sag_proj, normalize=self.cfg.sa.normalize,
                             names=[f"sag_{name}" for name in self.layers], reduction=self.cfg.sa.reduction,
                             stats=self.cfg.sa.stats)
-        return sa_loss(student, targets, mask, self.num_teachers, normalize=self.cfg.sa.normalize, names=names,
+        return sa_loss(student, targets, mask, self.num_parts, normalize=self.cfg.sa.normalize, names=names,
                        index=out.get("part_idx"), reduction=self.cfg.sa.reduction, stats=self.cfg.sa.stats)
 
 

@@ -19,7 +19,7 @@ from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.errors import KacliError
 from kacli.teachers.layers import layer_names
-from kacli.teachers.load import Teacher
+from kacli.teachers.load import Teacher, sequence_teachers
 from kacli.teachers.online import OnlineTeachers
 
 
@@ -43,6 +43,16 @@ class TeacherSource:
         return len(self.teachers)
 
     @property
+    def num_parts(self) -> int:
+        """The teachers with sequences (kacli checkpoints): the student's parts."""
+        return len(sequence_teachers(self.teachers))
+
+    @property
+    def first(self) -> Teacher:
+        """The first teacher with sequences: its width, depth, stride and settings are the student's."""
+        return sequence_teachers(self.teachers)[0]
+
+    @property
     def layers(self) -> list[str]:
         """Every layer the teachers give: ``proj``, ``enc1``, …, ``encL``."""
         return layer_names("all", self.enc_layers)
@@ -57,19 +67,19 @@ class TeacherSource:
 
     @property
     def d_model(self) -> int:
-        return self.teachers[0].d_model
+        return self.first.d_model
 
     @property
     def enc_layers(self) -> int:
-        return self.teachers[0].enc_layers
+        return self.first.enc_layers
 
     @property
     def stride(self) -> int:
-        return self.teachers[0].stride
+        return self.first.stride
 
     @property
     def where(self) -> Path:
-        return self.teachers[0].path
+        return self.first.path
 
     def sha256(self) -> list[str]:
         return [t.sha256 for t in self.teachers]
@@ -77,7 +87,7 @@ class TeacherSource:
     def settings(self) -> dict:
         """The first teacher's architecture, training and augmentation settings, as
         ``cache-teachers`` would record them."""
-        return self.teachers[0].settings()
+        return self.first.settings()
 
     def training_data(self, objective: AmalgamationObjective, cfg: AmalgamateConfig):
         """The manifest's train split over the union label map, a fresh training view of every
@@ -101,7 +111,7 @@ class TeacherSource:
 
 # Where the teachers' outputs come from: both sources (:class:`TeacherSource`,
 # :class:`~kacli.amalgamation.cache_source.CacheSource`) give ``manifest``, ``label_map`` (the
-# union: the student's classes), ``num_teachers``, ``layers``, ``d_model``, ``enc_layers``,
+# union: the student's classes), ``num_teachers``, ``num_parts`` (those with sequences), ``layers``, ``d_model``, ``enc_layers``,
 # ``stride``, ``where`` and ``noun`` (the file and the words errors name), ``teacher_label_maps``,
 # ``settings()``, ``training_data()``, ``online_teachers()`` and ``provenance()``.
 

@@ -29,7 +29,7 @@ STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torc
 def stored_sequences(picked: Sequence[torch.Tensor], store_dtype: torch.dtype) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The cached layers' valid tokens ``[(n, d)] * L`` as stored: ``(seqs [(n, d)] * L, scale)``,
     ``scale`` (n, L) float16 for int8 (:func:`quantize_int8`, computed where the teacher ran), else None."""
-    if store_dtype != torch.int8:
+    if store_dtype != torch.int8 or not picked:  # no sequences: a teacher that teaches through TA only
         return [x.to(store_dtype).cpu().numpy() for x in picked], None
     pairs = [quantize_int8(x) for x in picked]
     return [q.cpu().numpy() for q, _ in pairs], torch.stack([s for _, s in pairs], 1).cpu().numpy()
@@ -81,11 +81,12 @@ def teacher_batches(job: CacheJob, batches: Sequence[list[int]]) -> Iterator[tup
     amp = device.type == "cuda"
     for t in job.teachers:
         t.model.to(device)
+    stride = next(t for t in job.teachers if t.sequences).stride
     loader = DataLoader(
         job.dataset,
         batch_sampler=batches,
         num_workers=job.workers,
-        collate_fn=functools.partial(collate, size_divisibility=job.teachers[0].stride),
+        collate_fn=functools.partial(collate, size_divisibility=stride),
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if job.workers > 0 else None,
     )

@@ -20,7 +20,8 @@ def cache_summary(path: str | Path) -> dict:
 
     Returns ``{"path", "complete", "done_entries", "entries", "images", "views", "seed", "split",
     "tasks_path", "tasks_sha256", "d_model", "enc_layers", "stride", "layers", "dtype", "batch_size",
-    "teachers": [{task, checkpoint, sha256, num_classes, num_queries, arch, classifier, sequence_bytes (int8: with the scales), head_bytes}],
+    "teachers": [{task, checkpoint, sha256, num_classes, num_queries, arch, classifier, kind (kacli | transformers), family,
+    teaches (SA+TA | TA only), sequence_bytes (int8: with the scales), head_bytes}],
     "sources": the split's sources from the manifest the cache names ([{name, task, images, format, path,
     complete, complete_all}], complete = the category names its images are annotated for), or None when
     that manifest is unreadable,
@@ -32,8 +33,9 @@ def cache_summary(path: str | Path) -> dict:
         a = layout.attrs
         teachers = []
         for k, t in enumerate(a["teachers"]):
-            seq = sum(f[schema.seq_path(k, n)].id.get_storage_size() for n in layout.layers)
-            if layout.dtype in schema.SCALED:
+            has_seq = schema.has_sequences(t)
+            seq = sum(f[schema.seq_path(k, n)].id.get_storage_size() for n in layout.layers) if has_seq else 0
+            if layout.dtype in schema.SCALED and has_seq:
                 seq += f[schema.scale_path(k)].id.get_storage_size()
             head = f[f"teachers/{k}/logits"].id.get_storage_size() + f[f"teachers/{k}/boxes"].id.get_storage_size()
             teachers.append(
@@ -45,6 +47,9 @@ def cache_summary(path: str | Path) -> dict:
                     "num_queries": int(t["num_queries"]),
                     "arch": str(t.get("arch", "detr")),
                     "classifier": str(t.get("classifier", "softmax")),
+                    "kind": str(t.get("kind", "kacli")),
+                    "family": t.get("family"),
+                    "teaches": "SA+TA" if has_seq else "TA only",
                     "sequence_bytes": int(seq),
                     "head_bytes": int(head),
                 }
@@ -141,14 +146,14 @@ def verify_cache(
         if not np.isfinite(view).all():
             problems.append("non-finite view parameters")
 
-        names = [schema.seq_path(k, n) for k in range(layout.num_teachers) for n in layout.layers]
+        names = [schema.seq_path(k, n) for k in layout.seq_teachers for n in layout.layers]
         names += [f"teachers/{k}/{x}" for k in range(layout.num_teachers) for x in ("logits", "boxes")]
         if layout.dtype in schema.SCALED:
-            names += [schema.scale_path(k) for k in range(layout.num_teachers)]
+            names += [schema.scale_path(k) for k in layout.seq_teachers]
         total = sum(int(np.prod(f[n].shape)) for n in names)
         scaled = layout.dtype in schema.SCALED
         # an int8 sequence is read with its layer's column of scales: (teacher, column) by dataset
-        columns = {schema.seq_path(k, n): (k, j) for k in range(layout.num_teachers) for j, n in enumerate(layout.layers)}
+        columns = {schema.seq_path(k, n): (k, j) for k in layout.seq_teachers for j, n in enumerate(layout.layers)}
         with make_progress("value", disable=not progress, transient=True) as bar:
             task = bar.add_task("verify", total=total, info="")
             for n in names:

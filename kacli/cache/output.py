@@ -54,7 +54,7 @@ def create_file(job: CacheJob, path: Path, attrs: dict, start: int, end: int) ->
     E = end - start
     offsets = plan.offsets(start, end)
     T = int(offsets[-1])
-    d = teachers[0].d_model
+    d = next(t for t in teachers if t.sequences).d_model
     with schema.open_h5(path, "w") as f:
         for k, v in attrs.items():
             f.attrs[k] = _attr_value(k, v)
@@ -72,11 +72,11 @@ def create_file(job: CacheJob, path: Path, attrs: dict, start: int, end: int) ->
             tg.attrs["task"] = t.task
             tg.attrs["checkpoint"] = str(t.path)
             tg.attrs["sha256"] = t.sha256
-            for layer in layers:
+            for layer in layers if t.sequences else ():  # a transformers teacher: TA only, no sequences
                 tg.create_dataset(
                     f"seq/{layer}", shape=(T, d), dtype=schema.DTYPES[dtype], chunks=(max(1, min(chunk, T)), d)
                 )
-            if dtype in schema.SCALED:
+            if dtype in schema.SCALED and t.sequences:
                 tg.create_dataset("scale", shape=(T, len(layers)), dtype=schema.SCALE_DTYPE,
                                   chunks=(max(1, min(chunk, T)), len(layers)))
             q, c = t.num_queries, t.num_classes
@@ -118,12 +118,14 @@ class _BackgroundWriter:
     After each batch: flush, advance ``done_entries``, flush again.
     """
 
-    def __init__(self, f, start: int, offsets: np.ndarray, layers: Sequence[str], num_teachers: int):
+    def __init__(self, f, start: int, offsets: np.ndarray, layers: Sequence[str], num_teachers: int,
+                 sequences: Sequence[bool] | None = None):
         self.f = f
         self.start = start
         self.offsets = offsets
         self.layers = list(layers)
-        self.seq = [[f[schema.seq_path(k, layer)] for layer in layers] for k in range(num_teachers)]
+        has = list(sequences) if sequences is not None else [True] * num_teachers
+        self.seq = [[f[schema.seq_path(k, layer)] for layer in layers] if has[k] else [] for k in range(num_teachers)]
         self.logits = [f[f"teachers/{k}/logits"] for k in range(num_teachers)]
         self.boxes = [f[f"teachers/{k}/boxes"] for k in range(num_teachers)]
         self.scale = [f.get(schema.scale_path(k)) for k in range(num_teachers)]  # int8 only
@@ -221,7 +223,8 @@ def write_range(job: CacheJob, path: Path, attrs: dict, start: int, end: int, de
         try:
             with schema.open_h5(path, "r+") as f, make_progress("entry", disable=not job.progress) as bar:
                 task = bar.add_task(description, total=end - start, completed=done, info="")
-                writer = _BackgroundWriter(f, start, offsets, job.layers, len(job.teachers))
+                writer = _BackgroundWriter(f, start, offsets, job.layers, len(job.teachers),
+                                           [t.sequences for t in job.teachers])
                 try:
                     for idx, payload in stream:
                         writer.put(idx[0], idx[-1] + 1, payload)
@@ -282,7 +285,7 @@ def join_shards(job: CacheJob, out_partial: Path, shards: Sequence[dict], attrs:
     plan, teachers, layers, dtype = job.plan, job.teachers, job.layers, job.dtype
     create_file(job, out_partial, attrs, 0, plan.entries)
     offsets = plan.offsets()
-    d = teachers[0].d_model
+    d = next(t for t in teachers if t.sequences).d_model
     itemsize = np.dtype(schema.DTYPES[dtype]).itemsize
     rows_per_block = max(1, block_bytes // (d * itemsize))
     with schema.open_h5(out_partial, "r+") as dst:
@@ -291,11 +294,11 @@ def join_shards(job: CacheJob, out_partial: Path, shards: Sequence[dict], attrs:
             with schema.open_h5(spath, "r") as src:
                 schema.validate(src, spath, require_complete=True)
                 r0 = int(offsets[start])
-                for k in range(len(teachers)):
-                    for layer in layers:
+                for k, t in enumerate(teachers):
+                    for layer in layers if t.sequences else ():
                         name = schema.seq_path(k, layer)
                         _copy_rows(src[name], dst[name], r0, rows_per_block)
-                    if dtype in schema.SCALED:
+                    if dtype in schema.SCALED and t.sequences:
                         _copy_rows(src[schema.scale_path(k)], dst[schema.scale_path(k)], r0, rows_per_block)
                     for name in (f"teachers/{k}/logits", f"teachers/{k}/boxes"):
                         dst[name][start:end] = src[name][...]

@@ -75,10 +75,11 @@ class TeacherCache(Dataset):
 
     Item ``e``: ``(image (3,h,w) float32, target, teacher)`` where ``target`` is
     :class:`CocoDetection`'s (labels index :attr:`label_map`) and ``teacher`` is
-    ``{"seqs": (N, L, n_e, d), "hw": (h_tok, w_tok), "logits": [(Q_t, C_t+1)] * N,
+    ``{"seqs": (N_s, L, n_e, d), "hw": (h_tok, w_tok), "logits": [(Q_t, C_t+1)] * N,
     "boxes": [(Q_t, 4)] * N, "stride": int, "entry": e}`` with ``n_e = h_tok·w_tok`` tokens row-major;
-    an int8 cache read with ``dequantize=False`` gives ``seqs`` (N, L, n_e, d) int8 and
-    ``seq_scale`` (N, L, n_e) float32 instead.
+    N_s counts the teachers with sequences (``seq_teachers``: a transformers teacher has none, it
+    teaches through TA only), N all of them. An int8 cache read with ``dequantize=False`` gives
+    ``seqs`` (N_s, L, n_e, d) int8 and ``seq_scale`` (N_s, L, n_e) float32 instead.
 
     Attributes: ``label_map`` (union ``{ids, names}``: all tasks' categories in task order),
     ``teacher_label_maps``, ``class_index`` (per teacher, a LongTensor of its classes' positions in
@@ -113,6 +114,7 @@ class TeacherCache(Dataset):
         self.d_model = layout.d_model
         self.stride = layout.stride
         self.num_teachers = layout.num_teachers
+        self.seq_teachers = layout.seq_teachers  # the teachers with sequences: seqs' N axis
         self.seq_dtype = seq_dtype
         self.storage = layout.dtype
         self.scaled = layout.dtype in schema.SCALED
@@ -188,12 +190,12 @@ class TeacherCache(Dataset):
             self._h5 = h5py.File(self.path, "r", rdcc_nbytes=4 << 20)
             self._pid = os.getpid()
             self._ds = {
-                "seqs": [[self._h5[schema.seq_path(k, n)] for n in self.layer_names] for k in range(self.num_teachers)],
+                "seqs": [[self._h5[schema.seq_path(k, n)] for n in self.layer_names] for k in self.seq_teachers],
                 "logits": [self._h5[f"teachers/{k}/logits"] for k in range(self.num_teachers)],
                 "boxes": [self._h5[f"teachers/{k}/boxes"] for k in range(self.num_teachers)],
             }
             if self.scaled:
-                self._ds["scale"] = [self._h5[schema.scale_path(k)] for k in range(self.num_teachers)]
+                self._ds["scale"] = [self._h5[schema.scale_path(k)] for k in self.seq_teachers]
         return self._ds
 
     def close(self) -> None:
@@ -211,7 +213,7 @@ class TeacherCache(Dataset):
         if not 0 <= e < self.entries:
             raise IndexError(e)
         a, b = int(self.offsets[e]), int(self.offsets[e + 1])
-        L, N = len(self.layer_names), self.num_teachers
+        L, N = len(self.layer_names), len(self.seq_teachers)
         seqs = np.empty((N, L, b - a, self.d_model), dtype=np.dtype(schema.DTYPES[self.storage]))
         scale = np.empty((N, L, b - a), dtype=np.float32) if self.scaled else None
         if self._mem is not None:
@@ -272,10 +274,10 @@ def collate_cached(batch):
     Returns ``(images (B,3,H,W), mask (B,H,W) True=pad, targets, teacher)`` with images padded
     bottom/right to a multiple of the teachers' stride, and ``teacher``:
 
-    - ``seqs`` (B, N, L, hp·wp, d): each entry's tokens at the top-left of the padded
+    - ``seqs`` (B, N_s, L, hp·wp, d) (N_s: the teachers with sequences): each entry's tokens at the top-left of the padded
       ``(hp, wp) = (ceil(H/stride), ceil(W/stride))`` grid, row-major; zeros at padding;
     - ``token_mask`` (B, hp·wp) bool, True at padding;
-    - ``logits``: per teacher (B, Q_t, C_t+1); ``boxes``: per teacher (B, Q_t, 4);
+    - ``logits``: per teacher (all N) (B, Q_t, C_t+1); ``boxes``: per teacher (B, Q_t, 4);
     - ``hw`` (B, 2) int64 valid token grid per entry; ``entries`` (B,) int64; ``grid`` (hp, wp);
     - int8 items (``TeacherCache(dequantize=False)``): ``seqs`` is int8 and ``seq_scale``
       (B, N, L, hp·wp) float32 holds the scales, zeros at padding;
@@ -303,8 +305,8 @@ def collate_cached(batch):
     teacher = {
         "seqs": seqs,
         "token_mask": token_mask,
-        "logits": [torch.stack([t["logits"][k] for _, _, t in batch]) for k in range(N)],
-        "boxes": [torch.stack([t["boxes"][k] for _, _, t in batch]) for k in range(N)],
+        "logits": [torch.stack([t["logits"][k] for _, _, t in batch]) for k in range(len(batch[0][2]["logits"]))],
+        "boxes": [torch.stack([t["boxes"][k] for _, _, t in batch]) for k in range(len(batch[0][2]["boxes"]))],
         "hw": torch.tensor([list(t["hw"]) for _, _, t in batch], dtype=torch.int64),
         "entries": torch.tensor([t["entry"] for _, _, t in batch], dtype=torch.int64),
         "grid": (hp, wp),

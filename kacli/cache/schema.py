@@ -117,19 +117,23 @@ def head_bytes_per_entry(heads: Iterable[tuple[int, int]]) -> int:
 ENTRY_META_BYTES = 3 * 8 + 7 * 8 + 2 * 8 + 8
 
 
-def estimate_bytes(tokens: int, entries: int, d_model: int, num_layers: int, heads: Sequence[tuple[int, int]], dtype: str) -> int:
+def estimate_bytes(tokens: int, entries: int, d_model: int, num_layers: int, heads: Sequence[tuple[int, int]], dtype: str,
+                   seq_teachers: int | None = None) -> int:
     """The data bytes of a cache (HDF5 adds a little for its headers and chunk index):
 
-    ``T·L·N·(d·sizeof(dtype) + s) + E·Σ_t Q_t·(C_t+5)·4 + E·104 + 8`` with ``s`` = 4 (the
-    float16 scale) for int8 and 0 otherwise.
+    ``T·L·N_s·(d·sizeof(dtype) + s) + E·Σ_t Q_t·(C_t+5)·4 + E·104 + 8`` with ``s`` = 4 (the
+    float16 scale) for int8 and 0 otherwise; N_s (``seq_teachers``) the teachers with sequences,
+    by default all of ``heads``.
     """
-    seq = tokens * sequence_bytes_per_token(d_model, num_layers, len(heads), dtype)
+    n_seq = len(heads) if seq_teachers is None else int(seq_teachers)
+    seq = tokens * sequence_bytes_per_token(d_model, num_layers, n_seq, dtype)
     return int(seq + entries * (head_bytes_per_entry(heads) + ENTRY_META_BYTES) + 8)
 
 
-def size_estimates(tokens: int, entries: int, d_model: int, num_layers: int, heads: Sequence[tuple[int, int]]) -> dict[str, int]:
+def size_estimates(tokens: int, entries: int, d_model: int, num_layers: int, heads: Sequence[tuple[int, int]],
+                   seq_teachers: int | None = None) -> dict[str, int]:
     """:func:`estimate_bytes` for every storage scheme: ``{dtype: bytes}``."""
-    return {dt: estimate_bytes(tokens, entries, d_model, num_layers, heads, dt) for dt in DTYPES}
+    return {dt: estimate_bytes(tokens, entries, d_model, num_layers, heads, dt, seq_teachers) for dt in DTYPES}
 
 
 def human_bytes(n: float) -> str:
@@ -239,8 +243,15 @@ class CacheLayout:
     @property
     def teachers(self) -> list[dict]:
         """Per teacher ``{task, checkpoint, sha256, label_map, num_classes, num_queries[, arch, classifier,
-        class_map]}``."""
+        class_map]}`` (a transformers teacher also ``kind``, ``family``, ``transformers_version``,
+        ``image_rule`` and ``sequences: false``)."""
         return list(self.attrs["teachers"])
+
+    @property
+    def seq_teachers(self) -> list[int]:
+        """The teachers whose sequences the cache holds (:func:`has_sequences`), in order: the
+        student has one part per each."""
+        return [k for k, t in enumerate(self.teachers) if has_sequences(t)]
 
     @property
     def label_map(self) -> dict:
@@ -316,6 +327,12 @@ def open_h5(path: str | Path, mode: str = "r", **kw):
         first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
         what = "unreadable HDF5 file" if mode == "r" else "cannot write the HDF5 file"
         raise KacliError(f"{what} ({first[:120]})", p) from None
+
+
+def has_sequences(teacher: dict) -> bool:
+    """Whether a cached teacher (an entry of the ``teachers`` attribute) has sequences in the file:
+    a transformers teacher teaches through TA only (``sequences: false``)."""
+    return bool(teacher.get("sequences", True))
 
 
 def seq_path(teacher: int, layer: str) -> str:
@@ -394,12 +411,16 @@ def validate(h5, path: str | Path, require_complete: bool = True) -> CacheLayout
             raise KacliError(f"offsets end at {total}, total_tokens says {attrs['total_tokens']}", p)
         if not isinstance(teachers, list) or not teachers:
             raise KacliError("cache lists no teachers", p)
+        if not any(has_sequences(t) for t in teachers):
+            raise KacliError("no cached teacher has sequences (at least one must be a kacli teacher)", p)
         heads = []
         for k, t in enumerate(teachers):
             q, c = int(t["num_queries"]), int(t["num_classes"])
             heads.append((q, c))
             ds(f"teachers/{k}/logits", (entries, q, c + 1))
             ds(f"teachers/{k}/boxes", (entries, q, 4))
+            if not has_sequences(t):
+                continue
             for layer in layers:
                 obj = ds(seq_path(k, layer), (total, d))
                 if obj.dtype != np.dtype(DTYPES[dtype]):
@@ -435,6 +456,7 @@ __all__ = [
     "content_signature",
     "first_difference",
     "open_h5",
+    "has_sequences",
     "seq_path",
     "scale_path",
     "SCALED",

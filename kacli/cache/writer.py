@@ -37,7 +37,7 @@ from kacli.fsutil import check_output_file
 from kacli.limits import check_seed, check_workers, max_views
 from kacli.runconfig import load_run_config
 from kacli.teachers.layers import layer_names
-from kacli.teachers.load import Teacher, load_teachers
+from kacli.teachers.load import Teacher, load_teachers, sequence_teachers
 
 
 def resolve_aug(teachers: Sequence[Teacher], config: str | Path | None, log: Callable[[str], None]) -> AugConfig:
@@ -154,8 +154,8 @@ def cache_teachers(
     json_path = manifest.split_json(split)
     image_root = manifest.image_root(split)
     loaded = load_teachers(manifest, teachers)
-    first = loaded[0]
-    aug = resolve_aug(loaded, config, log)
+    first = sequence_teachers(loaded)[0]  # the first kacli teacher: width, depth, stride, augmentation
+    aug = resolve_aug([first], config, log)
     layer_list = layer_names(layers, first.enc_layers)
     union = manifest.student_label_map()  # a category two tasks share is one class
 
@@ -194,7 +194,8 @@ def cache_teachers(
         "total_tokens": int(tokens.sum()),
     }
     heads = [(t.num_queries, t.num_classes) for t in loaded]
-    estimate = schema.estimate_bytes(int(tokens.sum()), E, first.d_model, len(layer_list), heads, dtype)
+    n_seq = len(sequence_teachers(loaded))
+    estimate = schema.estimate_bytes(int(tokens.sum()), E, first.d_model, len(layer_list), heads, dtype, n_seq)
     summary = {
         "out": str(out),
         "entries": E,
@@ -208,7 +209,7 @@ def cache_teachers(
         "resumed_from": None,
     }
     if estimate_only:
-        estimates = schema.size_estimates(int(tokens.sum()), E, first.d_model, len(layer_list), heads)
+        estimates = schema.size_estimates(int(tokens.sum()), E, first.d_model, len(layer_list), heads, n_seq)
         free = shutil.disk_usage(_nearest_folder(out.parent)).free
         return summary | {"status": "estimate", "estimates": estimates, "free_bytes": free, "bytes": None,
                           "seconds": 0.0, "entries_per_s": None}
@@ -244,7 +245,8 @@ def cache_teachers(
         if mine:
             sh = mine[0]
             start, end = sh["attrs"]["shard"]["start"], sh["attrs"]["shard"]["end"]
-            share = schema.estimate_bytes(int(tokens[start:end].sum()), end - start, first.d_model, len(layer_list), heads, dtype)
+            share = schema.estimate_bytes(int(tokens[start:end].sum()), end - start, first.d_model, len(layer_list), heads,
+                                          dtype, n_seq)
             _check_disk(out.parent, share + (estimate if dist.is_main else 0), f"rank {r}'s shard")
             res = write_range(job, sh["path"], sh["attrs"], start, end, f"cache-teachers rank {r}")
             summary["resumed_from"] = res["resumed_from"]

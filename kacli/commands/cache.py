@@ -92,7 +92,9 @@ def cache_teachers(
     table.add_column("")
     table.add_row("file", summary["out"])
     table.add_row("entries", f"{summary['entries']} ({summary['images']} images × {summary['views']} views)")
-    table.add_row("teachers", ", ".join(t["task"] for t in summary["teachers"]))
+    table.add_row("teachers", ", ".join(
+        t["task"] + (f" ({t.get('family')}, {t['kind']} folder: TA only, no sequences)" if t.get("kind", "kacli") != "kacli"
+                     else "") for t in summary["teachers"]))
     table.add_row("layers", ", ".join(summary["layers"]) + f" ({summary['dtype']})")
     table.add_row("tokens", str(summary["tokens"]))
     table.add_row("size", f"{human_bytes(summary['bytes'])} (estimated {human_bytes(summary['estimated_bytes'])})")
@@ -171,12 +173,13 @@ def cache_info(
         table.add_row("created", f"{s['created']} by kacli {s['kacli_version']}")
         console.print(table)
         tt = Table(title="teachers")
-        for col in ("#", "task", "arch", "classes", "queries", "sequences", "logits+boxes", "sha256", "checkpoint"):
+        for col in ("#", "task", "arch", "teaches", "classes", "queries", "sequences", "logits+boxes", "sha256", "checkpoint"):
             tt.add_column(col, justify="right" if col in ("#", "classes", "queries", "sequences", "logits+boxes") else "left")
         for k, te in enumerate(s["teachers"], 1):
             tt.add_row(
-                str(k), te["task"], te['arch'], str(te["num_classes"]), str(te["num_queries"]),
-                human_bytes(te["sequence_bytes"]),
+                str(k), te["task"], te["arch"] + (f" ({te['kind']})" if te["kind"] != "kacli" else ""), te["teaches"],
+                str(te["num_classes"]), str(te["num_queries"]),
+                human_bytes(te["sequence_bytes"]) if te["teaches"] != "TA only" else "–",
                 human_bytes(te["head_bytes"]), te["sha256"][:12], te["checkpoint"],
             )
         console.print(tt)

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     @cli_errors
     def eval_cmd(
-        model: List[Path] = typer.Option(..., "--model", help="Checkpoint or run folder; repeat for an ensemble."),
+        model: List[Path] = typer.Option(..., "--model", help="Checkpoint, run folder or transformers object-detection folder; repeat for an ensemble."),
         tasks: Path = typer.Option(..., "--tasks", help="tasks.yaml written by split-tasks."),
         split: Optional[str] = typer.Option(
             None, "--split", show_default=False,

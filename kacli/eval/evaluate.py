@@ -24,8 +24,8 @@ from kacli.eval.infer import detect_batch, eval_sizes
 from kacli.eval.results import check_results_target, write_results
 from kacli.fsutil import load_json
 from kacli.limits import check_positive, check_side
-from kacli.models.checkpoint import build_model, load_checkpoint
 from kacli.progress import make_progress
+from kacli.teachers.hf import build_detector, load_detector, match_categories
 from kacli.runtime import pick_device
 
 
@@ -176,15 +176,20 @@ def evaluate_checkpoints(
     root = manifest.image_root(split)
     tasks = {t.name: t.category_ids for t in manifest.tasks}
     device = pick_device(device_pref)
-    ckpts = [load_checkpoint(m) for m in models]
+    # kacli checkpoints, or transformers folders (kacli.teachers.hf): their classes matched to the dataset's by name
+    categories = {int(c["id"]): str(c["name"]) for c in gt["categories"]}
+    ckpts = [match_categories(load_detector(m), categories, manifest.renames) for m in models]
     for ck in ckpts:
         check_label_map(ck["label_map"], gt, ck["path"])
     members, all_dets = [], []
     for ck in ckpts:
         s, ms = eval_sizes(ck, size, max_size)
-        model = build_model(ck).to(device).eval()
+        model = build_detector(ck).to(device).eval()
         dataset = make_eval_dataset(gt_path, root, ck["label_map"]["ids"], s, ms)
-        name = ck.get("task") and f"teacher-{ck['task']}" or Path(ck["path"]).parent.name or Path(ck["path"]).stem
+        if ck["kind"] == "transformers":
+            name = Path(ck["path"]).name
+        else:
+            name = ck.get("task") and f"teacher-{ck['task']}" or Path(ck["path"]).parent.name or Path(ck["path"]).stem
         dets = predict_detections(model, dataset, ck["label_map"]["ids"], device, batch_size=batch_size,
                                   description=f"eval {name}")
         metrics = evaluate_detections(gt, dets, ck["label_map"]["ids"], tasks)
@@ -195,6 +200,8 @@ def evaluate_checkpoints(
                 "model": name,
                 "checkpoint": ck["path"],
                 "kind": ck["kind"],
+                **({"family": ck["family"], "transformers_version": ck["transformers_version"]}
+                   if ck["kind"] == "transformers" else {}),
                 "method": (ck.get("meta") or {}).get("method"),
                 "params": count_parameters(model),
                 "gflops": fl["gflops_mac"],

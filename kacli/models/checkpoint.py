@@ -59,6 +59,9 @@ def resolve_checkpoint_path(path: str | Path, prefer: str = "best.pt") -> Path:
         for name in (prefer, "best.pt", "last.pt"):
             if (p / name).is_file():
                 return p / name
+        if (p / "config.json").is_file():
+            raise KacliError("is a transformers model folder, not a kacli checkpoint (eval, predict and the teachers "
+                             "take one; kacli import-checkpoint converts DETR and Conditional DETR)", p)
         raise KacliError("run folder holds no best.pt or last.pt", p)
     if not p.exists():
         raise KacliError("checkpoint not found", p)

@@ -21,6 +21,7 @@ from kacli.errors import KacliError
 from kacli.fsutil import sha256_file
 from kacli.models.checkpoint import build_model, load_checkpoint, resolve_checkpoint_path
 from kacli.models.torchfile import torch_load_untrusted
+from kacli.teachers.hf import folder_sha256, is_transformers_folder, load_transformers_folder
 from kacli.teachers.labels import match_classes
 
 
@@ -54,13 +55,21 @@ def teacher_file(path: str | Path) -> tuple[Path, str]:
 
 
 def teacher_sha256(path: str | Path) -> str:
+    """A teacher's sha256: its checkpoint file's, or a transformers folder's
+    (:func:`kacli.teachers.hf.folder_sha256`)."""
+    if is_transformers_folder(path):
+        return folder_sha256(path)
     return teacher_file(path)[1]
 
 
 def teacher_label_map(path: str | Path) -> tuple[Path, str, dict]:
-    """A teacher checkpoint's ``(path, sha256, label_map)``; only named classes are in the map
-    (an imported DETR's unnamed slots are not, see ``ModelConfig.unnamed_classes``)."""
+    """A teacher checkpoint's (or transformers folder's) ``(path, sha256, label_map)``; only named
+    classes are in the map (an imported DETR's unnamed slots are not, see
+    ``ModelConfig.unnamed_classes``; a transformers folder's ids are its class slots)."""
 
+    if is_transformers_folder(path):
+        info = load_transformers_folder(path, build=False)
+        return Path(info["path"]).resolve(), info["sha256"], info["label_map"]
     p = resolve_checkpoint_path(path)
     ckpt = load_checkpoint(p)
     if ckpt["kind"] != "detr":
@@ -70,7 +79,13 @@ def teacher_label_map(path: str | Path) -> tuple[Path, str, dict]:
 
 @dataclass
 class Teacher:
-    """A loaded teacher: its checkpoint file, sha256, task, label map and model (eval mode, CPU)."""
+    """A loaded teacher: its checkpoint file (or transformers folder), sha256, task, label map and
+    model (eval mode, CPU).
+
+    ``kind``: ``kacli`` (a kacli DETR checkpoint: its encoder sequences teach through SA, its
+    predictions through TA) or ``transformers`` (a transformers folder, :mod:`kacli.teachers.hf`:
+    its predictions teach through TA only; ``sequences`` False, and ``info`` holds the folder's
+    family, model type and transformers version)."""
 
     path: Path
     sha256: str
@@ -79,6 +94,13 @@ class Teacher:
     model: torch.nn.Module
     config: dict
     class_map: list[int] | None = None  # teacher class of each task class (labels.match_classes); None: the same
+    kind: str = "kacli"
+    info: dict | None = None
+
+    @property
+    def sequences(self) -> bool:
+        """Whether the teacher gives sequences the student is guided by (SA)."""
+        return self.kind == "kacli"
 
     @property
     def num_classes(self) -> int:
@@ -86,28 +108,39 @@ class Teacher:
 
     @property
     def num_queries(self) -> int:
+        if self.kind != "kacli":
+            return int((self.info or {}).get("num_queries") or 0)
         return int(self.model.cfg.num_queries)
+
+    def _sequence_attr(self, what: str):
+        if not self.sequences:
+            raise ValueError(f"a {self.kind} teacher has no {what}: it teaches through TA only")
 
     @property
     def d_model(self) -> int:
+        self._sequence_attr("d_model")
         return int(self.model.cfg.d_model)
 
     @property
     def enc_layers(self) -> int:
+        self._sequence_attr("encoder sequence")
         return int(self.model.cfg.enc_layers)
 
     @property
     def stride(self) -> int:
+        self._sequence_attr("backbone stride")
         return int(self.model.backbone.stride)
 
     @property
     def aug(self) -> Mapping | None:
         """The augmentation section of the teacher's run config, if it records one."""
-        return self.config.get("aug") if isinstance(self.config, dict) else None
+        return self.config.get("aug") if isinstance(self.config, dict) and self.kind == "kacli" else None
 
     def recorded_settings(self) -> dict:
         """``{"model", "train"}`` of the teacher's run (:func:`recorded_settings` of its architecture
         and run config): what ``cache-teachers`` stores as ``teacher_settings``."""
+        if not self.sequences:
+            return {}
         return recorded_settings(self.model.cfg.to_dict(), self.config)
 
     def settings(self) -> dict:
@@ -119,16 +152,28 @@ class Teacher:
         return base
 
     def describe(self) -> dict:
-        return {
+        """What the cache and the run's provenance record about the teacher."""
+        out = {
             "task": self.task,
             "checkpoint": str(self.path),
             "sha256": self.sha256,
             "label_map": {"ids": [int(i) for i in self.label_map["ids"]], "names": list(self.label_map["names"])},
             "num_classes": self.num_classes,
             "num_queries": self.num_queries,
-            "arch": self.model.cfg.arch,
-            "classifier": self.model.classifier,
-        } | ({"class_map": list(self.class_map)} if self.class_map is not None else {})
+        }
+        if self.kind == "kacli":
+            out |= {"arch": self.model.cfg.arch, "classifier": self.model.classifier}
+        else:
+            info = self.info or {}
+            out |= {"arch": info.get("model_type"), "classifier": self.model.classifier, "kind": self.kind,
+                    "family": info.get("family"), "transformers_version": info.get("transformers_version"),
+                    "sequences": False, "image_rule": info["rule"].to_dict() if info.get("rule") is not None else None}
+        return out | ({"class_map": list(self.class_map)} if self.class_map is not None else {})
+
+
+def sequence_teachers(teachers: Sequence[Teacher]) -> list[Teacher]:
+    """The teachers that give sequences (SA), in order: the student has one part per each."""
+    return [t for t in teachers if t.sequences]
 
 
 def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[Teacher]:
@@ -139,9 +184,13 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
     few of COCO's categories) gets a ``class_map`` and its logits are stored in the task's class
     order, its other classes folded into no-object (:func:`kacli.teachers.labels.remap_logits`).
 
+    A transformers folder (:mod:`kacli.teachers.hf`) teaches through TA only: its slots are matched
+    to the task's classes by name in the same way (``class_map`` always set: positions among its named slots).
+
     Raises KacliError (naming the teacher file) when the count is wrong, a label map lacks one of
-    its task's categories (naming the task it does fit, if any: teachers given in the wrong order), or
-    a teacher's d_model, encoder depth or backbone stride differs from the first teacher's.
+    its task's categories (naming the task it does fit, if any: teachers given in the wrong order),
+    a teacher's d_model, encoder depth or backbone stride differs from the first kacli teacher's,
+    or no teacher is a kacli checkpoint.
     """
 
     names = manifest.task_names
@@ -154,6 +203,9 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
     by_set = {frozenset(t.category_ids): t.name for t in manifest.tasks}
     teachers: list[Teacher] = []
     for k, (raw_path, task) in enumerate(zip(paths, manifest.tasks)):
+        if is_transformers_folder(raw_path):
+            teachers.append(_transformers_teacher(raw_path, task, manifest.renames))
+            continue
         path, sha = teacher_file(raw_path)
         ckpt = load_checkpoint(path)
         if ckpt["kind"] != "detr":
@@ -177,8 +229,13 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
         teachers.append(
             Teacher(path.resolve(), sha, task.name, label_map, model, ckpt.get("config") or {}, class_map)
         )
-    first = teachers[0]
-    for t in teachers[1:]:
+    with_seq = sequence_teachers(teachers)
+    if not with_seq:
+        raise KacliError("every teacher is a transformers folder: at least one must be a kacli checkpoint (it gives "
+                         "the student's architecture and the sequences it is guided by; kacli import-checkpoint "
+                         "converts DETR and Conditional DETR folders, kacli train-teacher trains one)", teachers[0].path)
+    first = with_seq[0]
+    for t in with_seq[1:]:
         for what in ("d_model", "enc_layers", "stride"):
             a, b = getattr(first, what), getattr(t, what)
             if a != b:
@@ -187,5 +244,15 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
     return teachers
 
 
-__all__ = ["Teacher", "checkpoint_settings", "load_teachers", "recorded_settings", "teacher_file", "teacher_label_map",
+def _transformers_teacher(raw_path: str | Path, task, renames: Mapping[str, str]) -> Teacher:
+    """A transformers folder as the teacher of ``task`` (TA only); its slots matched by name."""
+    info = load_transformers_folder(raw_path)
+    path = Path(info["path"]).resolve()
+    # the model's outputs are its named slots, in label-map order: positions are the class map
+    class_map = match_classes(info["label_map"], task.name, task.category_names, renames, path / "config.json")
+    model = info.pop("model")
+    return Teacher(path, info["sha256"], task.name, task.label_map(), model, {}, class_map, kind=info["kind"], info=info)
+
+
+__all__ = ["Teacher", "sequence_teachers", "checkpoint_settings", "load_teachers", "recorded_settings", "teacher_file", "teacher_label_map",
            "teacher_sha256"]

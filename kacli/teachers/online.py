@@ -31,21 +31,27 @@ class OnlineTeachers(nn.Module):
         class_maps: per teacher, None, or the teacher class of each of its task's classes
             (:func:`kacli.teachers.labels.match_classes`): its logits are then remapped to the
             task's classes (:func:`kacli.teachers.labels.teacher_logits`), as the cache stores them.
+        sequences: per teacher, whether it gives sequences (default all); a transformers teacher
+            (:mod:`kacli.teachers.hf`) does not: it gives predictions only, and ``seqs``' N axis
+            holds the others (N_s of them), as the cache does.
 
     ``forward(images (B,3,H,W), mask (B,H,W) True=pad)`` with H and W multiples of the
-    teachers' stride returns ``{"seqs" (B,N,L,n,d) float32, "token_mask" (B,n) bool True=pad,
+    teachers' stride returns ``{"seqs" (B,N_s,L,n,d) float32, "token_mask" (B,n) bool True=pad,
     "logits" [(B,Q_t,C_t+1) float32] * N, "boxes" [(B,Q_t,4) float32] * N}``, ``n = (H/stride)·
     (W/stride)`` tokens row-major, zeros in ``seqs`` at padding. Under autocast the teachers run
     in its dtype; the outputs are float32 as the cache reader gives them.
     """
 
     def __init__(self, models: Sequence[nn.Module], layers: Sequence[str],
-                 class_maps: Sequence[Sequence[int] | None] | None = None):
+                 class_maps: Sequence[Sequence[int] | None] | None = None, sequences: Sequence[bool] | None = None):
         super().__init__()
         if not models:
             raise ValueError("OnlineTeachers needs at least one teacher")
         self.models = nn.ModuleList(models)
         self.layers = list(layers)
+        self.sequences = [bool(x) for x in (sequences if sequences is not None else [True] * len(models))]
+        if len(self.sequences) != len(self.models) or not any(self.sequences):
+            raise ValueError("OnlineTeachers needs one sequences flag per teacher, at least one True")
         maps = list(class_maps or [None] * len(models))
         if len(maps) != len(self.models):
             raise ValueError(f"{len(maps)} class maps for {len(self.models)} teachers")
@@ -59,7 +65,7 @@ class OnlineTeachers(nn.Module):
     @classmethod
     def from_teachers(cls, teachers: Sequence[Teacher], layers: Sequence[str]) -> OnlineTeachers:
         """The models and class maps of :func:`kacli.teachers.load.load_teachers`' teachers."""
-        return cls([t.model for t in teachers], layers, [t.class_map for t in teachers])
+        return cls([t.model for t in teachers], layers, [t.class_map for t in teachers], [t.sequences for t in teachers])
 
     def train(self, mode: bool = True) -> OnlineTeachers:
         """Always eval mode: the teachers' dropout and batch statistics stay off."""
@@ -70,20 +76,24 @@ class OnlineTeachers(nn.Module):
         first = next(self.parameters(), None)
         if first is not None and first.device != images.device:
             self.to(images.device)
-        seqs = None  # (B, N, L, n, d) float32, filled in place
+        seqs = None  # (B, N_s, L, n, d) float32, filled in place
         logits, boxes = [], []
         token_mask = None
+        n_seq = sum(self.sequences)
+        part = 0
         for k, model in enumerate(self.models):
             out = model(images, mask)
-            for j, x in enumerate(layer_outputs(out, self.layers)):
-                if seqs is None:
-                    seqs = x.new_zeros((x.shape[0], len(self.models), len(self.layers), *x.shape[1:]), dtype=torch.float32)
-                seqs[:, k, j] = x
+            if self.sequences[k]:
+                for j, x in enumerate(layer_outputs(out, self.layers)):
+                    if seqs is None:
+                        seqs = x.new_zeros((x.shape[0], n_seq, len(self.layers), *x.shape[1:]), dtype=torch.float32)
+                    seqs[:, part, j] = x
+                token_mask = out["enc_mask"]
+                part += 1
             lg = out["pred_logits"].float()
             class_map = getattr(self, f"class_map_{k}", None)
             logits.append(teacher_logits(lg, model.classifier, class_map))
             boxes.append(out["pred_boxes"].float())
-            token_mask = out["enc_mask"]
         seqs.masked_fill_(token_mask[:, None, None, :, None], 0.0)  # zeros at padding, as cached
         return {"seqs": seqs, "token_mask": token_mask.bool(), "logits": logits, "boxes": boxes}
 

@@ -30,7 +30,8 @@ def run_teacher(
 ) -> dict:
     """One teacher on one batch → ``{"seqs": [(Σ h·w, d) per layer], "logits" (B,Q,C+1) float32,
     "boxes" (B,Q,4) float32}`` as tensors on the teacher's device; sequences keep each entry's
-    valid tokens, row-major, entries in batch order, in the dtype the teacher ran in.
+    valid tokens, row-major, entries in batch order, in the dtype the teacher ran in (none for a
+    teacher without sequences: a transformers folder teaches through TA only).
 
     ``layer_index`` picks from ``[enc_proj, enc_layers[0], ...]``. The valid tokens are those the
     model's ``enc_mask`` marks; they must form the entry's top-left ``h × w`` grid (``hw`` (B, 2);
@@ -38,6 +39,9 @@ def run_teacher(
     """
     with torch.autocast(images.device.type, dtype=torch.float16, enabled=amp):
         out = teacher.model(images, mask)
+    logits = teacher_logits(out["pred_logits"].float(), teacher.model.classifier, teacher.class_map)
+    if not teacher.sequences:  # a transformers teacher: predictions only (TA)
+        return {"seqs": [], "logits": logits, "boxes": out["pred_boxes"].float()}
     valid = ~out["enc_mask"]  # (B, n)
     hp, wp = (int(v) for v in out["enc_hw"])
     grid = valid.reshape(len(valid), hp, wp).cpu()
@@ -50,10 +54,9 @@ def run_teacher(
                 teacher.path,
             )
     layers = [out["enc_proj"], *out["enc_layers"]]
-    logits = out["pred_logits"].float()
     return {
         "seqs": [layers[i][valid] for i in layer_index],
-        "logits": teacher_logits(logits, teacher.model.classifier, teacher.class_map),
+        "logits": logits,
         "boxes": out["pred_boxes"].float(),
     }
 

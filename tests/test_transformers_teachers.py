@@ -1,0 +1,290 @@
+"""Teachers from other tools: a transformers ``save_pretrained`` folder of any DETR-family detector.
+
+For every family the pinned transformers builds offline (tests/hf_tiny.py), a tiny random model
+is saved with its image processor, cached with kacli beside a kacli teacher, and the cache is
+checked against transformers itself on the same image: its boxes (≤ 0.01 px) and its class
+probabilities through the rule of :mod:`kacli.teachers.labels` (≤ 1e-4), and kacli's detections
+of the folder against the processor's own ``post_process_object_detection``. The images are 64 px
+and every model's processor keeps them at 64 px, so both sides see the same pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from conftest import assert_one_line_error  # noqa: E402
+from hf_tiny import FAMILIES, processor, save_tiny  # noqa: E402
+from kacli.cache.reader import TeacherCache, collate_cached  # noqa: E402
+from kacli.cache.writer import cache_teachers  # noqa: E402
+from kacli.data.demo_data import make_demo_data  # noqa: E402
+from kacli.data.manifest import TaskManifest  # noqa: E402
+from kacli.data.split import split_tasks  # noqa: E402
+from kacli.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from kacli.models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from kacli.models.config import model_config  # noqa: E402
+from kacli.models.detr import DETR  # noqa: E402
+from kacli.models.postprocess import postprocess  # noqa: E402
+from kacli.teachers.load import load_teachers  # noqa: E402
+from kacli.teachers.online import OnlineTeachers  # noqa: E402
+
+SIDE = 64
+MODEL = {"backbone": "tiny", "tiny_widths": [8, 8, 16, 16], "d_model": 32, "nheads": 4, "enc_layers": 2,
+         "dec_layers": 1, "dim_feedforward": 64, "dropout": 0.0, "num_queries": 6, "pre_norm": True}
+AUG = {"scales": [48, 64], "max_size": SIDE, "crop_scales": [64], "crop_min": 48, "crop_max": 64, "crop_p": 0.0,
+       "flip_p": 0.5, "eval_size": SIDE}
+TRAIN = {"epochs": 1, "batch_size": 4, "lr": 1e-3, "lr_backbone": 1e-3, "lr_drop": 1000, "workers": 0,
+         "eval_every": 100, "seed": 0}
+QUIET = dict(views=1, dtype="float32", batch_size=4, workers=0, device="cpu", log=lambda *a, **k: None, progress=False)
+
+
+def _kacli_teacher(path: Path, label_map: dict, seed: int) -> Path:
+    cfg = model_config(MODEL)
+    torch.manual_seed(seed)
+    model = DETR(cfg, len(label_map["ids"]))
+    save_checkpoint(path, {"kind": "detr", "arch": cfg.to_dict(), "label_map": label_map, "task": None,
+                           "model": model.state_dict(), "config": {"model": cfg.to_dict(), "aug": AUG, "train": TRAIN}})
+    return path
+
+
+def _id2label(task_names: list[str]) -> dict[int, str]:
+    """The task's classes in reverse order, an unnamed slot (``N/A``) and a class no task has."""
+    names = list(reversed(task_names))
+    return {0: names[0], 1: "N/A", 2: "unicorn", **{3 + k: n for k, n in enumerate(names[1:])}}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Six 64-px demo images in two tasks and a tiny kacli teacher of the second task."""
+    root = tmp_path_factory.mktemp("hf")
+    make_demo_data(root / "data", train_images=6, val_images=2, test_images=2, seed=3, size=SIDE, progress=False)
+    split_tasks(str(root / "data" / "train.json"), str(root / "data" / "val.json"),
+                str(root / "data" / "tasks-2.yaml"), root / "tasks", test_spec=str(root / "data" / "test.json"))
+    manifest = TaskManifest(root / "tasks")
+    maps = [t.label_map() for t in manifest.tasks]
+    kacli_t = _kacli_teacher(root / "t1.pt", maps[1], 1)
+    return {"root": root, "manifest": manifest, "maps": maps, "kacli": kacli_t,
+            "id2label": _id2label(manifest.tasks[0].category_names)}
+
+
+def _folder(env, family: str, name: str | None = None, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    folder = env["root"] / (name or family)
+    if not folder.exists():
+        save_tiny(folder, family, env["id2label"], seed=seed, side=SIDE)
+    from transformers import AutoModelForObjectDetection
+
+    return folder, AutoModelForObjectDetection.from_pretrained(folder, local_files_only=True).eval()
+
+
+def _pixels(view: torch.Tensor) -> torch.Tensor:
+    """A kacli view (normalised with ImageNet's statistics) back to its uint8 image."""
+    x = view * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _rule(logits: torch.Tensor, family: str, task_slots: list[int], named: list[int]) -> torch.Tensor:
+    """The documented distribution over the task's classes + no object, from transformers' own
+    logits (Q, K[+1]): a softmax's task classes keep their probability, the rest is no object; a
+    sigmoid's task classes are normalised by max(1, Σp), no object 1 − Σq (teachers/labels.py)."""
+    if family in ("detr", "yolos"):
+        p = logits.softmax(-1)
+        q = p[:, task_slots]
+        return torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
+    p = logits.sigmoid()[:, task_slots]
+    q = p / p.sum(-1, keepdim=True).clamp(min=1)
+    return torch.cat([q, (1 - q.sum(-1, keepdim=True)).clamp(min=1e-12)], -1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_outputs_are_transformers_own(env, family):
+    folder, model = _folder(env, family)
+    out = env["root"] / f"{family}.h5"
+    cache_teachers(env["manifest"].path, [folder, env["kacli"]], out, **QUIET)
+    cache = TeacherCache(out)
+    task = env["manifest"].tasks[0]
+    id2label = env["id2label"]
+    slot_of = {n: k for k, n in id2label.items()}
+    task_slots = [slot_of[n] for n in task.category_names]
+    named = [k for k, n in sorted(id2label.items()) if n != "N/A"]
+    proc = processor(family, SIDE)
+    # what the cache says about the teacher
+    t0, t1 = cache.layout.teachers
+    assert (t0["kind"], t0["arch"], t0["sequences"]) == ("transformers", family, False)
+    assert t0["classifier"] == ("softmax" if family in ("detr", "yolos") else "sigmoid")
+    assert t0["transformers_version"] and t0["family"]
+    assert t1.get("kind", "kacli") == "kacli" and cache.layout.seq_teachers == [1]
+    with h5py.File(out) as f:
+        assert "seq" not in f["teachers/0"] and "seq" in f["teachers/1"]
+    worst = {"box_px": 0.0, "prob": 0.0, "pp_score": 0.0, "pp_box": 0.0}
+    compared = 0
+    folder_model = load_teachers(env["manifest"], [folder, env["kacli"]])[0].model
+    for e in range(len(cache)):
+        image, _, entry = cache[e]
+        assert tuple(image.shape) == (3, SIDE, SIDE)  # the eval view: the image itself
+        assert entry["seqs"].shape[0] == 1  # the kacli teacher's sequences only
+        inputs = proc(images=_pixels(image), return_tensors="pt")
+        assert tuple(inputs["pixel_values"].shape[-2:]) == (SIDE, SIDE)
+        with torch.no_grad():
+            ref = model(pixel_values=inputs["pixel_values"])
+        box = (entry["boxes"][0] - ref.pred_boxes[0]).abs().max() * SIDE
+        prob = (entry["logits"][0].softmax(-1) - _rule(ref.logits[0], family, task_slots, named)).abs().max()
+        worst["box_px"], worst["prob"] = max(worst["box_px"], float(box)), max(worst["prob"], float(prob))
+        # kacli's detections of the folder (eval's path) hold every one of transformers' own of a named class
+        pp = proc.post_process_object_detection(ref, threshold=0.0, target_sizes=[(SIDE, SIDE)])[0]
+        ours = postprocess(folder_model(image[None], torch.zeros(1, SIDE, SIDE, dtype=torch.bool)),
+                           torch.tensor([[SIDE, SIDE]]), folder_model.classifier)[0]
+        our_slots = torch.tensor(named)[ours["labels"]]
+        kept = [i for i, lab in enumerate(pp["labels"].tolist()) if lab in named]
+        compared += len(kept)
+        for i in kept:
+            same = our_slots == pp["labels"][i]
+            ds = (ours["scores"][same] - pp["scores"][i]).abs()
+            db = (ours["boxes"][same] - pp["boxes"][i]).abs().max(-1).values
+            j = int((ds + db).argmin())
+            worst["pp_score"] = max(worst["pp_score"], float(ds[j]))
+            worst["pp_box"] = max(worst["pp_box"], float(db[j]))
+    assert compared >= 5  # transformers' detections of the named classes, each found in kacli's
+    assert worst["box_px"] <= 0.01 and worst["prob"] <= 1e-4, worst
+    assert worst["pp_score"] <= 1e-4 and worst["pp_box"] <= 0.01, worst
+
+
+@pytest.fixture(scope="module")
+def mixed(env):
+    """A cache of an RT-DETR folder (first task) and the kacli teacher (second task)."""
+    folder, _ = _folder(env, "rt_detr")
+    out = env["root"] / "mixed.h5"
+    if not out.exists():
+        cache_teachers(env["manifest"].path, [folder, env["kacli"]], out, **QUIET)
+    return {"folder": folder, "cache": out}
+
+
+def test_online_transformers_teacher_gives_the_cached_outputs(env, mixed):
+    cache = TeacherCache(mixed["cache"])
+    images, mask, _, teacher = collate_cached([cache[i] for i in range(4)])
+    online = OnlineTeachers.from_teachers(load_teachers(env["manifest"], [mixed["folder"], env["kacli"]]),
+                                          cache.layer_names)
+    run = online(images, mask)
+    assert run["seqs"].shape == teacher["seqs"].shape and run["seqs"].shape[1] == 1
+    torch.testing.assert_close(run["seqs"], teacher["seqs"], rtol=1e-5, atol=1e-5)
+    for k in range(2):
+        torch.testing.assert_close(run["logits"][k], teacher["logits"][k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run["boxes"][k], teacher["boxes"][k], rtol=1e-5, atol=1e-5)
+    assert not any(m.training for m in online.modules())
+
+
+def test_cli_cache_info_amalgamate_eval_predict_with_a_folder(cli, env, mixed, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    r = cli("cache-info", mixed["cache"])
+    assert r.exit_code == 0, r.stderr
+    assert "TA only" in r.stdout and "SA+TA" in r.stdout and "rt_detr (transformers)" in r.stdout
+    r = cli("cache-info", mixed["cache"], "--json")
+    teachers = json.loads(r.stdout)["teachers"]
+    assert [(t["kind"], t["teaches"], t["sequence_bytes"] == 0) for t in teachers] == [
+        ("transformers", "TA only", True), ("kacli", "SA+TA", False)]
+    run = tmp_path / "student"
+    r = cli("amalgamate", "--cache", mixed["cache"], "--out", run, "--epochs", 1, "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss_seq", "loss_task", "loss_d"} <= set(row)
+    ck = load_checkpoint(run / "last.pt")
+    assert ck["arch"]["num_parts"] == 1  # one part: the kacli teacher's (the folder has no sequences)
+    # online, the same folder
+    r = cli("amalgamate", "--tasks", env["manifest"].path, "--teacher", mixed["folder"], "--teacher", env["kacli"],
+            "--out", tmp_path / "online", "--epochs", 1, "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    assert load_checkpoint(tmp_path / "online" / "last.pt")["meta"]["online"]["teachers"][0]["checkpoint"] == str(
+        mixed["folder"].resolve())
+    # eval: the folder beside the student, in one table
+    r = cli("eval", "--model", mixed["folder"], "--model", run, "--tasks", env["manifest"].path,
+            "--json", tmp_path / "eval.json")
+    assert r.exit_code == 0, r.stderr
+    members = json.loads((tmp_path / "eval.json").read_text())["members"]
+    assert members[0]["kind"] == "transformers" and members[0]["family"] == "RT-DETR" and members[0]["split"] == "test"
+    assert members[0]["model"] == "rt_detr" and 0 <= members[0]["AP"] <= 1
+    # predict draws the folder's boxes with its class names
+    image = next((env["root"] / "data").rglob("*.png"))
+    r = cli("predict", "--model", mixed["folder"], "--out", tmp_path / "pred", "--threshold", "0", image)
+    assert r.exit_code == 0, r.stderr
+    preds = json.loads(next((tmp_path / "pred").glob("*.json")).read_text())
+    rows = next(iter(preds.values())) if isinstance(preds, dict) else preds
+    names = {d["name"] for d in (rows if isinstance(rows, list) else rows["detections"])}
+    assert names and names <= set(env["manifest"].tasks[0].category_names) | {"unicorn"}
+
+
+def test_merge_tasks_takes_a_folder_as_a_teacher_only_task(cli, env, mixed, tmp_path):
+    data = env["root"] / "data"
+    out = tmp_path / "merged"
+    r = cli("merge-tasks", "--task", f"own={data / 'train.json'}", "--val", f"own={data / 'val.json'}",
+            "--teacher-only", f"shapes={mixed['folder']}", "--out", out)
+    assert r.exit_code == 0, r.stderr + r.stdout
+    tasks = TaskManifest(out / "tasks.yaml")
+    shapes = next(t for t in tasks.tasks if t.name == "shapes")
+    assert set(shapes.category_names) == {n for n in env["id2label"].values() if n != "N/A"}
+
+
+# -- bad input: one line, exit 2, nothing written -----------------------------------------------------
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("remote-code", ["remote code", "trust_remote_code"]),
+    ("not-a-detector", ["'bert'", "not an object detector"]),
+    ("no-classes-match", ["label map is not task", "config.json"]),
+    ("weights-mismatch", ["does not match", "config.json"]),
+    ("bin-only", ["no model.safetensors", "pytorch_model.bin"]),
+    ("no-processor", ["preprocessor_config.json"]),
+    ("no-transformers", ["pip install 'kacli[hf]'"]),
+    ("all-folders", ["at least one must be a kacli checkpoint"]),
+])
+def test_bad_folders_are_one_line_errors_and_write_nothing(cli, env, mixed, tmp_path, monkeypatch, case, needles):
+    bad = _copy(mixed["folder"], tmp_path / "bad")
+    teachers = [bad, env["kacli"]]
+    if case == "remote-code":
+        _edit_config(bad, auto_map={"AutoModelForObjectDetection": "modeling_evil.Evil"})
+    elif case == "not-a-detector":
+        _edit_config(bad, model_type="bert")
+    elif case == "no-classes-match":
+        n = len(env["id2label"])
+        _edit_config(bad, id2label={str(k): f"thing{k}" for k in range(n)}, label2id={f"thing{k}": k for k in range(n)})
+    elif case == "weights-mismatch":
+        _edit_config(bad, d_model=24, decoder_in_channels=[24, 24, 24], encoder_hidden_dim=24)
+    elif case == "bin-only":
+        (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
+    elif case == "no-processor":
+        (bad / "preprocessor_config.json").unlink()
+    elif case == "no-transformers":
+        monkeypatch.setattr("kacli.teachers.hf._transformers", lambda: None)
+    elif case == "all-folders":
+        other = env["root"] / "detr-second-task"
+        if not other.exists():
+            save_tiny(other, "detr", dict(enumerate(env["manifest"].tasks[1].category_names)), side=SIDE)
+        teachers = [bad, other]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["cache-teachers", "--tasks", env["manifest"].path, "--out", tmp_path / "c.h5", "--device", "cpu"]
+    r = cli(*args, *[a for t in teachers for a in ("--teacher", t)])
+    assert_one_line_error(r, *needles)
+    if case != "all-folders":
+        r = cli("eval", "--model", bad, "--tasks", env["manifest"].path, "--json", tmp_path / "e.json")
+        if case == "no-classes-match":  # eval scores the classes the folder shares with the dataset: none
+            assert_one_line_error(r, "none of the model's classes", "thing0")
+        else:
+            assert_one_line_error(r, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
