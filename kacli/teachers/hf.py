@@ -186,10 +186,18 @@ class ImageRule:
         return max(1, int(h * r + 0.5)), max(1, int(w * r + 0.5))
 
     def eval_sizes(self) -> tuple[int, int] | None:
-        """``(size, max_size)`` for kacli's evaluation view when the rule is DETR's, else None."""
+        """``(size, max_size)`` of kacli's evaluation view (``eval`` and ``predict`` resize an image to
+        it before the model's own rule): the rule's own sides, so that an image the rule keeps is
+        resized once; None without a resize rule (kacli's defaults)."""
         s = dict(self.size or ())
         if "shortest_edge" in s:
             return s["shortest_edge"], s.get("longest_edge", 1333)
+        if "height" in s:
+            return min(s["height"], s["width"]), max(s["height"], s["width"])
+        if "max_height" in s:
+            return min(s["max_height"], s["max_width"]), max(s["max_height"], s["max_width"])
+        if "longest_edge" in s:
+            return s["longest_edge"], s["longest_edge"]
         return None
 
     def to_dict(self) -> dict:
