@@ -32,6 +32,7 @@ RUN_DIRS = ("voc-2", "voc-4", "coco-2")
 PAPER_SCRIPTS = [EXAMPLES / "run_coco2.sh", EXAMPLES / "run_voc.sh"]
 MINE_SCRIPT = EXAMPLES / "run_coco_plus_mine.sh"  # COCO classes plus yours
 MINE_DIR = "coco-plus-mine"
+CONDITIONAL_DIR = "voc-2-conditional"  # Conditional DETR on the VOC run (not the paper's model)
 
 # Options on script/README lines that belong to other programs.
 FOREIGN_OPTIONS = {"--nproc-per-node", "--help"}
@@ -89,7 +90,7 @@ def run_text(script: Path) -> str:
 
 def test_examples_hold_the_three_runs_and_the_recipe():
     assert [s.name for s in SCRIPTS] == ["run_coco2.sh", "run_coco_plus_mine.sh", "run_voc.sh"]
-    for d in (*RUN_DIRS, MINE_DIR):
+    for d in (*RUN_DIRS, MINE_DIR, CONDITIONAL_DIR):
         assert sorted(p.name for p in (EXAMPLES / d).glob("*.yaml")) == ["student.yaml", "teacher.yaml"]
     assert README.is_file()
 
@@ -144,7 +145,7 @@ EXAMPLE_METHOD_DIFFERENCES: dict[str, str] = {
 }
 
 
-@pytest.mark.parametrize("run", (*RUN_DIRS, MINE_DIR))
+@pytest.mark.parametrize("run", (*RUN_DIRS, MINE_DIR, CONDITIONAL_DIR))
 def test_example_method_settings_are_the_library_defaults(run):
     from dataclasses import asdict
 
@@ -284,6 +285,24 @@ def test_script_refuses_missing_inputs(script, root_var, teachers, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == "error: TOTAL_BATCH 32 is not divisible by GPUS 3"
     assert not (tmp_path / "runs").exists()
+
+
+def test_conditional_voc_configs_are_conditional_detr_r50_on_its_schedule():
+    """Conditional DETR-R50 as the official checkpoint (post-norm, 300 queries), the VOC run's sizes,
+    Conditional DETR's 50 epochs (drop at 40) for the teachers and 50 passes over the VOC run's 5
+    cached views (drop at 40) for the student, whose model is the teachers'."""
+    teacher = load_run_config(EXAMPLES / CONDITIONAL_DIR / "teacher.yaml", {})
+    student = load_amalgamate_config(EXAMPLES / CONDITIONAL_DIR / "student.yaml")
+    voc = load_run_config(EXAMPLES / "voc-2" / "teacher.yaml", {})
+    m = teacher.model
+    assert (m.arch, m.classifier, m.backbone, m.d_model, m.enc_layers, m.dec_layers, m.num_queries, m.pre_norm) == (
+        "conditional", "sigmoid", "resnet50", 256, 6, 6, 300, False)
+    assert student.model == m and teacher.aug == voc.aug
+    assert (teacher.train.epochs, teacher.train.lr_drop) == (50, 40)
+    views = 5  # run_voc.sh's default VIEWS
+    assert (student.train.epochs * views, student.train.lr_drop * views) == (50, 40)
+    text = README.read_text()
+    assert "CONFIGS=examples/voc-2-conditional" in text and "expected" in text
 
 
 # -- COCO classes plus yours -----------------------------------------------------------------------
