@@ -54,14 +54,22 @@ def _hgnet():
         out_indices=[2, 3, 4])
 
 
-def tiny_config(family: str, id2label: dict[int, str], num_queries: int = 10, side: int = 64):
+#: Families with DETR's single-scale encoder: their sequences guide the student when their width,
+#: depth and stride are the kacli teachers' (``encoder``: ``(d_model, layers, stride)``).
+SEQUENCE = ("detr", "conditional_detr", "dab-detr")
+
+
+def tiny_config(family: str, id2label: dict[int, str], num_queries: int = 10, side: int = 64,
+                encoder: tuple[int, int, int] = (D, 1, 32)):
     """The smallest config of ``family`` (a model_type) with these classes."""
     lab = {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
-    if family in ("detr", "conditional_detr", "dab-detr"):
+    if family in SEQUENCE:
         cls = {"detr": transformers.DetrConfig, "conditional_detr": transformers.ConditionalDetrConfig,
                "dab-detr": transformers.DabDetrConfig}[family]
-        width = {"hidden_size": D} if family == "dab-detr" else {"d_model": D}
-        return cls(backbone_config=_resnet(["stage4"]), num_queries=num_queries, encoder_layers=1, decoder_layers=1,
+        d, layers, stride = encoder
+        width = {"hidden_size": d} if family == "dab-detr" else {"d_model": d}
+        stage = {16: "stage3", 32: "stage4"}[stride]
+        return cls(backbone_config=_resnet([stage]), num_queries=num_queries, encoder_layers=layers, decoder_layers=1,
                    encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
                    decoder_ffn_dim=FFN, dropout=0.0, **width, **lab)
     if family == "deformable_detr":
@@ -118,12 +126,14 @@ def processor(family: str, side: int = 64):
     return getattr(transformers, PROCESSORS[family])(size=size)
 
 
-def save_tiny(folder: Path, family: str, id2label: dict[int, str], seed: int = 0, side: int = 64, gain: float = 3.0):
+def save_tiny(folder: Path, family: str, id2label: dict[int, str], seed: int = 0, side: int = 64, gain: float = 3.0,
+              encoder: tuple[int, int, int] = (D, 1, 32)):
     """A tiny random ``family`` detector and its processor saved in ``folder``; returns the model.
     The class head's weights are scaled by ``gain`` so that the classes' probabilities differ, and
     an unnamed slot (``N/A``) gets a bias 3 lower, so that it does not take every top detection."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForObjectDetection.from_config(tiny_config(family, id2label, side=side)).eval()
+    model = transformers.AutoModelForObjectDetection.from_config(
+        tiny_config(family, id2label, side=side, encoder=encoder)).eval()
     k = len(id2label)
     unnamed = [i for i, n in id2label.items() if n == "N/A"]
     with torch.no_grad():

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import assert_one_line_error  # noqa: E402
-from hf_tiny import FAMILIES, processor, save_tiny  # noqa: E402
+from hf_tiny import FAMILIES, SEQUENCE, processor, save_tiny  # noqa: E402
 from kacli.cache.reader import TeacherCache, collate_cached  # noqa: E402
 from kacli.cache.writer import cache_teachers  # noqa: E402
 from kacli.data.demo_data import make_demo_data  # noqa: E402
@@ -73,10 +73,15 @@ def env(tmp_path_factory):
             "id2label": _id2label(manifest.tasks[0].category_names)}
 
 
+#: The kacli teacher's encoder (d_model, layers, stride): a single-scale folder's matches it, so its
+#: sequences guide the student.
+KACLI_ENCODER = (MODEL["d_model"], MODEL["enc_layers"], 16)
+
+
 def _folder(env, family: str, name: str | None = None, seed: int = 0) -> tuple[Path, torch.nn.Module]:
     folder = env["root"] / (name or family)
     if not folder.exists():
-        save_tiny(folder, family, env["id2label"], seed=seed, side=SIDE)
+        save_tiny(folder, family, env["id2label"], seed=seed, side=SIDE, encoder=KACLI_ENCODER)
     from transformers import AutoModelForObjectDetection
 
     return folder, AutoModelForObjectDetection.from_pretrained(folder, local_files_only=True).eval()
@@ -115,23 +120,28 @@ def test_cached_outputs_are_transformers_own(env, family):
     proc = processor(family, SIDE)
     # what the cache says about the teacher
     t0, t1 = cache.layout.teachers
-    assert (t0["kind"], t0["arch"], t0["sequences"]) == ("transformers", family, False)
+    sa = family in SEQUENCE  # DETR's single-scale encoder: its sequences are cached too
+    assert (t0["kind"], t0["arch"], t0["sequences"]) == ("transformers", family, sa)
     assert t0["classifier"] == ("softmax" if family in ("detr", "yolos") else "sigmoid")
     assert t0["transformers_version"] and t0["family"]
-    assert t1.get("kind", "kacli") == "kacli" and cache.layout.seq_teachers == [1]
+    assert t1.get("kind", "kacli") == "kacli" and cache.layout.seq_teachers == ([0, 1] if sa else [1])
     with h5py.File(out) as f:
-        assert "seq" not in f["teachers/0"] and "seq" in f["teachers/1"]
-    worst = {"box_px": 0.0, "prob": 0.0, "pp_score": 0.0, "pp_box": 0.0}
+        assert ("seq" in f["teachers/0"]) == sa and "seq" in f["teachers/1"]
+    worst = {"box_px": 0.0, "prob": 0.0, "pp_score": 0.0, "pp_box": 0.0, "seq": 0.0}
     compared = 0
     folder_model = load_teachers(env["manifest"], [folder, env["kacli"]])[0].model
     for e in range(len(cache)):
         image, _, entry = cache[e]
         assert tuple(image.shape) == (3, SIDE, SIDE)  # the eval view: the image itself
-        assert entry["seqs"].shape[0] == 1  # the kacli teacher's sequences only
+        assert entry["seqs"].shape[0] == (2 if sa else 1)  # the kacli teacher's sequences, and the folder's
         inputs = proc(images=_pixels(image), return_tensors="pt")
         assert tuple(inputs["pixel_values"].shape[-2:]) == (SIDE, SIDE)
         with torch.no_grad():
-            ref = model(pixel_values=inputs["pixel_values"])
+            ref = model(pixel_values=inputs["pixel_values"], output_hidden_states=sa)
+        if sa:  # proj, enc1, enc2: the input projection's output and each encoder layer's, row-major tokens
+            states = torch.stack([x[0] for x in ref.encoder_hidden_states])
+            assert entry["seqs"][0].shape == states.shape == (3, (SIDE // 16) ** 2, MODEL["d_model"])
+            worst["seq"] = max(worst["seq"], float((entry["seqs"][0] - states).abs().max()))
         box = (entry["boxes"][0] - ref.pred_boxes[0]).abs().max() * SIDE
         prob = (entry["logits"][0].softmax(-1) - _rule(ref.logits[0], family, task_slots, named)).abs().max()
         worst["box_px"], worst["prob"] = max(worst["box_px"], float(box)), max(worst["prob"], float(prob))
@@ -150,27 +160,34 @@ def test_cached_outputs_are_transformers_own(env, family):
             worst["pp_score"] = max(worst["pp_score"], float(ds[j]))
             worst["pp_box"] = max(worst["pp_box"], float(db[j]))
     assert compared >= 5  # transformers' detections of the named classes, each found in kacli's
-    assert worst["box_px"] <= 0.01 and worst["prob"] <= 1e-4, worst
+    assert worst["box_px"] <= 0.01 and worst["prob"] <= 1e-4 and worst["seq"] <= 1e-4, worst
     assert worst["pp_score"] <= 1e-4 and worst["pp_box"] <= 0.01, worst
 
 
-@pytest.fixture(scope="module")
-def mixed(env):
-    """A cache of an RT-DETR folder (first task) and the kacli teacher (second task)."""
-    folder, _ = _folder(env, "rt_detr")
-    out = env["root"] / "mixed.h5"
+def _mixed(env, family: str) -> dict:
+    """A cache of a ``family`` folder (first task) and the kacli teacher (second task)."""
+    folder, _ = _folder(env, family)
+    out = env["root"] / f"mixed-{family}.h5"
     if not out.exists():
         cache_teachers(env["manifest"].path, [folder, env["kacli"]], out, **QUIET)
     return {"folder": folder, "cache": out}
 
 
-def test_online_transformers_teacher_gives_the_cached_outputs(env, mixed):
-    cache = TeacherCache(mixed["cache"])
+@pytest.fixture(scope="module")
+def mixed(env):
+    """An RT-DETR folder (TA only) and the kacli teacher, cached."""
+    return _mixed(env, "rt_detr")
+
+
+@pytest.mark.parametrize("family", ["rt_detr", "detr"])
+def test_online_transformers_teacher_gives_the_cached_outputs(env, family):
+    folders = _mixed(env, family)
+    cache = TeacherCache(folders["cache"])
     images, mask, _, teacher = collate_cached([cache[i] for i in range(4)])
-    online = OnlineTeachers.from_teachers(load_teachers(env["manifest"], [mixed["folder"], env["kacli"]]),
+    online = OnlineTeachers.from_teachers(load_teachers(env["manifest"], [folders["folder"], env["kacli"]]),
                                           cache.layer_names)
     run = online(images, mask)
-    assert run["seqs"].shape == teacher["seqs"].shape and run["seqs"].shape[1] == 1
+    assert run["seqs"].shape == teacher["seqs"].shape and run["seqs"].shape[1] == (2 if family in SEQUENCE else 1)
     torch.testing.assert_close(run["seqs"], teacher["seqs"], rtol=1e-5, atol=1e-5)
     for k in range(2):
         torch.testing.assert_close(run["logits"][k], teacher["logits"][k], rtol=1e-5, atol=1e-5)
@@ -215,6 +232,28 @@ def test_cli_cache_info_amalgamate_eval_predict_with_a_folder(cli, env, mixed, t
     rows = next(iter(preds.values())) if isinstance(preds, dict) else preds
     names = {d["name"] for d in (rows if isinstance(rows, list) else rows["detections"])}
     assert names and names <= set(env["manifest"].tasks[0].category_names) | {"unicorn"}
+
+
+def test_a_single_scale_folder_guides_its_own_part_of_the_student(cli, env, tmp_path):
+    """A DETR folder of the kacli teacher's width, depth and stride: two parts, SA on both."""
+    folders = _mixed(env, "detr")
+    run = tmp_path / "student"
+    r = cli("amalgamate", "--cache", folders["cache"], "--out", run, "--epochs", 1, "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    assert load_checkpoint(run / "last.pt")["arch"]["num_parts"] == 2
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss_seq", "loss_task", "sa_proj", "sa_enc2"} <= set(row)
+
+
+@pytest.mark.parametrize("encoder, needle", [((16, 2, 16), "d_model 16"), ((32, 1, 16), "encoder depth 1"),
+                                             ((32, 2, 32), "backbone stride 32")])
+def test_a_single_scale_folder_of_another_width_is_one_line(cli, env, tmp_path, encoder, needle):
+    folder = tmp_path / "detr-other"
+    save_tiny(folder, "detr", env["id2label"], side=SIDE, encoder=encoder)
+    r = cli("cache-teachers", "--tasks", env["manifest"].path, "--teacher", folder, "--teacher", env["kacli"],
+            "--out", tmp_path / "c.h5", "--device", "cpu")
+    err = assert_one_line_error(r, needle, "detr-other", "differs from teacher 2's")
+    assert not (tmp_path / "c.h5").exists() and "only at the kacli teachers'" in err
 
 
 def test_merge_tasks_takes_a_folder_as_a_teacher_only_task(cli, env, mixed, tmp_path):

@@ -19,7 +19,7 @@ from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.errors import KacliError
 from kacli.teachers.layers import layer_names
-from kacli.teachers.load import Teacher, sequence_teachers
+from kacli.teachers.load import Teacher, first_kacli_teacher, sequence_teachers
 from kacli.teachers.online import OnlineTeachers
 
 
@@ -49,8 +49,8 @@ class TeacherSource:
 
     @property
     def first(self) -> Teacher:
-        """The first teacher with sequences: its width, depth, stride and settings are the student's."""
-        return sequence_teachers(self.teachers)[0]
+        """The first kacli teacher: its width, depth, stride (every SA teacher's) and settings are the student's."""
+        return first_kacli_teacher(self.teachers)
 
     @property
     def layers(self) -> list[str]:

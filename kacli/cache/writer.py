@@ -37,7 +37,7 @@ from kacli.fsutil import check_output_file
 from kacli.limits import check_seed, check_workers, max_views
 from kacli.runconfig import load_run_config
 from kacli.teachers.layers import layer_names
-from kacli.teachers.load import Teacher, load_teachers, sequence_teachers
+from kacli.teachers.load import Teacher, first_kacli_teacher, load_teachers, sequence_teachers
 
 
 def resolve_aug(teachers: Sequence[Teacher], config: str | Path | None, log: Callable[[str], None]) -> AugConfig:
@@ -154,7 +154,7 @@ def cache_teachers(
     json_path = manifest.split_json(split)
     image_root = manifest.image_root(split)
     loaded = load_teachers(manifest, teachers)
-    first = sequence_teachers(loaded)[0]  # the first kacli teacher: width, depth, stride, augmentation
+    first = first_kacli_teacher(loaded)  # the settings and views; width, depth and stride are every SA teacher's
     aug = resolve_aug([first], config, log)
     layer_list = layer_names(layers, first.enc_layers)
     union = manifest.student_label_map()  # a category two tasks share is one class

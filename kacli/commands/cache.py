@@ -93,7 +93,8 @@ def cache_teachers(
     table.add_row("file", summary["out"])
     table.add_row("entries", f"{summary['entries']} ({summary['images']} images × {summary['views']} views)")
     table.add_row("teachers", ", ".join(
-        t["task"] + (f" ({t.get('family')}, {t['kind']} folder: TA only, no sequences)" if t.get("kind", "kacli") != "kacli"
+        t["task"] + (f" ({t.get('family')}, {t['kind']} folder: "
+                     + ("SA + TA)" if t.get("sequences") else "TA only, no sequences)") if t.get("kind", "kacli") != "kacli"
                      else "") for t in summary["teachers"]))
     table.add_row("layers", ", ".join(summary["layers"]) + f" ({summary['dtype']})")
     table.add_row("tokens", str(summary["tokens"]))

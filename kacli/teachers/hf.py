@@ -23,9 +23,12 @@ architecture is copied here), frozen and in eval mode:
 holding a :class:`TransformersDetector` — an ``nn.Module`` with kacli's detector interface, which
 eval and predict score beside kacli's models (:func:`load_detector`, :func:`build_detector`).
 
-Such a teacher gives no sequence the student is guided by: it teaches through TA only (its part of
-sequence-level amalgamation is off). DETR and Conditional DETR folders can instead be converted with
-``kacli import-checkpoint`` and then teach through SA and TA.
+A folder of a single-scale encoder family (:data:`SEQUENCE_FAMILIES`: DETR, Conditional, DAB-DETR)
+teaches through SA too: :meth:`TransformersDetector.give_sequences` runs it on each view at the
+view's own size and gives its encoder's sequences (transformers' ``encoder_hidden_states``: the
+input projection's output, then every layer's) on kacli's token grid. The others give no sequence
+the student is guided by: they teach through TA only (their part of sequence-level amalgamation is
+off). DETR and Conditional DETR folders can also be converted with ``kacli import-checkpoint``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "yolos": ("YOLOS", "softmax"),
     "table-transformer": ("Table Transformer", "softmax"),
 }
+
+#: Families whose encoder is DETR's kind: one sequence at one stride, layer by layer
+#: (``encoder_hidden_states``: the input projection's output, then every layer's). Such a folder
+#: teaches through SA too, when its width, depth and stride are the kacli teachers'.
+SEQUENCE_FAMILIES = ("detr", "conditional_detr", "dab-detr")
 
 #: Slot names that mean "no class here" (DETR's unused COCO ids).
 UNNAMED = ("N/A", "")
@@ -230,6 +238,7 @@ class TransformersDetector(nn.Module):
         self.num_labels = int(num_labels)
         self.path = path
         self.keep_slots(named)
+        self.stride: int | None = None  # give_sequences()
         self.register_buffer("in_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("in_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         mean = rule.mean or (0.0, 0.0, 0.0)
@@ -250,10 +259,10 @@ class TransformersDetector(nn.Module):
 
     def model_input(self, view: torch.Tensor) -> torch.Tensor:
         """One kacli view (3,h,w), normalised with ImageNet's mean/std → the model's pixel values
-        (3,h',w') by the folder's rules."""
+        (3,h',w') by the folder's rules (at the view's own size when it gives sequences)."""
         x = view.float() * self.in_std + self.in_mean  # [0, 1] pixels
         h, w = int(x.shape[1]), int(x.shape[2])
-        oh, ow = self.rule.output_size(h, w)
+        oh, ow = (h, w) if self.stride is not None else self.rule.output_size(h, w)
         if (oh, ow) != (h, w):
             x = F.interpolate(x[None], size=(oh, ow), mode="bilinear", align_corners=False, antialias=True)[0]
         x = x * self.rule.scale
@@ -272,13 +281,33 @@ class TransformersDetector(nn.Module):
             groups.setdefault(tuple(x.shape[1:]), []).append((b, x))
         logits: list[torch.Tensor | None] = [None] * len(images)
         boxes: list[torch.Tensor | None] = [None] * len(images)
+        seq = self.stride is not None
+        if seq:  # kacli's token grid of the padded batch: each view's tokens at its top-left
+            s = self.stride
+            hp, wp = -(-images.shape[-2] // s), -(-images.shape[-1] // s)
+            layers: list[torch.Tensor] = []
+            enc_mask = torch.ones(len(images), hp * wp, dtype=torch.bool, device=images.device)
         dtype = next(self.model.parameters()).dtype
-        for items in groups.values():
+        for (h, w), items in groups.items():
             pixel_values = torch.stack([x for _, x in items]).to(dtype)
-            out = self.model(pixel_values=pixel_values)
+            out = self.model(pixel_values=pixel_values, output_hidden_states=seq)
             lg, bx = out.logits.float(), out.pred_boxes.float()
             for k, (b, _) in enumerate(items):
                 logits[b], boxes[b] = lg[k], bx[k]
+            if seq:
+                th, tw = -(-h // s), -(-w // s)
+                states = out.encoder_hidden_states  # (L+1) × (b, n, d): the projection, then each layer
+                if states[0].shape[1] != th * tw:
+                    raise KacliError(f"the model's encoder gives {states[0].shape[1]} tokens for a {h}x{w} view, "
+                                     f"expected ceil(size / stride {s}) = {th}x{tw}", self.path)
+                if not layers:
+                    layers = [states[0].new_zeros(len(images), hp * wp, states[0].shape[-1]) for _ in states]
+                idx = (torch.arange(th, device=images.device)[:, None] * wp
+                       + torch.arange(tw, device=images.device)[None, :]).reshape(-1)
+                for k, (b, _) in enumerate(items):
+                    for j, x in enumerate(states):
+                        layers[j][b, idx] = x[k].to(layers[j].dtype)
+                    enc_mask[b, idx] = False
         pred_logits = torch.stack(logits)  # type: ignore[arg-type]
         want = self.num_labels + (1 if self.classifier == "softmax" else 0)
         if pred_logits.shape[-1] != want:
@@ -287,7 +316,29 @@ class TransformersDetector(nn.Module):
         if self.named is not None:
             pred_logits = (remap_logits(pred_logits, self.named) if self.classifier == "softmax"
                            else pred_logits[..., self.named])
-        return {"pred_logits": pred_logits, "pred_boxes": torch.stack(boxes)}  # type: ignore[arg-type]
+        out = {"pred_logits": pred_logits, "pred_boxes": torch.stack(boxes)}  # type: ignore[arg-type]
+        if seq:
+            out |= {"enc_proj": layers[0], "enc_layers": layers[1:], "enc_mask": enc_mask, "enc_hw": (hp, wp)}
+        return out
+
+    def give_sequences(self, stride: int | None) -> None:
+        """Run every view at its own size (the folder's resize rule left out, so that its tokens lie on
+        kacli's grid) and give the encoder's sequences too, kacli's way: ``enc_proj`` (B,n,d),
+        ``enc_layers`` [(B,n,d)] × L, ``enc_mask`` (B,n) True = padding, ``enc_hw`` (hp, wp) with
+        ``hp = ceil(H / stride)``; None: predictions only, each view by the folder's rules."""
+        self.stride = stride
+
+    def encoder_stride(self) -> int:
+        """The stride of the encoder's sequence, measured: the tokens a 64 × 128 image gives."""
+        with torch.no_grad():
+            out = self.model(pixel_values=torch.zeros(1, 3, 64, 128, dtype=next(self.model.parameters()).dtype),
+                             output_hidden_states=True)
+        n = int(out.encoder_hidden_states[0].shape[1])
+        for s in (8, 16, 32, 64):
+            if (-(-64 // s)) * (-(-128 // s)) == n:
+                return s
+        raise KacliError(f"the model's encoder gives {n} tokens for a 64x128 image: no stride of 8, 16, 32 or 64 "
+                         "gives that", self.path)
 
 
 # -- the folder ------------------------------------------------------------------------------------
@@ -391,18 +442,25 @@ def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[st
     rule = ImageRule.from_processor(_read_json(p / PROCESSOR, PROCESSOR), p / PROCESSOR)
     names = label_slots(cfg, p / CONFIG)
     family, classifier = FAMILIES.get(model_type, (model_type, "sigmoid"))
+    sequence = model_type in SEQUENCE_FAMILIES
     sizes = rule.eval_sizes()
     info: dict[str, Any] = {
         "kind": KIND, "path": str(p), "sha256": folder_sha256(p), "family": family, "model_type": model_type,
         "classifier": classifier, "label_map": folder_label_map(names), "slots": len(names),
         "num_queries": int(cfg.get("num_queries") or cfg.get("num_detection_tokens") or 0), "rule": rule, "transformers_version": tf.__version__,
         "config": {"aug": {"eval_size": sizes[0], "max_size": sizes[1]}} if sizes else {}, "task": None,
+        "sequence": sequence,
     }
+    if sequence:  # the encoder's width and depth (its stride is measured once the model is built)
+        info["d_model"] = int(cfg.get("d_model") or cfg.get("hidden_size") or 0)
+        info["enc_layers"] = int(cfg.get("encoder_layers") or 0)
     if build:
         model = TransformersDetector(_load_model(p, len(names)), rule, classifier, len(names), p, info["label_map"]["ids"])
         if not info["num_queries"]:  # a config that does not name its query count: one small image tells it
             probe = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
             info["num_queries"] = int(probe["pred_logits"].shape[1])
+        if sequence:
+            info["stride"] = model.encoder_stride()
         info["model"] = model
     return info
 
@@ -503,5 +561,5 @@ def build_detector(ckpt: Mapping[str, Any]) -> nn.Module:
     return ckpt["model"] if ckpt["kind"] == KIND else build_model(dict(ckpt))
 
 
-__all__ = ["FAMILIES", "INSTALL_HINT", "KIND", "ImageRule", "TransformersDetector", "build_detector", "folder_label_map",
+__all__ = ["FAMILIES", "INSTALL_HINT", "KIND", "SEQUENCE_FAMILIES", "ImageRule", "TransformersDetector", "build_detector", "folder_label_map",
            "folder_sha256", "is_transformers_folder", "load_detector", "match_categories", "label_slots", "load_transformers_folder", "read_folder_config"]

@@ -99,8 +99,10 @@ class Teacher:
 
     @property
     def sequences(self) -> bool:
-        """Whether the teacher gives sequences the student is guided by (SA)."""
-        return self.kind == "kacli"
+        """Whether the teacher gives sequences the student is guided by (SA): a kacli teacher does,
+        and so does a transformers folder of a single-scale encoder family
+        (:data:`kacli.teachers.hf.SEQUENCE_FAMILIES`)."""
+        return self.kind == "kacli" or bool((self.info or {}).get("sequence"))
 
     @property
     def num_classes(self) -> int:
@@ -119,17 +121,17 @@ class Teacher:
     @property
     def d_model(self) -> int:
         self._sequence_attr("d_model")
-        return int(self.model.cfg.d_model)
+        return int(self.info["d_model"]) if self.kind != "kacli" else int(self.model.cfg.d_model)
 
     @property
     def enc_layers(self) -> int:
         self._sequence_attr("encoder sequence")
-        return int(self.model.cfg.enc_layers)
+        return int(self.info["enc_layers"]) if self.kind != "kacli" else int(self.model.cfg.enc_layers)
 
     @property
     def stride(self) -> int:
         self._sequence_attr("backbone stride")
-        return int(self.model.backbone.stride)
+        return int(self.info["stride"]) if self.kind != "kacli" else int(self.model.backbone.stride)
 
     @property
     def aug(self) -> Mapping | None:
@@ -138,8 +140,9 @@ class Teacher:
 
     def recorded_settings(self) -> dict:
         """``{"model", "train"}`` of the teacher's run (:func:`recorded_settings` of its architecture
-        and run config): what ``cache-teachers`` stores as ``teacher_settings``."""
-        if not self.sequences:
+        and run config): what ``cache-teachers`` stores as ``teacher_settings``; ``{}`` for a
+        transformers folder (not a kacli architecture)."""
+        if self.kind != "kacli":
             return {}
         return recorded_settings(self.model.cfg.to_dict(), self.config)
 
@@ -167,13 +170,20 @@ class Teacher:
             info = self.info or {}
             out |= {"arch": info.get("model_type"), "classifier": self.model.classifier, "kind": self.kind,
                     "family": info.get("family"), "transformers_version": info.get("transformers_version"),
-                    "sequences": False, "image_rule": info["rule"].to_dict() if info.get("rule") is not None else None}
+                    "sequences": self.sequences,
+                    "image_rule": info["rule"].to_dict() if info.get("rule") is not None else None}
         return out | ({"class_map": list(self.class_map)} if self.class_map is not None else {})
 
 
 def sequence_teachers(teachers: Sequence[Teacher]) -> list[Teacher]:
     """The teachers that give sequences (SA), in order: the student has one part per each."""
     return [t for t in teachers if t.sequences]
+
+
+def first_kacli_teacher(teachers: Sequence[Teacher]) -> Teacher:
+    """The first kacli teacher: the settings (architecture, training, augmentation) a student and the
+    cache's views start from (:func:`load_teachers` makes sure there is one)."""
+    return next(t for t in teachers if t.kind == "kacli")
 
 
 def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[Teacher]:
@@ -184,7 +194,8 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
     few of COCO's categories) gets a ``class_map`` and its logits are stored in the task's class
     order, its other classes folded into no-object (:func:`kacli.teachers.labels.remap_logits`).
 
-    A transformers folder (:mod:`kacli.teachers.hf`) teaches through TA only: its slots are matched
+    A transformers folder (:mod:`kacli.teachers.hf`) teaches through TA, and through SA too when its
+    family has a single-scale encoder (DETR, Conditional, DAB-DETR): its slots are matched
     to the task's classes by name in the same way (``class_map`` always set: positions among its named slots).
 
     Raises KacliError (naming the teacher file) when the count is wrong, a label map lacks one of
@@ -230,17 +241,21 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
             Teacher(path.resolve(), sha, task.name, label_map, model, ckpt.get("config") or {}, class_map)
         )
     with_seq = sequence_teachers(teachers)
-    if not with_seq:
+    if not any(t.kind == "kacli" for t in teachers):
         raise KacliError("every teacher is a transformers folder: at least one must be a kacli checkpoint (it gives "
                          "the student's architecture and the sequences it is guided by; kacli import-checkpoint "
                          "converts DETR and Conditional DETR folders, kacli train-teacher trains one)", teachers[0].path)
-    first = with_seq[0]
-    for t in with_seq[1:]:
+    first = first_kacli_teacher(teachers)  # the reference: the student's width, depth and stride
+    for t in (t for t in with_seq if t is not first):
         for what in ("d_model", "enc_layers", "stride"):
             a, b = getattr(first, what), getattr(t, what)
             if a != b:
                 label = {"d_model": "d_model", "enc_layers": "encoder depth", "stride": "backbone stride"}[what]
-                raise KacliError(f"{label} {b} differs from teacher 1's ({first.path.name}: {a}); all teachers must share it", t.path)
+                k = teachers.index(first) + 1
+                hint = ("; its encoder's sequences guide the student (SA) only at the kacli teachers' width, depth "
+                        "and stride" if t.kind != "kacli" or first.kind != "kacli" else "")
+                raise KacliError(f"{label} {b} differs from teacher {k}'s ({first.path.name}: {a}); all teachers "
+                                 f"that give sequences must share it{hint}", t.path)
     return teachers
 
 
@@ -251,8 +266,10 @@ def _transformers_teacher(raw_path: str | Path, task, renames: Mapping[str, str]
     # the model's outputs are its named slots, in label-map order: positions are the class map
     class_map = match_classes(info["label_map"], task.name, task.category_names, renames, path / "config.json")
     model = info.pop("model")
+    if info["sequence"]:  # a single-scale encoder: run at the views' own size, its sequences on kacli's grid
+        model.give_sequences(info["stride"])
     return Teacher(path, info["sha256"], task.name, task.label_map(), model, {}, class_map, kind=info["kind"], info=info)
 
 
-__all__ = ["Teacher", "sequence_teachers", "checkpoint_settings", "load_teachers", "recorded_settings", "teacher_file", "teacher_label_map",
+__all__ = ["Teacher", "first_kacli_teacher", "sequence_teachers", "checkpoint_settings", "load_teachers", "recorded_settings", "teacher_file", "teacher_label_map",
            "teacher_sha256"]
