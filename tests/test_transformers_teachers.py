@@ -310,7 +310,7 @@ def test_bad_folders_are_one_line_errors_and_write_nothing(cli, env, mixed, tmp_
     elif case == "no-processor":
         (bad / "preprocessor_config.json").unlink()
     elif case == "no-transformers":
-        monkeypatch.setattr("kacli.teachers.hf._transformers", lambda: None)
+        monkeypatch.setattr("kacli.teachers.hf.folder._transformers", lambda: None)
     elif case == "all-folders":
         other = env["root"] / "detr-second-task"
         if not other.exists():

@@ -1,0 +1,144 @@
+"""A transformers object detector behind kacli's detector interface: kacli's views in, its named
+classes' logits and boxes of each view out, and (single-scale encoders) its sequences on kacli's
+token grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kacli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from kacli.errors import KacliError
+from kacli.teachers.hf.rules import ImageRule
+from kacli.teachers.labels import remap_logits
+
+
+class TransformersDetector(nn.Module):
+    """A transformers object detector behind kacli's detector interface (frozen, eval mode).
+
+    ``forward(images (B,3,H,W), mask (B,H,W) True = padding)`` takes kacli's normalised views
+    (ImageNet mean/std, each view at the top-left of the padded batch), puts each view through the
+    folder's image rules (:class:`ImageRule`) and the model, and returns ``{"pred_logits" (B,Q,K+1)
+    (softmax) or (B,Q,K) (sigmoid) float32, "pred_boxes" (B,Q,4) float32}``: cxcywh in [0,1] of
+    each view (its unpadded extent), K the model's named slots (``named``, the label map's ids, in
+    order). Unnamed slots (``N/A``) are never predicted: a softmax's fold into "no object"
+    (:func:`kacli.teachers.labels.remap_logits`), so every named class keeps transformers' own
+    probability; a sigmoid's are dropped. Views of the same resized size run as one batch.
+    """
+
+    def __init__(self, model: nn.Module, rule: ImageRule, classifier: str, num_labels: int, path: Path,
+                 named: list[int] | None = None):
+        super().__init__()
+        self.model = model
+        self.rule = rule
+        self.classifier = classifier
+        self.num_labels = int(num_labels)
+        self.path = path
+        self.keep_slots(named)
+        self.stride: int | None = None  # give_sequences()
+        self.register_buffer("in_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("in_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        mean = rule.mean or (0.0, 0.0, 0.0)
+        std = rule.std or (1.0, 1.0, 1.0)
+        self.register_buffer("out_mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("out_std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def keep_slots(self, slots: list[int] | None) -> None:
+        """Give only these class slots, in this order (None: all of them)."""
+        named = list(range(self.num_labels)) if slots is None else [int(k) for k in slots]
+        self.named = None if named == list(range(self.num_labels)) else named
+
+    def train(self, mode: bool = True) -> TransformersDetector:
+        """Always eval mode: a teacher's dropout and batch statistics stay off."""
+        return super().train(False)
+
+    def model_input(self, view: torch.Tensor) -> torch.Tensor:
+        """One kacli view (3,h,w), normalised with ImageNet's mean/std → the model's pixel values
+        (3,h',w') by the folder's rules (at the view's own size when it gives sequences)."""
+        x = view.float() * self.in_std + self.in_mean  # [0, 1] pixels
+        h, w = int(x.shape[1]), int(x.shape[2])
+        oh, ow = (h, w) if self.stride is not None else self.rule.output_size(h, w)
+        if (oh, ow) != (h, w):
+            x = F.interpolate(x[None], size=(oh, ow), mode="bilinear", align_corners=False, antialias=True)[0]
+        x = x * self.rule.scale
+        if self.rule.mean is not None:
+            x = (x - self.out_mean) / self.out_std
+        return x
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict:
+        valid = ~mask.bool()
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        for b in range(len(images)):
+            h = int(valid[b].any(1).sum())
+            w = int(valid[b].any(0).sum())
+            x = self.model_input(images[b, :, :h, :w])
+            groups.setdefault(tuple(x.shape[1:]), []).append((b, x))
+        logits: list[torch.Tensor | None] = [None] * len(images)
+        boxes: list[torch.Tensor | None] = [None] * len(images)
+        seq = self.stride is not None
+        if seq:  # kacli's token grid of the padded batch: each view's tokens at its top-left
+            s = self.stride
+            hp, wp = -(-images.shape[-2] // s), -(-images.shape[-1] // s)
+            layers: list[torch.Tensor] = []
+            enc_mask = torch.ones(len(images), hp * wp, dtype=torch.bool, device=images.device)
+        dtype = next(self.model.parameters()).dtype
+        for (h, w), items in groups.items():
+            pixel_values = torch.stack([x for _, x in items]).to(dtype)
+            out = self.model(pixel_values=pixel_values, output_hidden_states=seq)
+            lg, bx = out.logits.float(), out.pred_boxes.float()
+            for k, (b, _) in enumerate(items):
+                logits[b], boxes[b] = lg[k], bx[k]
+            if seq:
+                th, tw = -(-h // s), -(-w // s)
+                states = out.encoder_hidden_states  # (L+1) × (b, n, d): the projection, then each layer
+                if states[0].shape[1] != th * tw:
+                    raise KacliError(f"the model's encoder gives {states[0].shape[1]} tokens for a {h}x{w} view, "
+                                     f"expected ceil(size / stride {s}) = {th}x{tw}", self.path)
+                if not layers:
+                    layers = [states[0].new_zeros(len(images), hp * wp, states[0].shape[-1]) for _ in states]
+                idx = (torch.arange(th, device=images.device)[:, None] * wp
+                       + torch.arange(tw, device=images.device)[None, :]).reshape(-1)
+                for k, (b, _) in enumerate(items):
+                    for j, x in enumerate(states):
+                        layers[j][b, idx] = x[k].to(layers[j].dtype)
+                    enc_mask[b, idx] = False
+        pred_logits = torch.stack(logits)  # type: ignore[arg-type]
+        want = self.num_labels + (1 if self.classifier == "softmax" else 0)
+        if pred_logits.shape[-1] != want:
+            raise KacliError(f"the model gives {pred_logits.shape[-1]} class logits per query, expected {want} for its "
+                             f"{self.num_labels} labels with a {self.classifier} classifier", self.path)
+        if self.named is not None:
+            pred_logits = (remap_logits(pred_logits, self.named) if self.classifier == "softmax"
+                           else pred_logits[..., self.named])
+        out = {"pred_logits": pred_logits, "pred_boxes": torch.stack(boxes)}  # type: ignore[arg-type]
+        if seq:
+            out |= {"enc_proj": layers[0], "enc_layers": layers[1:], "enc_mask": enc_mask, "enc_hw": (hp, wp)}
+        return out
+
+    def give_sequences(self, stride: int | None) -> None:
+        """Run every view at its own size (the folder's resize rule left out, so that its tokens lie on
+        kacli's grid) and give the encoder's sequences too, kacli's way: ``enc_proj`` (B,n,d),
+        ``enc_layers`` [(B,n,d)] × L, ``enc_mask`` (B,n) True = padding, ``enc_hw`` (hp, wp) with
+        ``hp = ceil(H / stride)``; None: predictions only, each view by the folder's rules."""
+        self.stride = stride
+
+    def encoder_stride(self) -> int:
+        """The stride of the encoder's sequence, measured: the tokens a 64 × 128 image gives."""
+        with torch.no_grad():
+            out = self.model(pixel_values=torch.zeros(1, 3, 64, 128, dtype=next(self.model.parameters()).dtype),
+                             output_hidden_states=True)
+        n = int(out.encoder_hidden_states[0].shape[1])
+        for s in (8, 16, 32, 64):
+            if (-(-64 // s)) * (-(-128 // s)) == n:
+                return s
+        raise KacliError(f"the model's encoder gives {n} tokens for a 64x128 image: no stride of 8, 16, 32 or 64 "
+                         "gives that", self.path)
+
+
+__all__ = ["TransformersDetector"]

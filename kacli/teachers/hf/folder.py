@@ -1,0 +1,269 @@
+"""A transformers object-detection folder: what one is, its config, classes and hash, and loading it
+(offline, without remote code, from safetensors) as a checkpoint-like dict holding a
+:class:`~kacli.teachers.hf.detector.TransformersDetector`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from kacli.errors import KacliError
+from kacli.fsutil import sha256_file
+from kacli.teachers.hf.detector import TransformersDetector
+from kacli.teachers.hf.rules import ImageRule
+
+KIND = "transformers"
+INSTALL_HINT = "transformers is not installed: pip install 'kacli[hf]'"
+
+#: The families kacli documents (model_type → (name, classifier)); any other object-detection
+#: model_type transformers knows loads too, with the sigmoid classifier checked at its first run.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "detr": ("DETR", "softmax"),
+    "conditional_detr": ("Conditional DETR", "sigmoid"),
+    "dab-detr": ("DAB-DETR", "sigmoid"),
+    "deformable_detr": ("Deformable DETR", "sigmoid"),
+    "rt_detr": ("RT-DETR", "sigmoid"),
+    "rt_detr_v2": ("RT-DETRv2", "sigmoid"),
+    "d_fine": ("D-FINE", "sigmoid"),
+    "deimv2": ("DEIMv2", "sigmoid"),
+    "lw_detr": ("LW-DETR", "sigmoid"),
+    "rf_detr": ("RF-DETR", "sigmoid"),
+    "yolos": ("YOLOS", "softmax"),
+    "table-transformer": ("Table Transformer", "softmax"),
+}
+
+#: Families whose encoder is DETR's kind: one sequence at one stride, layer by layer
+#: (``encoder_hidden_states``: the input projection's output, then every layer's). Such a folder
+#: teaches through SA too, when its width, depth and stride are the kacli teachers'.
+SEQUENCE_FAMILIES = ("detr", "conditional_detr", "dab-detr")
+
+#: Slot names that mean "no class here" (DETR's unused COCO ids).
+UNNAMED = ("N/A", "")
+
+CONFIG = "config.json"
+PROCESSOR = "preprocessor_config.json"
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def is_transformers_folder(path: str | Path) -> bool:
+    """A folder with a ``config.json`` and no kacli checkpoint (``best.pt`` / ``last.pt``) in it."""
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG).is_file() and not any((p / n).is_file() for n in ("best.pt", "last.pt"))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise KacliError(f"{what} is not readable JSON ({type(e).__name__})", path) from None
+    if not isinstance(data, dict):
+        raise KacliError(f"{what} is not a JSON object", path)
+    return data
+
+
+def _transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return None
+    return transformers
+
+
+def detection_model_types() -> set[str]:
+    """The object-detection model types the installed transformers maps (empty without it)."""
+    if _transformers() is None:
+        return set()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+
+    return set(MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES)
+
+
+def folder_sha256(path: str | Path) -> str:
+    """sha256 over the folder's config, image rules and weight files (name and content each)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    names = sorted(n for n in os.listdir(p)
+                   if n in (CONFIG, PROCESSOR) or (n.startswith("model") and n.endswith((".safetensors", ".json"))))
+    for n in names:
+        if (p / n).is_file():
+            h.update(n.encode() + b"\0" + sha256_file(p / n).encode() + b"\n")
+    return h.hexdigest()
+
+
+def read_folder_config(path: str | Path) -> dict:
+    """The folder's ``config.json``, checked to be an object detector that runs without remote code."""
+    p = Path(path)
+    cfg = _read_json(p / CONFIG, CONFIG)
+    if "auto_map" in cfg:
+        raise KacliError("config.json asks for remote code (auto_map): kacli never runs code from a model folder "
+                         "(trust_remote_code is never set)", p)
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise KacliError("config.json has no model_type: not a transformers model folder", p)
+    return cfg
+
+
+def label_slots(cfg: Mapping[str, Any], path: Path) -> list[str | None]:
+    """The name of each class slot (``config.id2label``; None for an unnamed slot)."""
+    raw = cfg.get("id2label")
+    if not isinstance(raw, dict) or not raw:
+        raise KacliError("config.json has no id2label: the model's classes are unknown", path)
+    try:
+        pairs = {int(k): v for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise KacliError("config.json's id2label has a key that is not a class index", path) from None
+    n = max(pairs) + 1
+    if min(pairs) < 0 or n > 100_000:
+        raise KacliError(f"config.json's id2label has class index {min(pairs) if min(pairs) < 0 else n - 1} out of range", path)
+    names: list[str | None] = [None] * n
+    for k, v in pairs.items():
+        names[k] = None if not isinstance(v, str) or v.strip() in UNNAMED else v
+    if not any(names):
+        raise KacliError("config.json's id2label names no class", path)
+    return names
+
+
+def folder_label_map(names: list[str | None]) -> dict:
+    """``{"ids", "names"}`` of the named slots (ids = slot indices, the model's class ids)."""
+    named = [(k, n) for k, n in enumerate(names) if n is not None]
+    return {"ids": [k for k, _ in named], "names": [n for _, n in named]}
+
+
+@contextlib.contextmanager
+def _offline():
+    """Nothing downloads while a folder loads (a config naming a hub backbone would try)."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[str, Any]:
+    """A transformers object-detection folder as a checkpoint-like dict: ``{"kind": "transformers",
+    "path", "sha256", "family", "model_type", "classifier", "label_map" (named slots), "slots"
+    (K), "num_queries", "rule" (ImageRule), "config" ({"aug": eval sizes} when the rule is
+    DETR's), "transformers_version", "task": None, "model" (TransformersDetector; only with
+    ``build``)}``.
+
+    Raises KacliError (one line naming the folder or file) for a folder that is not an object
+    detector transformers knows, asks for remote code, lacks its image rules or safetensors
+    weights, or whose weights do not fit its config; and when transformers is not installed.
+    """
+    p = Path(path)
+    if not p.is_dir() or not (p / CONFIG).is_file():
+        raise KacliError("is not a transformers model folder (no config.json)", p)
+    cfg = read_folder_config(p)
+    model_type = cfg["model_type"]
+    tf = _transformers()
+    if tf is None:
+        raise KacliError(INSTALL_HINT, p)
+    if model_type not in detection_model_types():
+        raise KacliError(f"is a {model_type!r} model, not an object detector transformers {tf.__version__} knows "
+                         "(AutoModelForObjectDetection)", p)
+    if not any((p / n).is_file() for n in WEIGHTS):
+        other = [n for n in ("pytorch_model.bin", "tf_model.h5") if (p / n).is_file()]
+        hint = f" ({other[0]} is not read: it can run code when loaded; save with safe_serialization)" if other else ""
+        raise KacliError(f"holds no model.safetensors{hint}", p)
+    if not (p / PROCESSOR).is_file():
+        raise KacliError(f"holds no {PROCESSOR}: the model's image rules (size, normalisation) are unknown "
+                         "(save its image processor with save_pretrained into the folder)", p)
+    rule = ImageRule.from_processor(_read_json(p / PROCESSOR, PROCESSOR), p / PROCESSOR)
+    names = label_slots(cfg, p / CONFIG)
+    family, classifier = FAMILIES.get(model_type, (model_type, "sigmoid"))
+    sequence = model_type in SEQUENCE_FAMILIES
+    sizes = rule.eval_sizes()
+    info: dict[str, Any] = {
+        "kind": KIND, "path": str(p), "sha256": folder_sha256(p), "family": family, "model_type": model_type,
+        "classifier": classifier, "label_map": folder_label_map(names), "slots": len(names),
+        "num_queries": int(cfg.get("num_queries") or cfg.get("num_detection_tokens") or 0), "rule": rule, "transformers_version": tf.__version__,
+        "config": {"aug": {"eval_size": sizes[0], "max_size": sizes[1]}} if sizes else {}, "task": None,
+        "sequence": sequence,
+    }
+    if sequence:  # the encoder's width and depth (its stride is measured once the model is built)
+        info["d_model"] = int(cfg.get("d_model") or cfg.get("hidden_size") or 0)
+        info["enc_layers"] = int(cfg.get("encoder_layers") or 0)
+    if build:
+        model = TransformersDetector(_load_model(p, len(names)), rule, classifier, len(names), p, info["label_map"]["ids"])
+        if not info["num_queries"]:  # a config that does not name its query count: one small image tells it
+            probe = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+            info["num_queries"] = int(probe["pred_logits"].shape[1])
+        if sequence:
+            info["stride"] = model.encoder_stride()
+        info["model"] = model
+    return info
+
+
+def _load_model(p: Path, slots: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForObjectDetection
+
+    with _offline(), _quiet_transformers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' advice on CUDA kernels and head sizes
+        try:
+            config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=False)
+            for attr in ("use_pretrained_backbone",):
+                if getattr(config, attr, False):
+                    setattr(config, attr, False)  # the folder's weights hold the backbone: nothing downloads
+            if int(getattr(config, "num_labels", slots)) != slots:
+                raise KacliError(f"config.json has num_labels {config.num_labels} but id2label {slots} slots", p / CONFIG)
+            model, info = AutoModelForObjectDetection.from_pretrained(
+                p, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                output_loading_info=True, ignore_mismatched_sizes=True)  # listed in the loading info, refused below
+        except KacliError:
+            raise
+        except ImportError as e:
+            raise KacliError(f"cannot build the model: {_first_line(e)}", p) from None
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
+            raise KacliError(f"transformers cannot load the model: {_first_line(e)}", p) from None
+    missing = list(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = (f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing
+                else f"{len(mismatched)} tensors of another shape (e.g. {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]})")
+        raise KacliError(f"model.safetensors does not match config.json: {what}", p)
+    model.eval().requires_grad_(False)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise KacliError(f"weights hold NaN or infinite values ({len(bad)} tensors: {bad[0]}); the model cannot be used", p)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own warnings (unused weights, processor defaults) stay out of kacli's output."""
+    from transformers.utils import logging as tf_logging
+
+    level = tf_logging.get_verbosity()
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if bars:
+            tf_logging.enable_progress_bar()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line[:300]
+
+
+__all__ = ["CONFIG", "FAMILIES", "INSTALL_HINT", "KIND", "PROCESSOR", "SEQUENCE_FAMILIES", "UNNAMED", "WEIGHTS",
+           "detection_model_types", "folder_label_map", "folder_sha256", "is_transformers_folder", "label_slots",
+           "load_transformers_folder", "read_folder_config"]
