@@ -186,8 +186,9 @@ def evaluate_checkpoints(
         s, ms = eval_sizes(ck, size, max_size)
         model = build_detector(ck).to(device).eval()
         dataset = make_eval_dataset(gt_path, root, ck["label_map"]["ids"], s, ms)
-        if ck["kind"] == "transformers":
-            name = Path(ck["path"]).name
+        if ck["kind"] == "transformers":  # the folder's name (with its parent's, for a run's best/ or last/)
+            folder = Path(ck["path"])
+            name = f"{folder.parent.name}/{folder.name}" if folder.name in ("best", "last") else folder.name
         else:
             name = ck.get("task") and f"teacher-{ck['task']}" or Path(ck["path"]).parent.name or Path(ck["path"]).stem
         dets = predict_detections(model, dataset, ck["label_map"]["ids"], device, batch_size=batch_size,
