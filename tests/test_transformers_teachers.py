@@ -204,6 +204,8 @@ def test_cli_cache_info_amalgamate_eval_predict_with_a_folder(cli, env, mixed, t
     teachers = json.loads(r.stdout)["teachers"]
     assert [(t["kind"], t["teaches"], t["sequence_bytes"] == 0) for t in teachers] == [
         ("transformers", "TA only", True), ("kacli", "SA+TA", False)]
+    r = cli("cache-info", mixed["cache"], "--verify", "--teacher", mixed["folder"], "--teacher", env["kacli"])
+    assert r.exit_code == 0 and "teachers' sha256 match" in r.stdout, r.stderr  # the folder's hash
     run = tmp_path / "student"
     r = cli("amalgamate", "--cache", mixed["cache"], "--out", run, "--epochs", 1, "--device", "cpu")
     assert r.exit_code == 0, r.stderr
