@@ -123,7 +123,7 @@ def resolve_config(
 def build_student(cfg: AmalgamateConfig, num_classes: int, num_teachers: int) -> nn.Module:
     """The model ``cfg.method`` trains: DETR (``raw``, ``raw-partial``, ``pseudo``), a 1-part student
     (``sag``), the N-part one (``num_teachers``: the teachers with sequences; a transformers teacher,
-    which teaches through TA only, has no part)."""
+    of a multi-scale family, which teaches through TA only, has no part)."""
 
     if cfg.plain_detr:
         return DETR(cfg.model, num_classes)

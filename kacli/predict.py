@@ -33,7 +33,7 @@ from kacli.eval.infer import detect_image, eval_sizes
 from kacli.eval.results import image_id_for, image_ids_by_name, write_results
 from kacli.fsutil import atomic_dir, load_json
 from kacli.limits import check_side
-from kacli.teachers.hf import build_detector, load_detector
+from kacli.teachers.hf import build_detector, load_detector, match_categories
 from kacli.progress import make_progress
 from kacli.runtime import pick_device
 
@@ -95,17 +95,28 @@ def predict_images(
     check_side("--max-size", max_size)
     paths = [Path(p) for p in images]
     coco_ids: list[int] = []
+    ids_json = load_json(image_ids) if fmt == "coco" and image_ids is not None else None
     if fmt == "coco":
-        lookup = image_ids_by_name(load_json(image_ids), image_ids) if image_ids is not None else None
+        lookup = image_ids_by_name(ids_json, image_ids) if ids_json is not None else None
         coco_ids = [image_id_for(p, lookup) for p in paths]
         _check_distinct_ids(paths, coco_ids, lookup is not None)
     decoded = [load_image(p) for p in paths]  # every image checked before any work
     ckpt = load_detector(ckpt_path)  # a kacli checkpoint, or a transformers folder (kacli.teachers.hf)
+    if ckpt["kind"] == "transformers" and fmt == "coco":
+        # its classes are slot numbers, not category ids: named as the --image-ids file's categories
+        categories = ids_json.get("categories") if isinstance(ids_json, dict) else None
+        if not isinstance(categories, list) or not categories:
+            raise KacliError("--format coco with a transformers folder needs --image-ids COCO.json with its "
+                             "categories (the folder's classes are matched to them by name)", ckpt["path"])
+        ckpt = match_categories(ckpt, {int(c["id"]): str(c["name"]) for c in categories
+                                       if isinstance(c, dict) and "id" in c and "name" in c})
     size, max_size = eval_sizes(ckpt, size, max_size)
     dev = device if isinstance(device, torch.device) else pick_device(str(device))
     model = build_detector(ckpt).to(dev).eval()
     ids, names = ckpt["label_map"]["ids"], ckpt["label_map"]["names"]
     model_name = Path(ckpt["path"]).stem if ckpt.get("task") is None else str(ckpt["task"])
+    if ckpt["kind"] == "transformers" and model_name in ("best", "last"):  # a run's best/ or last/ folder
+        model_name = f"{Path(ckpt['path']).parent.name}/{model_name}"
 
     predictions: dict[str, list[dict]] = {}
     results: list[dict] = []

@@ -199,7 +199,7 @@ def test_cli_cache_info_amalgamate_eval_predict_with_a_folder(cli, env, mixed, t
     monkeypatch.setenv("COLUMNS", "250")
     r = cli("cache-info", mixed["cache"])
     assert r.exit_code == 0, r.stderr
-    assert "TA only" in r.stdout and "SA+TA" in r.stdout and "rt_detr (transformers)" in r.stdout
+    assert "TA only" in r.stdout and "SA+TA" in r.stdout and "rt_detr (transformers " in r.stdout and "64x64" in r.stdout
     r = cli("cache-info", mixed["cache"], "--json")
     teachers = json.loads(r.stdout)["teachers"]
     assert [(t["kind"], t["teaches"], t["sequence_bytes"] == 0) for t in teachers] == [
@@ -290,6 +290,8 @@ def _copy(src: Path, dst: Path) -> Path:
     ("not-a-detector", ["'bert'", "not an object detector"]),
     ("no-classes-match", ["label map is not task", "config.json"]),
     ("weights-mismatch", ["does not match", "config.json"]),
+    ("weights-extra", ["does not match", "no place for"]),
+    ("processor-remote-code", ["preprocessor_config.json", "remote code"]),
     ("bin-only", ["no model.safetensors", "pytorch_model.bin"]),
     ("no-processor", ["preprocessor_config.json"]),
     ("no-transformers", ["pip install 'kacli[hf]'"]),
@@ -307,6 +309,13 @@ def test_bad_folders_are_one_line_errors_and_write_nothing(cli, env, mixed, tmp_
         _edit_config(bad, id2label={str(k): f"thing{k}" for k in range(n)}, label2id={f"thing{k}": k for k in range(n)})
     elif case == "weights-mismatch":
         _edit_config(bad, d_model=24, decoder_in_channels=[24, 24, 24], encoder_hidden_dim=24)
+    elif case == "weights-extra":  # a 2-layer encoder's weights under a config that says 1 layer
+        bad = _copy(_folder(env, "detr")[0], tmp_path / "bad-detr")
+        teachers = [bad, env["kacli"]]
+        _edit_config(bad, encoder_layers=1)
+    elif case == "processor-remote-code":
+        proc = json.loads((bad / "preprocessor_config.json").read_text())
+        (bad / "preprocessor_config.json").write_text(json.dumps({**proc, "auto_map": {"AutoImageProcessor": "x.Y"}}))
     elif case == "bin-only":
         (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
     elif case == "no-processor":
@@ -322,6 +331,9 @@ def test_bad_folders_are_one_line_errors_and_write_nothing(cli, env, mixed, tmp_
     args = ["cache-teachers", "--tasks", env["manifest"].path, "--out", tmp_path / "c.h5", "--device", "cpu"]
     r = cli(*args, *[a for t in teachers for a in ("--teacher", t)])
     assert_one_line_error(r, *needles)
+    if case == "weights-extra":
+        bad_name = bad.name
+        assert bad_name in r.stderr
     if case != "all-folders":
         r = cli("eval", "--model", bad, "--tasks", env["manifest"].path, "--json", tmp_path / "e.json")
         if case == "no-classes-match":  # eval scores the classes the folder shares with the dataset: none
@@ -329,3 +341,108 @@ def test_bad_folders_are_one_line_errors_and_write_nothing(cli, env, mixed, tmp_
         else:
             assert_one_line_error(r, *needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# -- the image rules and batches: as transformers resizes, whatever the batch ------------------------
+
+
+@pytest.mark.parametrize("family, size", [("detr", {"shortest_edge": 40, "longest_edge": 56}),
+                                          ("rt_detr", {"height": 48, "width": 40}),
+                                          ("detr", {"max_height": 50, "max_width": 36})])
+def test_resize_rule_gives_transformers_sizes(tmp_path, family, size):
+    """kacli's rule resizes every view to the size the folder's own processor gives it."""
+    import numpy as np
+    import transformers
+
+    from kacli.teachers.hf.folder import load_transformers_folder
+
+    save_tiny(tmp_path / "m", family, {0: "circle", 1: "square"}, side=SIDE)
+    proc = processor(family, SIDE)
+    proc.size = size
+    proc.save_pretrained(tmp_path / "m")
+    rule = load_transformers_folder(tmp_path / "m", build=False)["rule"]
+    ref = transformers.AutoImageProcessor.from_pretrained(tmp_path / "m", local_files_only=True)
+    for h, w in [(48, 80), (80, 48), (64, 64), (600, 1400), (333, 500), (37, 101)]:
+        shape = ref(images=np.zeros((h, w, 3), np.uint8), return_tensors="pt", do_pad=False)["pixel_values"].shape
+        assert rule.output_size(h, w) == tuple(shape[-2:]), (h, w)
+
+
+def test_an_older_processor_file_is_read_as_transformers_reads_it(tmp_path):
+    from kacli.teachers.hf.folder import load_transformers_folder
+
+    save_tiny(tmp_path / "m", "detr", {0: "circle"}, side=SIDE)
+    (tmp_path / "m" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "DetrImageProcessor", "size": 800, "max_size": 1333}))
+    rule = load_transformers_folder(tmp_path / "m", build=False)["rule"]
+    assert dict(rule.size) == {"shortest_edge": 800, "longest_edge": 1333} and rule.mean == tuple(IMAGENET_MEAN)
+
+
+@pytest.mark.parametrize("family", ["detr", "rt_detr", "conditional_detr"])
+def test_a_padded_batch_of_sizes_gives_each_view_its_own_outputs(env, family):
+    """Views of 48×80, 80×48 and 64×64 padded into one batch, through a rule that resizes them: each
+    one's predictions (and, for a single-scale encoder, its sequences at its own grid) are the
+    ones it gets alone."""
+    from kacli.teachers.hf.folder import load_transformers_folder
+
+    folder = env["root"] / f"{family}-resizing"
+    if not folder.exists():
+        save_tiny(folder, family, env["id2label"], side=SIDE, encoder=KACLI_ENCODER)
+        proc = processor(family, SIDE)
+        proc.size = {"height": 64, "width": 96} if family == "rt_detr" else {"shortest_edge": 56, "longest_edge": 96}
+        proc.save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(3, h, w, generator=g) for h, w in [(48, 80), (80, 48), (64, 64)]]
+    images = torch.zeros(3, 3, 80, 80)
+    mask = torch.ones(3, 80, 80, dtype=torch.bool)
+    for b, v in enumerate(views):
+        images[b, :, : v.shape[1], : v.shape[2]] = v
+        mask[b, : v.shape[1], : v.shape[2]] = False
+    for sequences in (False, True) if family in SEQUENCE else (False,):
+        model = load_transformers_folder(folder)["model"]
+        if sequences:
+            model.give_sequences(16)
+        out = model(images, mask)
+        for b, v in enumerate(views):
+            alone = model(v[None], torch.zeros(1, *v.shape[1:], dtype=torch.bool))
+            torch.testing.assert_close(out["pred_logits"][b], alone["pred_logits"][0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(out["pred_boxes"][b], alone["pred_boxes"][0], rtol=0, atol=1e-6)
+            if sequences:  # the view's tokens at the top-left of the batch's 5×5 grid, the rest padding
+                h, w = -(-v.shape[1] // 16), -(-v.shape[2] // 16)
+                grid = out["enc_layers"][-1][b].reshape(5, 5, -1)
+                torch.testing.assert_close(grid[:h, :w].reshape(h * w, -1), alone["enc_layers"][-1][0], rtol=0, atol=1e-5)
+                assert out["enc_mask"][b].reshape(5, 5)[:h, :w].logical_not().all()
+                assert int((~out["enc_mask"][b]).sum()) == h * w
+
+
+def test_predict_coco_names_a_folders_classes_by_the_image_ids_categories(cli, env, mixed, tmp_path):
+    images = sorted((env["root"] / "data" / "images").rglob("*.png"))[:2]
+    r = cli("predict", "--model", mixed["folder"], "--format", "coco", "--out", tmp_path / "p", *images)
+    assert_one_line_error(r, "--image-ids", "categories")
+    ids = env["root"] / "data" / "test.json"
+    test_images = [env["root"] / "data" / "images" / im["file_name"] for im in json.loads(ids.read_text())["images"]]
+    r = cli("predict", "--model", mixed["folder"], "--format", "coco", "--image-ids", ids, "--threshold", "0",
+            "--out", tmp_path / "p", *test_images)
+    assert r.exit_code == 0, r.stderr
+    cats = {c["name"]: c["id"] for c in json.loads(ids.read_text())["categories"]}
+    results = json.loads(next((tmp_path / "p").glob("*.json")).read_text())
+    rows = results if isinstance(results, list) else results.get("detections", [])
+    got = {d["category_id"] for d in rows}
+    assert got and got <= {cats[n] for n in env["manifest"].tasks[0].category_names}  # the dataset's ids; no unicorn
+
+
+def test_a_cache_made_under_another_transformers_version_is_not_up_to_date(cli, env, mixed, tmp_path):
+    import shutil
+
+    out = tmp_path / "c.h5"
+    shutil.copy(mixed["cache"], out)
+    args = ["cache-teachers", "--tasks", env["manifest"].path, "--teacher", mixed["folder"], "--teacher", env["kacli"],
+            "--out", out, "--device", "cpu", "--workers", 0, "--views", 1, "--dtype", "float32", "--batch-size", 4]
+    r = cli(*args)
+    assert r.exit_code == 0 and "up to date" in r.stdout, (r.stdout, r.stderr)
+    with h5py.File(out, "r+") as f:
+        teachers = json.loads(f.attrs["teachers"])
+        teachers[0]["transformers_version"] = "4.0.0"
+        f.attrs["teachers"] = json.dumps(teachers)
+    before = out.read_bytes()
+    assert_one_line_error(cli(*args), "another transformers version", "--force")
+    assert out.read_bytes() == before

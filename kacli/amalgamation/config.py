@@ -277,8 +277,8 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str]) ->
             raise KacliError(f"--compress {cfg.compress} applies to the extended student (--method ka or raw-ext), "
                              f"not --method {cfg.method}")
         if num_teachers < 2:
-            raise KacliError(f"--compress {cfg.compress} needs at least 2 teachers with sequences (kacli teachers; a "
-                             f"transformers teacher has none), got {num_teachers}, so there is nothing to compress")
+            raise KacliError(f"--compress {cfg.compress} needs at least 2 teachers with sequences (a multi-scale "
+                             f"transformers folder has none), got {num_teachers}, so there is nothing to compress")
     if cfg.method == "ka" and cfg.compress == "redundancy" and cfg.compress_guide > 0 and "proj" not in layers:
         raise KacliError("redundancy compression chooses tokens from the teachers' projected sequences, but the "
                          f"cache holds only layers {', '.join(layers)} (re-cache with the 'proj' layer)")

@@ -91,7 +91,7 @@ class AmalgamationObjective(nn.Module):
         teachers: the frozen teachers run on every batch (:class:`~kacli.teachers.online.OnlineTeachers`
             over ``layers``); None: the batches carry the teachers' outputs (the cache).
         num_parts: N_s, the teachers with sequences (the student's parts, ``seqs``' N axis; a
-            transformers teacher teaches through TA only); default N.
+            transformers folder of a multi-scale family teaches through TA only); default N.
     """
 
     def __init__(self, cfg: AmalgamateConfig, num_classes: int, num_teachers: int, layers: list[str],

@@ -49,6 +49,8 @@ def cache_summary(path: str | Path) -> dict:
                     "classifier": str(t.get("classifier", "softmax")),
                     "kind": str(t.get("kind", "kacli")),
                     "family": t.get("family"),
+                    "transformers_version": t.get("transformers_version"),
+                    "image_rule": t.get("image_rule"),
                     "teaches": "SA+TA" if has_seq else "TA only",
                     "sequence_bytes": int(seq),
                     "head_bytes": int(head),

@@ -72,7 +72,7 @@ def create_file(job: CacheJob, path: Path, attrs: dict, start: int, end: int) ->
             tg.attrs["task"] = t.task
             tg.attrs["checkpoint"] = str(t.path)
             tg.attrs["sha256"] = t.sha256
-            for layer in layers if t.sequences else ():  # a transformers teacher: TA only, no sequences
+            for layer in layers if t.sequences else ():  # a TA-only teacher (a multi-scale transformers folder): no sequences
                 tg.create_dataset(
                     f"seq/{layer}", shape=(T, d), dtype=schema.DTYPES[dtype], chunks=(max(1, min(chunk, T)), d)
                 )

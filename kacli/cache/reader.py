@@ -77,8 +77,8 @@ class TeacherCache(Dataset):
     :class:`CocoDetection`'s (labels index :attr:`label_map`) and ``teacher`` is
     ``{"seqs": (N_s, L, n_e, d), "hw": (h_tok, w_tok), "logits": [(Q_t, C_t+1)] * N,
     "boxes": [(Q_t, 4)] * N, "stride": int, "entry": e}`` with ``n_e = h_tok·w_tok`` tokens row-major;
-    N_s counts the teachers with sequences (``seq_teachers``: a transformers teacher has none, it
-    teaches through TA only), N all of them. An int8 cache read with ``dequantize=False`` gives
+    N_s counts the teachers with sequences (``seq_teachers``: a transformers folder of a multi-scale
+    family has none, it teaches through TA only), N all of them. An int8 cache read with ``dequantize=False`` gives
     ``seqs`` (N_s, L, n_e, d) int8 and ``seq_scale`` (N_s, L, n_e) float32 instead.
 
     Attributes: ``label_map`` (union ``{ids, names}``: all tasks' categories in task order),

@@ -93,7 +93,8 @@ JSON_ATTRS = ("teachers", "label_map", "layers", "aug", "teacher_settings", "sha
 
 #: Attributes that define the content: two files agreeing on these hold the same entries.
 # batch_size is content too: the teachers' outputs differ in the last bits with the batch they ran in.
-CONTENT_KEYS = ("tasks_sha256", "split", "teacher_sha256", "layers", "dtype", "views", "seed", "aug", "batch_size")
+CONTENT_KEYS = ("tasks_sha256", "split", "teacher_sha256", "teacher_runtime", "layers", "dtype", "views", "seed", "aug",
+                "batch_size")
 
 VIEW_POLICY = (
     "entry e = i*K + v; view 0 = eval_view(H, W, aug.eval_size, aug.max_size); view v > 0 = "
@@ -182,11 +183,17 @@ def read_attrs(h5) -> dict:
 
 
 def content_signature(attrs: dict) -> dict:
-    """What decides a cache's content (see :data:`CONTENT_KEYS`), from its attributes."""
+    """What decides a cache's content (see :data:`CONTENT_KEYS`), from its attributes.
+
+    ``teacher_runtime`` (each teacher's transformers version: a transformers folder's outputs are
+    transformers' arithmetic too) is there only when a teacher is such a folder, so that every other
+    cache keeps the content id it had."""
+    runtime = [t.get("transformers_version") for t in attrs.get("teachers") or []]
     return {
         "tasks_sha256": attrs.get("tasks_sha256"),
         "split": attrs.get("split"),
         "teacher_sha256": [t.get("sha256") for t in attrs.get("teachers") or []],
+        **({"teacher_runtime": runtime} if any(v is not None for v in runtime) else {}),
         "layers": list(attrs.get("layers") or []),
         "dtype": attrs.get("dtype"),
         "views": attrs.get("views"),
@@ -331,7 +338,7 @@ def open_h5(path: str | Path, mode: str = "r", **kw):
 
 def has_sequences(teacher: dict) -> bool:
     """Whether a cached teacher (an entry of the ``teachers`` attribute) has sequences in the file:
-    a transformers teacher teaches through TA only (``sequences: false``)."""
+    a transformers folder of a multi-scale family teaches through TA only (``sequences: false``)."""
     return bool(teacher.get("sequences", True))
 
 

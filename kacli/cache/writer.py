@@ -78,6 +78,7 @@ def _existing_output(out: Path, attrs: dict, force: bool) -> bool:
         what = {
             "teacher_sha256": "other teachers",
             "tasks_sha256": "another tasks.yaml",
+            "teacher_runtime": "another transformers version",
             "split": f"split {have['split']!r}",
         }.get(key, f"other settings ({key}: {json.dumps(have[key])[:60]} there, {json.dumps(want[key])[:60]} here)")
         raise KacliError(f"output exists and was made for {what}; use --force to replace it", out)

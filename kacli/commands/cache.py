@@ -32,6 +32,22 @@ def _log(msg: str) -> None:
     console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
 
+def _rule_text(rule: dict | None) -> str:
+    """A transformers folder's image rule in a few words: its resize rule and whether it normalises."""
+    if not rule:
+        return "image rule unknown"
+    size = rule.get("size") or {}
+    if "height" in size:
+        resize = f"{size['height']}x{size['width']}"
+    elif "shortest_edge" in size:
+        resize = f"short side {size['shortest_edge']}" + (f", long ≤ {size['longest_edge']}" if "longest_edge" in size else "")
+    elif "max_height" in size:
+        resize = f"within {size['max_height']}x{size['max_width']}"
+    else:
+        resize = "no resize"
+    return resize + (", normalised" if rule.get("mean") else "")
+
+
 @cli_errors
 def cache_teachers(
     tasks: Path = typer.Option(..., "--tasks", metavar="TASKS_YAML", show_default=False, help="tasks.yaml written by split-tasks."),
@@ -178,7 +194,8 @@ def cache_info(
             tt.add_column(col, justify="right" if col in ("#", "classes", "queries", "sequences", "logits+boxes") else "left")
         for k, te in enumerate(s["teachers"], 1):
             tt.add_row(
-                str(k), te["task"], te["arch"] + (f" ({te['kind']})" if te["kind"] != "kacli" else ""), te["teaches"],
+                str(k), te["task"], te["arch"] + (f" (transformers {te['transformers_version']}, {_rule_text(te['image_rule'])})"
+                                                  if te["kind"] != "kacli" else ""), te["teaches"],
                 str(te["num_classes"]), str(te["num_queries"]),
                 human_bytes(te["sequence_bytes"]) if te["teaches"] != "TA only" else "–",
                 human_bytes(te["head_bytes"]), te["sha256"][:12], te["checkpoint"],

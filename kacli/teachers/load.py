@@ -84,7 +84,8 @@ class Teacher:
 
     ``kind``: ``kacli`` (a kacli DETR checkpoint: its encoder sequences teach through SA, its
     predictions through TA) or ``transformers`` (a transformers folder, :mod:`kacli.teachers.hf`:
-    its predictions teach through TA only; ``sequences`` False, and ``info`` holds the folder's
+    its predictions teach through TA, and its sequences through SA only for a single-scale encoder
+    family (``sequences``); ``info`` holds the folder's
     family, model type and transformers version)."""
 
     path: Path
@@ -260,7 +261,8 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
 
 
 def _transformers_teacher(raw_path: str | Path, task, renames: Mapping[str, str]) -> Teacher:
-    """A transformers folder as the teacher of ``task`` (TA only); its slots matched by name."""
+    """A transformers folder as the teacher of ``task`` (TA; SA too for a single-scale encoder); its slots
+    matched by name."""
     info = load_transformers_folder(raw_path)
     path = Path(info["path"]).resolve()
     # the model's outputs are its named slots, in label-map order: positions are the class map

@@ -31,9 +31,9 @@ class OnlineTeachers(nn.Module):
         class_maps: per teacher, None, or the teacher class of each of its task's classes
             (:func:`kacli.teachers.labels.match_classes`): its logits are then remapped to the
             task's classes (:func:`kacli.teachers.labels.teacher_logits`), as the cache stores them.
-        sequences: per teacher, whether it gives sequences (default all); a transformers teacher
-            (:mod:`kacli.teachers.hf`) does not: it gives predictions only, and ``seqs``' N axis
-            holds the others (N_s of them), as the cache does.
+        sequences: per teacher, whether it gives sequences (default all); a transformers folder of a
+            multi-scale family (:mod:`kacli.teachers.hf`) does not: it gives predictions only, and
+            ``seqs``' N axis holds the others (N_s of them), as the cache does.
 
     ``forward(images (B,3,H,W), mask (B,H,W) True=pad)`` with H and W multiples of the
     teachers' stride returns ``{"seqs" (B,N_s,L,n,d) float32, "token_mask" (B,n) bool True=pad,

@@ -31,7 +31,7 @@ def run_teacher(
     """One teacher on one batch → ``{"seqs": [(Σ h·w, d) per layer], "logits" (B,Q,C+1) float32,
     "boxes" (B,Q,4) float32}`` as tensors on the teacher's device; sequences keep each entry's
     valid tokens, row-major, entries in batch order, in the dtype the teacher ran in (none for a
-    teacher without sequences: a transformers folder teaches through TA only).
+    teacher without sequences: a multi-scale transformers folder teaches through TA only).
 
     ``layer_index`` picks from ``[enc_proj, enc_layers[0], ...]``. The valid tokens are those the
     model's ``enc_mask`` marks; they must form the entry's top-left ``h × w`` grid (``hw`` (B, 2);

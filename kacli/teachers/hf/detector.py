@@ -108,6 +108,9 @@ class TransformersDetector(nn.Module):
                     for j, x in enumerate(states):
                         layers[j][b, idx] = x[k].to(layers[j].dtype)
                     enc_mask[b, idx] = False
+        if len({tuple(x.shape) for x in logits}) > 1:  # type: ignore[union-attr]
+            raise KacliError("the model gives a different number of queries for views of different sizes; kacli "
+                             "needs a fixed query count", self.path)
         pred_logits = torch.stack(logits)  # type: ignore[arg-type]
         want = self.num_labels + (1 if self.classifier == "softmax" else 0)
         if pred_logits.shape[-1] != want:

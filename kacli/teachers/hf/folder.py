@@ -142,6 +142,13 @@ def _offline():
     """Nothing downloads while a folder loads (a config naming a hub backbone would try)."""
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:  # huggingface_hub reads the variable once, when imported: its flag is set too
+        from huggingface_hub import constants as hub_constants
+    except ImportError:
+        hub_constants = None
+    hub_saved = getattr(hub_constants, "HF_HUB_OFFLINE", None)
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
@@ -150,6 +157,8 @@ def _offline():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = hub_saved
 
 
 def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[str, Any]:
@@ -181,7 +190,7 @@ def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[st
     if not (p / PROCESSOR).is_file():
         raise KacliError(f"holds no {PROCESSOR}: the model's image rules (size, normalisation) are unknown "
                          "(save its image processor with save_pretrained into the folder)", p)
-    rule = ImageRule.from_processor(_read_json(p / PROCESSOR, PROCESSOR), p / PROCESSOR)
+    rule = _image_rule(p)
     names = label_slots(cfg, p / CONFIG)
     family, classifier = FAMILIES.get(model_type, (model_type, "sigmoid"))
     sequence = model_type in SEQUENCE_FAMILIES
@@ -198,13 +207,52 @@ def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[st
         info["enc_layers"] = int(cfg.get("encoder_layers") or 0)
     if build:
         model = TransformersDetector(_load_model(p, len(names)), rule, classifier, len(names), p, info["label_map"]["ids"])
-        if not info["num_queries"]:  # a config that does not name its query count: one small image tells it
-            probe = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
-            info["num_queries"] = int(probe["pred_logits"].shape[1])
+        info["num_queries"] = _probe(model, p)  # what it gives, whatever its config says (two-stage models differ)
         if sequence:
             info["stride"] = model.encoder_stride()
         info["model"] = model
     return info
+
+
+#: The resize keys a processor's size may hold (transformers' SizeDict).
+_SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
+
+
+def _image_rule(p: Path) -> ImageRule:
+    """The folder's image processor as transformers reads it (its class's defaults for what the file
+    leaves out; an older file's ``"size": 800, "max_size": 1333`` as shortest and longest edge) →
+    :class:`ImageRule`."""
+    from transformers import AutoImageProcessor
+
+    if "auto_map" in _read_json(p / PROCESSOR, PROCESSOR):
+        raise KacliError(f"{PROCESSOR} asks for remote code (auto_map): kacli never runs code from a model folder", p)
+    with _offline(), _quiet_transformers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            proc = AutoImageProcessor.from_pretrained(p, local_files_only=True, trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - one line for whatever transformers raises
+            raise KacliError(f"transformers cannot read its image processor ({PROCESSOR}): {_first_line(e)}", p) from None
+    size = getattr(proc, "size", None)
+    if size is not None and not isinstance(size, dict):
+        size = {k: getattr(size, k, None) for k in _SIZE_KEYS}
+    data = {"do_resize": getattr(proc, "do_resize", True), "size": size,
+            "do_rescale": getattr(proc, "do_rescale", True), "rescale_factor": getattr(proc, "rescale_factor", 1 / 255),
+            "do_normalize": getattr(proc, "do_normalize", True), "image_mean": getattr(proc, "image_mean", None),
+            "image_std": getattr(proc, "image_std", None)}
+    return ImageRule.from_processor({k: v for k, v in data.items() if v is not None}, p / PROCESSOR)
+
+
+def _probe(model: TransformersDetector, p: Path) -> int:
+    """One blank image through the model, before anything is written: it must give class logits of
+    its classifier's width and boxes; returns its query count."""
+    try:
+        out = model(torch.zeros(1, 3, 256, 256), torch.zeros(1, 256, 256, dtype=torch.bool))
+    except KacliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a model transformers lists as a detector that is not a DETR
+        raise KacliError(f"the model does not run as a DETR-family detector (logits and pred_boxes per query): "
+                         f"{_first_line(e)}", p) from None
+    return int(out["pred_logits"].shape[1])
 
 
 def _load_model(p: Path, slots: int) -> nn.Module:
@@ -228,11 +276,17 @@ def _load_model(p: Path, slots: int) -> nn.Module:
             raise KacliError(f"cannot build the model: {_first_line(e)}", p) from None
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
             raise KacliError(f"transformers cannot load the model: {_first_line(e)}", p) from None
-    missing = list(info.get("missing_keys") or [])
+    missing = sorted(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
-    if missing or mismatched:
-        what = (f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing
-                else f"{len(mismatched)} tensors of another shape (e.g. {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]})")
+    unexpected = sorted(info.get("unexpected_keys") or [])  # transformers leaves out the ones it ignores on purpose
+    if missing or mismatched or unexpected:
+        if missing:
+            what = f"{len(missing)} tensors missing (e.g. {missing[0]})"
+        elif mismatched:
+            first = mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]
+            what = f"{len(mismatched)} tensors of another shape (e.g. {first})"
+        else:
+            what = f"{len(unexpected)} tensors the config has no place for (e.g. {unexpected[0]})"
         raise KacliError(f"model.safetensors does not match config.json: {what}", p)
     model.eval().requires_grad_(False)
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
