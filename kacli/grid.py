@@ -25,4 +25,12 @@ def token_grid(height: Any, width: Any, stride: int) -> tuple[Any, Any]:
     return ceil_div(height, stride), ceil_div(width, stride)
 
 
-__all__ = ["ceil_div", "token_grid"]
+def top_left_index(h: int, w: int, row: int, device: Any = None) -> Any:
+    """(h·w,) int64 torch indices of an ``h × w`` grid's tokens, row-major, at the top-left of a
+    flattened grid ``row`` tokens wide: where one entry's tokens go in a padded batch's grid."""
+    import torch
+
+    return (torch.arange(h, device=device)[:, None] * row + torch.arange(w, device=device)[None, :]).reshape(-1)
+
+
+__all__ = ["ceil_div", "token_grid", "top_left_index"]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from kacli.cache.plan import CacheJob
 from kacli.data.dataset import collate
 from kacli.errors import KacliError
-from kacli.teachers.load import Teacher
+from kacli.teachers.load import Teacher, sequence_teachers
 from kacli.teachers.quant import quantize_int8
 from kacli.teachers.run import run_teacher
 
@@ -81,7 +81,7 @@ def teacher_batches(job: CacheJob, batches: Sequence[list[int]]) -> Iterator[tup
     amp = device.type == "cuda"
     for t in job.teachers:
         t.model.to(device)
-    stride = next(t for t in job.teachers if t.sequences).stride
+    stride = sequence_teachers(job.teachers)[0].stride
     loader = DataLoader(
         job.dataset,
         batch_sampler=batches,

@@ -27,6 +27,7 @@ from kacli.cache import schema
 from kacli.cache.extract import NonFiniteOutputs, teacher_batches
 from kacli.cache.plan import CacheJob
 from kacli.errors import KacliError
+from kacli.teachers.load import sequence_teachers
 from kacli.fsutil import WRITE_PROBLEMS
 from kacli.progress import make_progress
 
@@ -54,7 +55,7 @@ def create_file(job: CacheJob, path: Path, attrs: dict, start: int, end: int) ->
     E = end - start
     offsets = plan.offsets(start, end)
     T = int(offsets[-1])
-    d = next(t for t in teachers if t.sequences).d_model
+    d = sequence_teachers(teachers)[0].d_model
     with schema.open_h5(path, "w") as f:
         for k, v in attrs.items():
             f.attrs[k] = _attr_value(k, v)
@@ -285,7 +286,7 @@ def join_shards(job: CacheJob, out_partial: Path, shards: Sequence[dict], attrs:
     plan, teachers, layers, dtype = job.plan, job.teachers, job.layers, job.dtype
     create_file(job, out_partial, attrs, 0, plan.entries)
     offsets = plan.offsets()
-    d = next(t for t in teachers if t.sequences).d_model
+    d = sequence_teachers(teachers)[0].d_model
     itemsize = np.dtype(schema.DTYPES[dtype]).itemsize
     rows_per_block = max(1, block_bytes // (d * itemsize))
     with schema.open_h5(out_partial, "r+") as dst:

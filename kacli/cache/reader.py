@@ -21,7 +21,7 @@ from kacli.data.dataset import CocoDetection, collate
 from kacli.data.manifest import TaskManifest
 from kacli.data.transforms import View
 from kacli.errors import KacliError
-from kacli.grid import token_grid
+from kacli.grid import token_grid, top_left_index
 from kacli.teachers.layers import layer_names
 from kacli.teachers.quant import dequantize as dequantize_int8
 
@@ -297,7 +297,7 @@ def collate_cached(batch):
     token_mask = torch.ones((len(batch), hp * wp), dtype=torch.bool)
     for b, (_, _, t) in enumerate(batch):
         h, w = t["hw"]
-        idx = (torch.arange(h)[:, None] * wp + torch.arange(w)[None, :]).reshape(-1)
+        idx = top_left_index(h, w, wp)
         seqs[b][:, :, idx] = t["seqs"]
         if scaled:
             scale[b][:, :, idx] = t["seq_scale"]

@@ -137,7 +137,7 @@ class Teacher:
     @property
     def aug(self) -> Mapping | None:
         """The augmentation section of the teacher's run config, if it records one."""
-        return self.config.get("aug") if isinstance(self.config, dict) and self.kind == "kacli" else None
+        return self.config.get("aug") if isinstance(self.config, dict) else None
 
     def recorded_settings(self) -> dict:
         """``{"model", "train"}`` of the teacher's run (:func:`recorded_settings` of its architecture

@@ -12,6 +12,7 @@ from torch import nn
 
 from kacli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from kacli.errors import KacliError
+from kacli.grid import token_grid, top_left_index
 from kacli.teachers.hf.rules import ImageRule
 from kacli.teachers.labels import remap_logits
 
@@ -84,7 +85,7 @@ class TransformersDetector(nn.Module):
         seq = self.stride is not None
         if seq:  # kacli's token grid of the padded batch: each view's tokens at its top-left
             s = self.stride
-            hp, wp = -(-images.shape[-2] // s), -(-images.shape[-1] // s)
+            hp, wp = token_grid(images.shape[-2], images.shape[-1], s)
             layers: list[torch.Tensor] = []
             enc_mask = torch.ones(len(images), hp * wp, dtype=torch.bool, device=images.device)
         dtype = next(self.model.parameters()).dtype
@@ -95,15 +96,14 @@ class TransformersDetector(nn.Module):
             for k, (b, _) in enumerate(items):
                 logits[b], boxes[b] = lg[k], bx[k]
             if seq:
-                th, tw = -(-h // s), -(-w // s)
+                th, tw = token_grid(h, w, s)
                 states = out.encoder_hidden_states  # (L+1) × (b, n, d): the projection, then each layer
                 if states[0].shape[1] != th * tw:
                     raise KacliError(f"the model's encoder gives {states[0].shape[1]} tokens for a {h}x{w} view, "
                                      f"expected ceil(size / stride {s}) = {th}x{tw}", self.path)
                 if not layers:
                     layers = [states[0].new_zeros(len(images), hp * wp, states[0].shape[-1]) for _ in states]
-                idx = (torch.arange(th, device=images.device)[:, None] * wp
-                       + torch.arange(tw, device=images.device)[None, :]).reshape(-1)
+                idx = top_left_index(th, tw, wp, images.device)
                 for k, (b, _) in enumerate(items):
                     for j, x in enumerate(states):
                         layers[j][b, idx] = x[k].to(layers[j].dtype)
@@ -138,7 +138,8 @@ class TransformersDetector(nn.Module):
                              output_hidden_states=True)
         n = int(out.encoder_hidden_states[0].shape[1])
         for s in (8, 16, 32, 64):
-            if (-(-64 // s)) * (-(-128 // s)) == n:
+            th, tw = token_grid(64, 128, s)
+            if th * tw == n:
                 return s
         raise KacliError(f"the model's encoder gives {n} tokens for a 64x128 image: no stride of 8, 16, 32 or 64 "
                          "gives that", self.path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from kacli.errors import KacliError
-from kacli.fsutil import sha256_file
+from kacli.fsutil import load_json, sha256_file
 from kacli.teachers.hf.detector import TransformersDetector
 from kacli.teachers.hf.rules import ImageRule
 
@@ -60,10 +59,8 @@ def is_transformers_folder(path: str | Path) -> bool:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise KacliError(f"{what} is not readable JSON ({type(e).__name__})", path) from None
+    """A JSON object file of the folder (:func:`kacli.fsutil.load_json`; anything else is refused)."""
+    data = load_json(path)
     if not isinstance(data, dict):
         raise KacliError(f"{what} is not a JSON object", path)
     return data
@@ -198,7 +195,8 @@ def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[st
     info: dict[str, Any] = {
         "kind": KIND, "path": str(p), "sha256": folder_sha256(p), "family": family, "model_type": model_type,
         "classifier": classifier, "label_map": folder_label_map(names), "slots": len(names),
-        "num_queries": int(cfg.get("num_queries") or cfg.get("num_detection_tokens") or 0), "rule": rule, "transformers_version": tf.__version__,
+        "num_queries": int(cfg.get("num_queries") or cfg.get("num_detection_tokens") or 0), "rule": rule,
+        "transformers_version": tf.__version__,
         "config": {"aug": {"eval_size": sizes[0], "max_size": sizes[1]}} if sizes else {}, "task": None,
         "sequence": sequence,
     }
@@ -262,9 +260,8 @@ def _load_model(p: Path, slots: int) -> nn.Module:
         warnings.simplefilter("ignore")  # transformers' advice on CUDA kernels and head sizes
         try:
             config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=False)
-            for attr in ("use_pretrained_backbone",):
-                if getattr(config, attr, False):
-                    setattr(config, attr, False)  # the folder's weights hold the backbone: nothing downloads
+            if getattr(config, "use_pretrained_backbone", False):
+                config.use_pretrained_backbone = False  # the folder's weights hold the backbone: nothing downloads
             if int(getattr(config, "num_labels", slots)) != slots:
                 raise KacliError(f"config.json has num_labels {config.num_labels} but id2label {slots} slots", p / CONFIG)
             model, info = AutoModelForObjectDetection.from_pretrained(
