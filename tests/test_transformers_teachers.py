@@ -418,6 +418,7 @@ def test_predict_coco_names_a_folders_classes_by_the_image_ids_categories(cli, e
     images = sorted((env["root"] / "data" / "images").rglob("*.png"))[:2]
     r = cli("predict", "--model", mixed["folder"], "--format", "coco", "--out", tmp_path / "p", *images)
     assert_one_line_error(r, "--image-ids", "categories")
+    assert not (tmp_path / "p").exists()  # refused before anything is written
     ids = env["root"] / "data" / "test.json"
     test_images = [env["root"] / "data" / "images" / im["file_name"] for im in json.loads(ids.read_text())["images"]]
     r = cli("predict", "--model", mixed["folder"], "--format", "coco", "--image-ids", ids, "--threshold", "0",
