@@ -114,7 +114,7 @@ def resolve_config(
         cfg = apply_overrides(cfg, overrides)
     if device is not None:
         cfg = apply_overrides(cfg, {"train.device": device})
-    check_method(cfg, source.num_parts, source.layers)
+    check_method(cfg, source.num_parts, source.layers, source.present(source.layers))
     check_architecture(cfg.model, source.d_model, source.enc_layers, source.stride, backbone_stride(cfg.model),
                        source.where, source.noun)
     return cfg
@@ -139,7 +139,7 @@ def build_objective(cfg: AmalgamateConfig, source: CacheSource | TeacherSource, 
     sag_proj = SAGProjection(n, source.d_model, len(needs.layers), init=cfg.sag_init) if cfg.method == "sag" else None
     index = class_index(source.label_map, source.teacher_label_maps, source.where)
     return AmalgamationObjective(cfg, len(source.label_map["ids"]), source.num_teachers, needs.layers, index, sag_proj,
-                                 teachers=source.online_teachers(needs), num_parts=n)
+                                 teachers=source.online_teachers(needs), num_parts=n, present=source.present(needs.layers))
 
 
 def train_setup(cfg: AmalgamateConfig, source: CacheSource | TeacherSource, model: nn.Module, objective: AmalgamationObjective,
@@ -225,6 +225,9 @@ def amalgamate(
     """
 
     source = open_source(cache_path, teachers, tasks_path, allow_val)
+    for t in getattr(source, "teachers", None) or []:  # online: a folder whose sequences do not fit says so
+        if getattr(t, "sa_note", None):
+            log(f"{t.path.name}: {t.sa_note}")
     cfg = resolve_config(source, cfg, config, overrides, device)
     training.seed_model(cfg.train.seed)
     model = build_student(cfg, len(source.label_map["ids"]), source.num_parts)

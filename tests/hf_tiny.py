@@ -40,23 +40,31 @@ def _resnet(out_features):
                                      layer_type="basic", out_features=out_features)
 
 
-def _rtdetr_resnet():
+#: The backbone stages a hybrid encoder reads, by the stride of its last (AIFI) level.
+LEVELS = {16: [1, 2, 3], 32: [2, 3, 4]}
+
+
+def _rtdetr_resnet(stride: int = 32):
     return transformers.RTDetrResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 8, 16, 16],
-                                           depths=[1, 1, 1, 1], layer_type="basic", out_indices=[2, 3, 4])
+                                           depths=[1, 1, 1, 1], layer_type="basic", out_indices=LEVELS[stride])
 
 
-def _hgnet():
+def _hgnet(stride: int = 32):
     return transformers.HGNetV2Config(
         num_channels=3, embedding_size=8, depths=[1, 1, 1, 1], hidden_sizes=[16, 16, 16, 16], stem_channels=[3, 8, 8],
         stage_in_channels=[8, 16, 16, 16], stage_mid_channels=[8, 8, 8, 8], stage_out_channels=[16, 16, 16, 16],
         stage_num_blocks=[1, 1, 1, 1], stage_downsample=[False, True, True, True],
         stage_light_block=[False, False, True, True], stage_kernel_size=[3, 3, 5, 5], stage_numb_of_layers=[1, 1, 1, 1],
-        out_indices=[2, 3, 4])
+        out_indices=LEVELS[stride])
 
 
 #: Families with DETR's single-scale encoder: their sequences guide the student when their width,
 #: depth and stride are the kacli teachers' (``encoder``: ``(d_model, layers, stride)``).
 SEQUENCE = ("detr", "conditional_detr", "dab-detr")
+#: Families with RT-DETR's hybrid encoder: the AIFI level's projection and output guide the
+#: student's ``proj`` and last layer when their width and stride are the kacli teachers'
+#: (``encoder``: ``(width, -, stride)``).
+AIFI = ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")
 
 
 def tiny_config(family: str, id2label: dict[int, str], num_queries: int = 10, side: int = 64,
@@ -78,22 +86,26 @@ def tiny_config(family: str, id2label: dict[int, str], num_queries: int = 10, si
             two_stage_num_proposals=num_queries, d_model=32, encoder_layers=1, decoder_layers=2,
             encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
             encoder_n_points=1, decoder_n_points=1, dropout=0.0, disable_custom_kernels=True, **lab)
+    width, _, stride = encoder  # a hybrid encoder's AIFI level: its width and stride
+    strides = [stride // 4, stride // 2, stride]
     if family in ("rt_detr", "rt_detr_v2"):
         cls = transformers.RTDetrConfig if family == "rt_detr" else transformers.RTDetrV2Config
-        bb = _rtdetr_resnet()
+        bb = _rtdetr_resnet(stride)
         kw = dict(disable_custom_kernels=True, decoder_layers=1) if family == "rt_detr" else dict(decoder_n_levels=3,
                                                                                                   decoder_layers=2)
-        return cls(backbone_config=bb, encoder_in_channels=bb.hidden_sizes[1:], feat_strides=[8, 16, 32],
-                   encoder_hidden_dim=D, encoder_layers=1, encoder_ffn_dim=FFN, encoder_attention_heads=HEADS,
-                   hidden_expansion=0.5, d_model=D, decoder_in_channels=[D, D, D], decoder_ffn_dim=FFN,
+        return cls(backbone_config=bb, encoder_in_channels=[bb.hidden_sizes[i - 1] for i in LEVELS[stride]],
+                   feat_strides=strides, encoder_hidden_dim=width, encoder_layers=1, encoder_ffn_dim=FFN,
+                   encoder_attention_heads=HEADS, hidden_expansion=0.5, d_model=D, decoder_in_channels=[width] * 3,
+                   decoder_ffn_dim=FFN,
                    decoder_attention_heads=HEADS, decoder_n_points=1, num_queries=num_queries, num_denoising=0,
                    **kw, **lab)
     if family in ("d_fine", "deimv2"):
         cls = transformers.DFineConfig if family == "d_fine" else transformers.Deimv2Config
-        bb = _hgnet()
-        return cls(backbone_config=bb, encoder_in_channels=bb.stage_out_channels[1:], feat_strides=[8, 16, 32],
-                   encoder_hidden_dim=D, encoder_layers=1, encoder_ffn_dim=FFN, encoder_attention_heads=HEADS,
-                   hidden_expansion=0.5, depth_mult=0.34, d_model=D, decoder_in_channels=[D, D, D], decoder_ffn_dim=FFN,
+        bb = _hgnet(stride)
+        return cls(backbone_config=bb, encoder_in_channels=[bb.stage_out_channels[i - 1] for i in LEVELS[stride]],
+                   feat_strides=strides, encoder_hidden_dim=width, encoder_layers=1, encoder_ffn_dim=FFN,
+                   encoder_attention_heads=HEADS, hidden_expansion=0.5, depth_mult=0.34, d_model=D,
+                   decoder_in_channels=[width] * 3, decoder_ffn_dim=FFN,
                    decoder_layers=2, decoder_attention_heads=HEADS, decoder_n_points=1, num_queries=num_queries,
                    num_denoising=0, lqe_hidden_dim=8, **lab)
     if family == "lw_detr":

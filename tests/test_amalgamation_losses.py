@@ -38,6 +38,36 @@ def test_sa_loss_equals_eq2_by_hand_without_normalisation():
     assert sa_loss([s], [t], mask, num_parts=2, normalize=False)[0].item() == pytest.approx(1.5)
 
 
+def test_sa_loss_leaves_out_the_layers_a_teacher_does_not_give():
+    """An RT-DETR folder gives proj and the last layer only: its part's other terms are left out,
+    and the 1/N stays. By hand (the layer above, no normalisation, Eq. 2's sum): part 0 gives 4,
+    part 1 gives 8 on the proj layer; on the second layer (the student shifted by 1 on each valid
+    element: 4 per part) part 1 has no teacher, leaving (1/2)·4 = 2."""
+    s, t, mask = _hand_layer()
+    present = [[True, True], [True, False]]  # teacher 1 gives proj and not enc1
+    total, parts = sa_loss([s, t + 1], [t, t], mask, num_parts=2, normalize=False, reduction="sum", present=present)
+    assert parts["sa_proj"].item() == pytest.approx(6.0) and parts["sa_enc1"].item() == pytest.approx(2.0)
+    assert total.item() == pytest.approx(8.0)
+    # whatever the absent target holds, and with normalisation too, it changes nothing
+    noise = t.clone()
+    noise[:, 1] = torch.randn_like(noise[:, 1]) * 100
+    for normalize in (False, True):
+        a = sa_loss([s, t + 1], [t, t], mask, num_parts=2, normalize=normalize, present=present)[0]
+        b = sa_loss([s, t + 1], [t, noise], mask, num_parts=2, normalize=normalize, present=present)[0]
+        assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    # no gradient reaches the student's part without a teacher
+    x = s.clone().requires_grad_(True)
+    sa_loss([s, x], [t, noise], mask, num_parts=2, present=present)[0].backward()
+    assert bool((x.grad[:, 1] == 0).all()) and bool((x.grad[:, 0, :2] != 0).any())
+    # all present is the plain loss; a wrong shape or a compressed student is refused
+    assert sa_loss([s], [t], mask, num_parts=2, present=[[True], [True]])[0].item() == pytest.approx(
+        sa_loss([s], [t], mask, num_parts=2)[0].item())
+    with pytest.raises(ValueError, match="present has shape"):
+        sa_loss([s], [t], mask, num_parts=2, present=[[True, False]])
+    with pytest.raises(ValueError, match="extended student"):
+        sa_loss([s[:, 0]], [t], mask, num_parts=2, present=[[True], [False]], index=torch.zeros(1, 3, dtype=torch.long))
+
+
 def test_sa_loss_standardises_each_part_with_its_teachers_statistics():
     # d = 1, n = 2, no padding. Teacher part 0 = [1, 3]: mean 2, var 1 → std √(1 + 1e-5);
     # student part 0 = [2, 2] → (0, 0), teacher → (∓1/std) → squared sum 2/(1 + 1e-5).

@@ -52,8 +52,9 @@ def test_section_commands_run_on_a_trained_folder(cli, tmp_path, monkeypatch):
                "runs/concave", "--epochs", "1"]):
         r = cli(*c)
         assert r.exit_code == 0, (c, r.stderr[-1500:])
+    # the kacli teacher's width and stride (tiny: 64, 16), so that its AIFI level guides the student too
     assert train_rtdetr(["--tasks", "tasks/tasks.yaml", "--task", "convex", "--out", "rtdetr", "--epochs", "2",
-                         "--tiny"]) == 0
+                         "--tiny", "--width", "64", "--stride", "16"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "rtdetr" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert {p.name for p in (tmp_path / "rtdetr" / "best").iterdir()} == {
@@ -62,5 +63,9 @@ def test_section_commands_run_on_a_trained_folder(cli, tmp_path, monkeypatch):
         r = cli(*c, *TOY.get(c[0], []))
         assert r.exit_code == 0, (c, r.stdout[-1500:], r.stderr[-1500:])
     assert (tmp_path / "runs" / "student-rtdetr" / "best.pt").is_file()
+    from kacli.cache.schema import read_layout
+
+    rt = read_layout(tmp_path / "cache-rtdetr.h5").teachers[0]
+    assert (rt["kind"], rt["sequences"], rt["layers"]) == ("transformers", True, ["proj", "enc3"])
     assert (tmp_path / "pred-rtdetr" / "predictions.json").is_file()
     assert (tmp_path / "merged" / "tasks.yaml").is_file()

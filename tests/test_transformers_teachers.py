@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import assert_one_line_error  # noqa: E402
-from hf_tiny import FAMILIES, SEQUENCE, processor, save_tiny  # noqa: E402
+from hf_tiny import AIFI, FAMILIES, SEQUENCE, processor, save_tiny  # noqa: E402
 from kacli.cache.reader import TeacherCache, collate_cached  # noqa: E402
 from kacli.cache.writer import cache_teachers  # noqa: E402
 from kacli.data.demo_data import make_demo_data  # noqa: E402
@@ -73,8 +73,8 @@ def env(tmp_path_factory):
             "id2label": _id2label(manifest.tasks[0].category_names)}
 
 
-#: The kacli teacher's encoder (d_model, layers, stride): a single-scale folder's matches it, so its
-#: sequences guide the student.
+#: The kacli teacher's encoder (d_model, layers, stride): a single-scale folder's matches it, and so
+#: does a hybrid encoder's AIFI level (width, stride), so their sequences guide the student.
 KACLI_ENCODER = (MODEL["d_model"], MODEL["enc_layers"], 16)
 
 
@@ -120,13 +120,18 @@ def test_cached_outputs_are_transformers_own(env, family):
     proc = processor(family, SIDE)
     # what the cache says about the teacher
     t0, t1 = cache.layout.teachers
-    sa = family in SEQUENCE  # DETR's single-scale encoder: its sequences are cached too
+    sa = family in SEQUENCE or family in AIFI  # sequences cached too: every layer, or proj and the last (AIFI)
     assert (t0["kind"], t0["arch"], t0["sequences"]) == ("transformers", family, sa)
+    last = f"enc{MODEL['enc_layers']}"
+    assert t0.get("layers") == (["proj", last] if family in AIFI else None)
     assert t0["classifier"] == ("softmax" if family in ("detr", "yolos") else "sigmoid")
     assert t0["transformers_version"] and t0["family"]
     assert t1.get("kind", "kacli") == "kacli" and cache.layout.seq_teachers == ([0, 1] if sa else [1])
     with h5py.File(out) as f:
         assert ("seq" in f["teachers/0"]) == sa and "seq" in f["teachers/1"]
+        if family in AIFI:  # the AIFI level's projection and output only
+            assert sorted(f["teachers/0/seq"]) == ["enc2", "proj"]
+    assert cache.present == ([[True, False, True], [True, True, True]] if family in AIFI else [[True] * 3] * (1 + sa))
     worst = {"box_px": 0.0, "prob": 0.0, "pp_score": 0.0, "pp_box": 0.0, "seq": 0.0}
     compared = 0
     folder_model = load_teachers(env["manifest"], [folder, env["kacli"]])[0].model
@@ -138,10 +143,16 @@ def test_cached_outputs_are_transformers_own(env, family):
         assert tuple(inputs["pixel_values"].shape[-2:]) == (SIDE, SIDE)
         with torch.no_grad():
             ref = model(pixel_values=inputs["pixel_values"], output_hidden_states=sa)
-        if sa:  # proj, enc1, enc2: the input projection's output and each encoder layer's, row-major tokens
+        if family in SEQUENCE:  # proj, enc1, enc2: the input projection's output and each encoder layer's, row-major tokens
             states = torch.stack([x[0] for x in ref.encoder_hidden_states])
             assert entry["seqs"][0].shape == states.shape == (3, (SIDE // 16) ** 2, MODEL["d_model"])
             worst["seq"] = max(worst["seq"], float((entry["seqs"][0] - states).abs().max()))
+        if family in AIFI:  # proj: the AIFI level's input projection; enc2 (the last): the AIFI output F5; enc1: none
+            level, f5 = (x[0].flatten(1).T for x in ref.encoder_hidden_states)  # (d, h, w) → (h·w, d) row-major
+            assert level.shape == f5.shape == ((SIDE // 16) ** 2, MODEL["d_model"])
+            got = entry["seqs"][0]
+            assert bool((got[1] == 0).all())  # a layer it does not give
+            worst["seq"] = max(worst["seq"], float((got[0] - level).abs().max()), float((got[2] - f5).abs().max()))
         box = (entry["boxes"][0] - ref.pred_boxes[0]).abs().max() * SIDE
         prob = (entry["logits"][0].softmax(-1) - _rule(ref.logits[0], family, task_slots, named)).abs().max()
         worst["box_px"], worst["prob"] = max(worst["box_px"], float(box)), max(worst["prob"], float(prob))
@@ -175,11 +186,11 @@ def _mixed(env, family: str) -> dict:
 
 @pytest.fixture(scope="module")
 def mixed(env):
-    """An RT-DETR folder (TA only) and the kacli teacher, cached."""
-    return _mixed(env, "rt_detr")
+    """A Deformable DETR folder (TA only) and the kacli teacher, cached."""
+    return _mixed(env, "deformable_detr")
 
 
-@pytest.mark.parametrize("family", ["rt_detr", "detr"])
+@pytest.mark.parametrize("family", ["rt_detr", "detr", "deformable_detr"])
 def test_online_transformers_teacher_gives_the_cached_outputs(env, family):
     folders = _mixed(env, family)
     cache = TeacherCache(folders["cache"])
@@ -187,7 +198,8 @@ def test_online_transformers_teacher_gives_the_cached_outputs(env, family):
     online = OnlineTeachers.from_teachers(load_teachers(env["manifest"], [folders["folder"], env["kacli"]]),
                                           cache.layer_names)
     run = online(images, mask)
-    assert run["seqs"].shape == teacher["seqs"].shape and run["seqs"].shape[1] == (2 if family in SEQUENCE else 1)
+    sa = family in SEQUENCE or family in AIFI
+    assert run["seqs"].shape == teacher["seqs"].shape and run["seqs"].shape[1] == (2 if sa else 1)
     torch.testing.assert_close(run["seqs"], teacher["seqs"], rtol=1e-5, atol=1e-5)
     for k in range(2):
         torch.testing.assert_close(run["logits"][k], teacher["logits"][k], rtol=1e-5, atol=1e-5)
@@ -199,7 +211,7 @@ def test_cli_cache_info_amalgamate_eval_predict_with_a_folder(cli, env, mixed, t
     monkeypatch.setenv("COLUMNS", "250")
     r = cli("cache-info", mixed["cache"])
     assert r.exit_code == 0, r.stderr
-    assert "TA only" in r.stdout and "SA+TA" in r.stdout and "rt_detr (transformers " in r.stdout and "64x64" in r.stdout
+    assert "TA only" in r.stdout and "SA+TA" in r.stdout and "deformable_detr (transformers " in r.stdout and "short side 64" in r.stdout
     r = cli("cache-info", mixed["cache"], "--json")
     teachers = json.loads(r.stdout)["teachers"]
     assert [(t["kind"], t["teaches"], t["sequence_bytes"] == 0) for t in teachers] == [
@@ -224,8 +236,8 @@ def test_cli_cache_info_amalgamate_eval_predict_with_a_folder(cli, env, mixed, t
             "--json", tmp_path / "eval.json")
     assert r.exit_code == 0, r.stderr
     members = json.loads((tmp_path / "eval.json").read_text())["members"]
-    assert members[0]["kind"] == "transformers" and members[0]["family"] == "RT-DETR" and members[0]["split"] == "test"
-    assert members[0]["model"] == "rt_detr" and 0 <= members[0]["AP"] <= 1
+    assert members[0]["kind"] == "transformers" and members[0]["family"] == "Deformable DETR"
+    assert members[0]["split"] == "test" and members[0]["model"] == "deformable_detr" and 0 <= members[0]["AP"] <= 1
     # predict draws the folder's boxes with its class names
     image = next((env["root"] / "data").rglob("*.png"))
     r = cli("predict", "--model", mixed["folder"], "--out", tmp_path / "pred", "--threshold", "0", image)
@@ -236,26 +248,85 @@ def test_cli_cache_info_amalgamate_eval_predict_with_a_folder(cli, env, mixed, t
     assert names and names <= set(env["manifest"].tasks[0].category_names) | {"unicorn"}
 
 
-def test_a_single_scale_folder_guides_its_own_part_of_the_student(cli, env, tmp_path):
-    """A DETR folder of the kacli teacher's width, depth and stride: two parts, SA on both."""
-    folders = _mixed(env, "detr")
+@pytest.mark.parametrize("family", ["detr", "rt_detr"])
+def test_a_folder_with_sequences_guides_its_own_part_of_the_student(cli, env, tmp_path, family):
+    """A DETR folder of the kacli teacher's width, depth and stride, or an RT-DETR whose AIFI level
+    has its width and stride: two parts, SA on both (the RT-DETR's on proj and the last layer)."""
+    folders = _mixed(env, family)
     run = tmp_path / "student"
     r = cli("amalgamate", "--cache", folders["cache"], "--out", run, "--epochs", 1, "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     assert load_checkpoint(run / "last.pt")["arch"]["num_parts"] == 2
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"loss_seq", "loss_task", "sa_proj", "sa_enc2"} <= set(row)
+    assert {"loss_seq", "loss_task", "sa_proj", "sa_enc1", "sa_enc2"} <= set(row)
 
 
-@pytest.mark.parametrize("encoder, needle", [((16, 2, 16), "d_model 16"), ((32, 1, 16), "encoder depth 1"),
-                                             ((32, 2, 32), "backbone stride 32")])
-def test_a_single_scale_folder_of_another_width_is_one_line(cli, env, tmp_path, encoder, needle):
-    folder = tmp_path / "detr-other"
-    save_tiny(folder, "detr", env["id2label"], side=SIDE, encoder=encoder)
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_an_int8_cache_of_a_teacher_with_some_layers_reads_like_the_float_one(env, tmp_path, in_memory):
+    """An RT-DETR folder's two layers in an int8 cache (its own scale columns): every selection of
+    layers reads as the float32 cache does, within int8's step, with exact zeros where it has none;
+    read as int8 and dequantised on the batch, the same."""
+    from kacli.teachers.quant import dequantize_teacher
+
+    folders = _mixed(env, "rt_detr")
+    out = tmp_path / "int8.h5"
+    cache_teachers(env["manifest"].path, [folders["folder"], env["kacli"]], out, **(QUIET | {"dtype": "int8"}))
+    for layers, present in (("all", [True, False, True]), ("proj,2", [True, True]), ("1,2", [False, True])):
+        q = TeacherCache(out, layers=layers, in_memory=in_memory)
+        ref = TeacherCache(folders["cache"], layers=layers)
+        assert q.present == ref.present == [present, [True] * len(present)]
+        for e in range(len(q)):
+            a, b = q[e][2]["seqs"], ref[e][2]["seqs"]
+            step = b.abs().amax(-1, keepdim=True) / 127  # int8's step, per token
+            assert bool(((a - b).abs() <= step * 0.51 + 1e-6).all())
+            assert bool((a[0, [j for j, p in enumerate(present) if not p]] == 0).all())
+        raw = TeacherCache(out, layers=layers, in_memory=in_memory, dequantize=False)
+        batch = collate_cached([raw[i] for i in range(3)])[3]
+        floats = collate_cached([q[i] for i in range(3)])[3]
+        torch.testing.assert_close(dequantize_teacher(batch)["seqs"], floats["seqs"])
+    from kacli.cache.info import verify_cache
+    assert verify_cache(out, progress=False)["ok"]  # every stored sequence with its own scale column
+
+
+@pytest.mark.parametrize("method", [["--method", "sag"], ["--compress", "redundancy"]])
+def test_sag_and_compression_refuse_a_teacher_with_some_layers_only(cli, env, tmp_path, method):
+    """SAG's mean over teachers and a compressed student's kept tokens need every teacher at every
+    layer: with an RT-DETR folder (proj and the last layer only) they are refused, naming the
+    layers all teachers give."""
+    folders = _mixed(env, "rt_detr")
+    r = cli("amalgamate", "--cache", folders["cache"], "--out", tmp_path / "s", "--epochs", 1, "--device", "cpu",
+            *method)
+    assert_one_line_error(r, "needs every teacher's sequence at every cached layer", "--layers proj,enc2")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("family, encoder, needle", [
+    ("detr", (16, 2, 16), "d_model 16"), ("detr", (32, 1, 16), "encoder depth 1"),
+    ("detr", (32, 2, 32), "backbone stride 32"), ("rt_detr", (16, 1, 16), "d_model 16"),
+    ("rt_detr", (32, 1, 32), "backbone stride 32")])
+def test_a_folder_whose_sequences_do_not_fit_teaches_through_ta_only(cli, env, tmp_path, monkeypatch, family,
+                                                                     encoder, needle):
+    """Another width, depth or stride than the kacli teachers': the folder still teaches through TA,
+    one line says why, and the cache and cache-info say it."""
+    monkeypatch.setenv("COLUMNS", "250")
+    folder = tmp_path / "other"
+    save_tiny(folder, family, env["id2label"], side=SIDE, encoder=encoder)
     r = cli("cache-teachers", "--tasks", env["manifest"].path, "--teacher", folder, "--teacher", env["kacli"],
             "--out", tmp_path / "c.h5", "--device", "cpu")
-    err = assert_one_line_error(r, needle, "detr-other", "differs from teacher 2's")
-    assert not (tmp_path / "c.h5").exists() and "only at the kacli teachers'" in err
+    assert r.exit_code == 0, r.stderr
+    said = [line for line in r.stdout.splitlines() if "teaches through TA only" in line]
+    assert len(said) == 1 and said[0].startswith("other: ") and needle in said[0] and "teacher 2's (t1.pt" in said[0]
+    t0 = TeacherCache(tmp_path / "c.h5").layout.teachers[0]
+    assert t0["sequences"] is False and needle in t0["sa_off"] and "layers" not in t0
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert "seq" not in f["teachers/0"]
+    r = cli("cache-info", tmp_path / "c.h5")
+    assert r.exit_code == 0 and "TA only" in r.stdout, r.stderr
+    if needle == "d_model 16" and family == "rt_detr":  # online, the same line; the student has the kacli part only
+        r = cli("amalgamate", "--tasks", env["manifest"].path, "--teacher", folder, "--teacher", env["kacli"],
+                "--out", tmp_path / "online", "--epochs", 1, "--device", "cpu")
+        assert r.exit_code == 0 and said[0] in r.stdout, r.stderr
+        assert load_checkpoint(tmp_path / "online" / "last.pt")["arch"]["num_parts"] == 1
 
 
 def test_merge_tasks_takes_a_folder_as_a_teacher_only_task(cli, env, mixed, tmp_path):
@@ -308,7 +379,7 @@ def test_bad_folders_are_one_line_errors_and_write_nothing(cli, env, mixed, tmp_
         n = len(env["id2label"])
         _edit_config(bad, id2label={str(k): f"thing{k}" for k in range(n)}, label2id={f"thing{k}": k for k in range(n)})
     elif case == "weights-mismatch":
-        _edit_config(bad, d_model=24, decoder_in_channels=[24, 24, 24], encoder_hidden_dim=24)
+        _edit_config(bad, d_model=64)
     elif case == "weights-extra":  # a 2-layer encoder's weights under a config that says 1 layer
         bad = _copy(_folder(env, "detr")[0], tmp_path / "bad-detr")
         teachers = [bad, env["kacli"]]

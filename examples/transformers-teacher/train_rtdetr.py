@@ -32,17 +32,20 @@ from kacli.eval.evaluate import evaluate_checkpoints
 from kacli.fsutil import load_json
 
 
-def rtdetr_config(names: list[str], width: int, decoder_layers: int, queries: int, tiny: bool):
-    """A small RT-DETR (transformers' RTDetrConfig) for these classes, built from scratch."""
+def rtdetr_config(names: list[str], width: int | None, decoder_layers: int, queries: int, tiny: bool, stride: int = 32):
+    """A small RT-DETR (transformers' RTDetrConfig) for these classes, built from scratch; its three
+    levels end at ``stride`` (the AIFI level F5: 32, or 16 to match kacli's tiny backbone)."""
     import transformers
 
     hidden = [8, 8, 16, 16] if tiny else [64, 128, 256, 512]
+    stages = [2, 3, 4] if stride == 32 else [1, 2, 3]
     backbone = transformers.RTDetrResNetConfig(num_channels=3, embedding_size=hidden[0], hidden_sizes=hidden,
                                                depths=[1, 1, 1, 1] if tiny else [2, 2, 2, 2], layer_type="basic",
-                                               out_indices=[2, 3, 4])
-    width = 16 if tiny else width
+                                               out_indices=stages)
+    width = width or (16 if tiny else 128)
     return transformers.RTDetrConfig(
-        backbone_config=backbone, encoder_in_channels=hidden[1:], feat_strides=[8, 16, 32], encoder_hidden_dim=width,
+        backbone_config=backbone, encoder_in_channels=[hidden[i - 1] for i in stages],
+        feat_strides=[stride // 4, stride // 2, stride], encoder_hidden_dim=width,
         encoder_layers=1, encoder_ffn_dim=4 * width, encoder_attention_heads=4 if width % 4 == 0 else 2,
         hidden_expansion=0.5 if tiny else 1.0, d_model=width, decoder_in_channels=[width] * 3,
         decoder_ffn_dim=4 * width, decoder_attention_heads=4 if width % 4 == 0 else 2,
@@ -113,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--lr-drop", type=int, default=None, help="epoch after which lr ×0.1 (default: 90%% of --epochs)")
-    ap.add_argument("--width", type=int, default=128, help="d_model of the encoder and decoder")
+    ap.add_argument("--width", type=int, default=None, help="d_model of the encoder and decoder (default 128; 16 with --tiny)")
+    ap.add_argument("--stride", type=int, choices=(16, 32), default=32,
+                    help="stride of the coarsest level (the AIFI level); its projection and AIFI output guide the "
+                         "student (SA) when this and --width are the kacli teachers' (the demo's: 16 and 64)")
     ap.add_argument("--decoder-layers", type=int, default=3)
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     tf_logging.disable_progress_bar()
 
     model = RTDetrForObjectDetection(rtdetr_config(list(task.category_names), args.width, args.decoder_layers,
-                                                   args.queries, args.tiny))
+                                                   args.queries, args.tiny, args.stride))
     data = TaskImages(manifest.split_json("train", args.task), manifest.image_root("train"), list(task.category_ids),
                       args.size, train=True)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, collate_fn=collate,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from kacli.amalgamation.config import AmalgamateConfig
 from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
@@ -52,6 +53,10 @@ class CacheSource:
     def num_parts(self) -> int:
         """The teachers with cached sequences: the student's parts."""
         return len(self.layout.seq_teachers)
+
+    def present(self, layers: Sequence[str]) -> list[list[bool]]:
+        """``(N_s, L)``: whether sequence teacher k holds layer j of ``layers``."""
+        return self.layout.present(layers)
 
     @property
     def layers(self) -> list[str]:

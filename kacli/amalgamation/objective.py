@@ -92,11 +92,15 @@ class AmalgamationObjective(nn.Module):
             over ``layers``); None: the batches carry the teachers' outputs (the cache).
         num_parts: N_s, the teachers with sequences (the student's parts, ``seqs``' N axis; a
             transformers folder of a multi-scale family teaches through TA only); default N.
+        present: ``(N_s, L)`` bool, whether sequence teacher k gives layer j (an RT-DETR hybrid
+            encoder gives ``proj`` and the last layer); the SA terms of the others are left out.
+            None: all of them.
     """
 
     def __init__(self, cfg: AmalgamateConfig, num_classes: int, num_teachers: int, layers: list[str],
                  class_index: list[torch.Tensor], sag_proj: SAGProjection | None = None,
-                 teachers: OnlineTeachers | None = None, num_parts: int | None = None):
+                 teachers: OnlineTeachers | None = None, num_parts: int | None = None,
+                 present: Sequence[Sequence[bool]] | None = None):
         super().__init__()
         if teachers is not None and (len(teachers.models) != num_teachers or teachers.layers != list(layers)):
             raise ValueError(f"online teachers ({len(teachers.models)}, layers {teachers.layers}) do not match "
@@ -107,6 +111,9 @@ class AmalgamationObjective(nn.Module):
         self.num_teachers = num_teachers
         self.num_parts = num_teachers if num_parts is None else int(num_parts)
         self.layers = list(layers)
+        self.present = None if present is None or all(all(r) for r in present) else [list(map(bool, r)) for r in present]
+        if self.present is not None and cfg.method == "sag":
+            raise ValueError("SAG needs every teacher's sequence at every layer")
         self.class_index = [torch.as_tensor(c, dtype=torch.long) for c in class_index]
         self.criterion = GroundTruthLoss(num_classes, cfg.ground_truth_loss, class_index=self.class_index,
                                          eos_coef=cfg.eos_coef, threshold=cfg.pseudo_threshold,
@@ -213,7 +220,8 @@ class AmalgamationObjective(nn.Module):
                             names=[f"sag_{name}" for name in self.layers], reduction=self.cfg.sa.reduction,
                             stats=self.cfg.sa.stats)
         return sa_loss(student, targets, mask, self.num_parts, normalize=self.cfg.sa.normalize, names=names,
-                       index=out.get("part_idx"), reduction=self.cfg.sa.reduction, stats=self.cfg.sa.stats)
+                       index=out.get("part_idx"), reduction=self.cfg.sa.reduction, stats=self.cfg.sa.stats,
+                       present=self.present)
 
 
 __all__ = ["AmalgamationObjective", "CacheNeeds", "needs_teachers", "teachers_pick_tokens", "uses_ground_truth", "uses_predictions",

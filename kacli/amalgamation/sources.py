@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from kacli.amalgamation.config import AmalgamateConfig
 from kacli.amalgamation.objective import AmalgamationObjective, CacheNeeds
@@ -46,6 +47,10 @@ class TeacherSource:
     def num_parts(self) -> int:
         """The teachers with sequences (kacli checkpoints): the student's parts."""
         return len(sequence_teachers(self.teachers))
+
+    def present(self, layers: Sequence[str]) -> list[list[bool]]:
+        """``(N_s, L)``: whether sequence teacher k gives layer j of ``layers`` (:meth:`Teacher.gives`)."""
+        return [[name in t.gives(layers) for name in layers] for t in sequence_teachers(self.teachers)]
 
     @property
     def first(self) -> Teacher:
@@ -111,7 +116,7 @@ class TeacherSource:
 
 # Where the teachers' outputs come from: both sources (:class:`TeacherSource`,
 # :class:`~kacli.amalgamation.cache_source.CacheSource`) give ``manifest``, ``label_map`` (the
-# union: the student's classes), ``num_teachers``, ``num_parts`` (those with sequences), ``layers``, ``d_model``, ``enc_layers``,
+# union: the student's classes), ``num_teachers``, ``num_parts`` (those with sequences), ``present(layers)`` (which of them give which layer), ``layers``, ``d_model``, ``enc_layers``,
 # ``stride``, ``where`` and ``noun`` (the file and the words errors name), ``teacher_label_maps``,
 # ``settings()``, ``training_data()``, ``online_teachers()`` and ``provenance()``.
 

@@ -21,7 +21,8 @@ def cache_summary(path: str | Path) -> dict:
     Returns ``{"path", "complete", "done_entries", "entries", "images", "views", "seed", "split",
     "tasks_path", "tasks_sha256", "d_model", "enc_layers", "stride", "layers", "dtype", "batch_size",
     "teachers": [{task, checkpoint, sha256, num_classes, num_queries, arch, classifier, kind (kacli | transformers), family,
-    teaches (SA+TA | TA only), sequence_bytes (int8: with the scales), head_bytes}],
+    teaches (SA+TA | SA (its layers)+TA | TA only), layers (those it holds), sa_off (why a folder
+    teaches through TA only, when its sequences do not fit), sequence_bytes (int8: with the scales), head_bytes}],
     "sources": the split's sources from the manifest the cache names ([{name, task, images, format, path,
     complete, complete_all}], complete = the category names its images are annotated for), or None when
     that manifest is unreadable,
@@ -34,7 +35,8 @@ def cache_summary(path: str | Path) -> dict:
         teachers = []
         for k, t in enumerate(a["teachers"]):
             has_seq = schema.has_sequences(t)
-            seq = sum(f[schema.seq_path(k, n)].id.get_storage_size() for n in layout.layers) if has_seq else 0
+            own = schema.teacher_layers(t, layout.layers)  # an RT-DETR hybrid encoder: proj and the last layer
+            seq = sum(f[schema.seq_path(k, n)].id.get_storage_size() for n in own)
             if layout.dtype in schema.SCALED and has_seq:
                 seq += f[schema.scale_path(k)].id.get_storage_size()
             head = f[f"teachers/{k}/logits"].id.get_storage_size() + f[f"teachers/{k}/boxes"].id.get_storage_size()
@@ -51,7 +53,10 @@ def cache_summary(path: str | Path) -> dict:
                     "family": t.get("family"),
                     "transformers_version": t.get("transformers_version"),
                     "image_rule": t.get("image_rule"),
-                    "teaches": "SA+TA" if has_seq else "TA only",
+                    "teaches": ("TA only" if not has_seq else "SA+TA" if own == list(layout.layers)
+                                else f"SA ({', '.join(own)})+TA"),
+                    "layers": own,
+                    **({"sa_off": t["sa_off"]} if t.get("sa_off") else {}),
                     "sequence_bytes": int(seq),
                     "head_bytes": int(head),
                 }
@@ -148,14 +153,15 @@ def verify_cache(
         if not np.isfinite(view).all():
             problems.append("non-finite view parameters")
 
-        names = [schema.seq_path(k, n) for k in layout.seq_teachers for n in layout.layers]
+        held = {k: schema.teacher_layers(layout.teachers[k], layout.layers) for k in layout.seq_teachers}
+        names = [schema.seq_path(k, n) for k in layout.seq_teachers for n in held[k]]
         names += [f"teachers/{k}/{x}" for k in range(layout.num_teachers) for x in ("logits", "boxes")]
         if layout.dtype in schema.SCALED:
             names += [schema.scale_path(k) for k in layout.seq_teachers]
         total = sum(int(np.prod(f[n].shape)) for n in names)
         scaled = layout.dtype in schema.SCALED
         # an int8 sequence is read with its layer's column of scales: (teacher, column) by dataset
-        columns = {schema.seq_path(k, n): (k, j) for k in layout.seq_teachers for j, n in enumerate(layout.layers)}
+        columns = {schema.seq_path(k, n): (k, j) for k in layout.seq_teachers for j, n in enumerate(held[k])}
         with make_progress("value", disable=not progress, transient=True) as bar:
             task = bar.add_task("verify", total=total, info="")
             for n in names:
@@ -182,7 +188,7 @@ def verify_cache(
                 for count, what in zip(scale_counts.tolist(), _SCALE_PROBLEMS):
                     if count:
                         k, j = columns[n]
-                        problems.append(f"{_teacher(a, n)}, layer {layout.layers[j]}: /{schema.scale_path(k)} holds "
+                        problems.append(f"{_teacher(a, n)}, layer {held[k][j]}: /{schema.scale_path(k)} holds "
                                         f"{count} {what}")
     stored = a["teachers"]
     if teachers:

@@ -73,13 +73,14 @@ def create_file(job: CacheJob, path: Path, attrs: dict, start: int, end: int) ->
             tg.attrs["task"] = t.task
             tg.attrs["checkpoint"] = str(t.path)
             tg.attrs["sha256"] = t.sha256
-            for layer in layers if t.sequences else ():  # a TA-only teacher (a multi-scale transformers folder): no sequences
+            own = t.gives(layers)  # a TA-only teacher: none; an RT-DETR hybrid encoder: proj and the last layer
+            for layer in own:
                 tg.create_dataset(
                     f"seq/{layer}", shape=(T, d), dtype=schema.DTYPES[dtype], chunks=(max(1, min(chunk, T)), d)
                 )
-            if dtype in schema.SCALED and t.sequences:
-                tg.create_dataset("scale", shape=(T, len(layers)), dtype=schema.SCALE_DTYPE,
-                                  chunks=(max(1, min(chunk, T)), len(layers)))
+            if dtype in schema.SCALED and own:
+                tg.create_dataset("scale", shape=(T, len(own)), dtype=schema.SCALE_DTYPE,
+                                  chunks=(max(1, min(chunk, T)), len(own)))
             q, c = t.num_queries, t.num_classes
             per = max(1, min(E, (64 << 10) // (q * (c + 1) * 4)))
             tg.create_dataset("logits", shape=(E, q, c + 1), dtype=np.float32, chunks=(per, q, c + 1))
@@ -120,13 +121,13 @@ class _BackgroundWriter:
     """
 
     def __init__(self, f, start: int, offsets: np.ndarray, layers: Sequence[str], num_teachers: int,
-                 sequences: Sequence[bool] | None = None):
+                 given: Sequence[Sequence[str]] | None = None):
         self.f = f
         self.start = start
         self.offsets = offsets
         self.layers = list(layers)
-        has = list(sequences) if sequences is not None else [True] * num_teachers
-        self.seq = [[f[schema.seq_path(k, layer)] for layer in layers] if has[k] else [] for k in range(num_teachers)]
+        given = list(given) if given is not None else [self.layers] * num_teachers  # the layers each teacher gives
+        self.seq = [[f[schema.seq_path(k, layer)] for layer in given[k]] for k in range(num_teachers)]
         self.logits = [f[f"teachers/{k}/logits"] for k in range(num_teachers)]
         self.boxes = [f[f"teachers/{k}/boxes"] for k in range(num_teachers)]
         self.scale = [f.get(schema.scale_path(k)) for k in range(num_teachers)]  # int8 only
@@ -225,7 +226,7 @@ def write_range(job: CacheJob, path: Path, attrs: dict, start: int, end: int, de
             with schema.open_h5(path, "r+") as f, make_progress("entry", disable=not job.progress) as bar:
                 task = bar.add_task(description, total=end - start, completed=done, info="")
                 writer = _BackgroundWriter(f, start, offsets, job.layers, len(job.teachers),
-                                           [t.sequences for t in job.teachers])
+                                           [t.gives(job.layers) for t in job.teachers])
                 try:
                     for idx, payload in stream:
                         writer.put(idx[0], idx[-1] + 1, payload)
@@ -296,10 +297,10 @@ def join_shards(job: CacheJob, out_partial: Path, shards: Sequence[dict], attrs:
                 schema.validate(src, spath, require_complete=True)
                 r0 = int(offsets[start])
                 for k, t in enumerate(teachers):
-                    for layer in layers if t.sequences else ():
+                    for layer in t.gives(layers):
                         name = schema.seq_path(k, layer)
                         _copy_rows(src[name], dst[name], r0, rows_per_block)
-                    if dtype in schema.SCALED and t.sequences:
+                    if dtype in schema.SCALED and t.gives(layers):
                         _copy_rows(src[schema.scale_path(k)], dst[schema.scale_path(k)], r0, rows_per_block)
                     for name in (f"teachers/{k}/logits", f"teachers/{k}/boxes"):
                         dst[name][start:end] = src[name][...]

@@ -83,7 +83,8 @@ class TeacherCache(Dataset):
 
     Attributes: ``label_map`` (union ``{ids, names}``: all tasks' categories in task order),
     ``teacher_label_maps``, ``class_index`` (per teacher, a LongTensor of its classes' positions in
-    the union), ``layer_names``, ``d_model``, ``stride``, ``layout`` (the validated header) and its
+    the union), ``layer_names``, ``present`` ((N_s, L) bools: whether sequence teacher k holds layer
+    j; an absent layer reads as zeros), ``d_model``, ``stride``, ``layout`` (the validated header) and its
     ``attrs`` (the file's root attributes).
     """
 
@@ -128,7 +129,13 @@ class TeacherCache(Dataset):
             if missing:
                 raise KacliError(f"layers {', '.join(missing)} are not in the cache (it has {', '.join(cached)})", self.path)
             self.layer_names = wanted
-        self._scale_cols = [cached.index(n) for n in self.layer_names]  # columns of /teachers/<k>/scale
+        # (N_s, L): whether sequence teacher k holds layer j (an RT-DETR hybrid encoder: proj and the last
+        # layer only); an absent layer reads as zeros and the SA loss leaves it out (Objective's present)
+        self.present = layout.present(self.layer_names)
+        own = [schema.teacher_layers(layout.teachers[k], cached) for k in self.seq_teachers]
+        # per sequence teacher, the columns of /teachers/<k>/scale of the selected layers it holds
+        self._scale_cols = [[own[i].index(n) for n, has in zip(self.layer_names, row) if has]
+                            for i, row in enumerate(self.present)]
         self.label_map = layout.label_map
         self.teacher_label_maps = layout.teacher_label_maps
         self.class_index = layout.class_index()
@@ -155,17 +162,17 @@ class TeacherCache(Dataset):
             in_memory = self.selected_bytes() <= IN_MEMORY_BYTES
         if in_memory:
             ds = self._open()
-            self._mem = {key: [[d[...] for d in row] for row in val] if key == "seqs" else [d[...] for d in val]
-                         for key, val in ds.items()}
+            self._mem = {key: [[None if d is None else d[...] for d in row] for row in val] if key == "seqs"
+                         else [d[...] for d in val] for key, val in ds.items()}
             if self.scaled:  # only the selected layers' columns
-                self._mem["scale"] = [m[:, self._scale_cols] for m in self._mem["scale"]]
+                self._mem["scale"] = [m[:, cols] for m, cols in zip(self._mem["scale"], self._scale_cols)]
             self.close()
 
     def selected_bytes(self) -> int:
         """Bytes of the selected layers, logits and boxes in the file (what ``in_memory`` holds)."""
         ds = self._open()
         try:
-            return sum(d.dtype.itemsize * int(np.prod(d.shape)) for row in ds["seqs"] for d in row) + sum(
+            return sum(d.dtype.itemsize * int(np.prod(d.shape)) for row in ds["seqs"] for d in row if d is not None) + sum(
                 d.dtype.itemsize * int(np.prod(d.shape)) for key in ("logits", "boxes", "scale") for d in ds.get(key, ()))
         finally:
             self.close()
@@ -190,7 +197,8 @@ class TeacherCache(Dataset):
             self._h5 = h5py.File(self.path, "r", rdcc_nbytes=4 << 20)
             self._pid = os.getpid()
             self._ds = {
-                "seqs": [[self._h5[schema.seq_path(k, n)] for n in self.layer_names] for k in self.seq_teachers],
+                "seqs": [[self._h5[schema.seq_path(k, n)] if has else None for n, has in zip(self.layer_names, row)]
+                         for k, row in zip(self.seq_teachers, self.present)],
                 "logits": [self._h5[f"teachers/{k}/logits"] for k in range(self.num_teachers)],
                 "boxes": [self._h5[f"teachers/{k}/boxes"] for k in range(self.num_teachers)],
             }
@@ -214,23 +222,26 @@ class TeacherCache(Dataset):
             raise IndexError(e)
         a, b = int(self.offsets[e]), int(self.offsets[e + 1])
         L, N = len(self.layer_names), len(self.seq_teachers)
-        seqs = np.empty((N, L, b - a, self.d_model), dtype=np.dtype(schema.DTYPES[self.storage]))
-        scale = np.empty((N, L, b - a), dtype=np.float32) if self.scaled else None
+        full = all(all(row) for row in self.present)
+        alloc = np.empty if full else np.zeros  # a layer a teacher does not hold stays zero
+        seqs = alloc((N, L, b - a, self.d_model), dtype=np.dtype(schema.DTYPES[self.storage]))
+        scale = alloc((N, L, b - a), dtype=np.float32) if self.scaled else None
         if self._mem is not None:
             ds = self._mem
             for k in range(N):
                 for j, d in enumerate(ds["seqs"][k]):
-                    seqs[k, j] = d[a:b]
+                    if d is not None:
+                        seqs[k, j] = d[a:b]
                 if scale is not None:
-                    scale[k] = ds["scale"][k][a:b].T
+                    scale[k, np.asarray(self.present[k], dtype=bool)] = ds["scale"][k][a:b].T
         else:
             ds = self._open()
             for k in range(N):
                 for j, d in enumerate(ds["seqs"][k]):
-                    if b > a:
+                    if b > a and d is not None:
                         d.read_direct(seqs, np.s_[a:b], np.s_[k, j])
                 if scale is not None:
-                    scale[k] = ds["scale"][k][a:b][:, self._scale_cols].T
+                    scale[k, np.asarray(self.present[k], dtype=bool)] = ds["scale"][k][a:b][:, self._scale_cols[k]].T
         h, w = (int(v) for v in self.hw[e])
         logits = [np.array(d[e]) for d in ds["logits"]]
         boxes = [np.array(d[e]) for d in ds["boxes"]]

@@ -119,22 +119,24 @@ ENTRY_META_BYTES = 3 * 8 + 7 * 8 + 2 * 8 + 8
 
 
 def estimate_bytes(tokens: int, entries: int, d_model: int, num_layers: int, heads: Sequence[tuple[int, int]], dtype: str,
-                   seq_teachers: int | None = None) -> int:
+                   seq_teachers: int | None = None, seq_layers: int | None = None) -> int:
     """The data bytes of a cache (HDF5 adds a little for its headers and chunk index):
 
     ``T·L·N_s·(d·sizeof(dtype) + s) + E·Σ_t Q_t·(C_t+5)·4 + E·104 + 8`` with ``s`` = 4 (the
     float16 scale) for int8 and 0 otherwise; N_s (``seq_teachers``) the teachers with sequences,
-    by default all of ``heads``.
+    by default all of ``heads``. ``seq_layers``: the (teacher, layer) sequences stored, when not
+    every such teacher gives every layer (it replaces L·N_s).
     """
     n_seq = len(heads) if seq_teachers is None else int(seq_teachers)
-    seq = tokens * sequence_bytes_per_token(d_model, num_layers, n_seq, dtype)
+    pairs = int(num_layers) * n_seq if seq_layers is None else int(seq_layers)
+    seq = tokens * sequence_bytes_per_token(d_model, pairs, 1, dtype)
     return int(seq + entries * (head_bytes_per_entry(heads) + ENTRY_META_BYTES) + 8)
 
 
 def size_estimates(tokens: int, entries: int, d_model: int, num_layers: int, heads: Sequence[tuple[int, int]],
-                   seq_teachers: int | None = None) -> dict[str, int]:
+                   seq_teachers: int | None = None, seq_layers: int | None = None) -> dict[str, int]:
     """:func:`estimate_bytes` for every storage scheme: ``{dtype: bytes}``."""
-    return {dt: estimate_bytes(tokens, entries, d_model, num_layers, heads, dt, seq_teachers) for dt in DTYPES}
+    return {dt: estimate_bytes(tokens, entries, d_model, num_layers, heads, dt, seq_teachers, seq_layers) for dt in DTYPES}
 
 
 def human_bytes(n: float) -> str:
@@ -260,6 +262,11 @@ class CacheLayout:
         student has one part per each."""
         return [k for k, t in enumerate(self.teachers) if has_sequences(t)]
 
+    def present(self, layers: Sequence[str]) -> list[list[bool]]:
+        """``(N_s, L)``: whether sequence teacher k holds layer j of ``layers`` (an RT-DETR hybrid
+        encoder holds ``proj`` and the last layer only, :func:`teacher_layers`)."""
+        return [[name in teacher_layers(self.teachers[k], self.layers) for name in layers] for k in self.seq_teachers]
+
     @property
     def label_map(self) -> dict:
         """The union label map ``{ids, names}``: all tasks' categories, the student's classes."""
@@ -340,6 +347,16 @@ def has_sequences(teacher: dict) -> bool:
     """Whether a cached teacher (an entry of the ``teachers`` attribute) has sequences in the file:
     a transformers folder of a multi-scale family teaches through TA only (``sequences: false``)."""
     return bool(teacher.get("sequences", True))
+
+
+def teacher_layers(teacher: dict, layers: Sequence[str]) -> list[str]:
+    """Those of the cache's ``layers`` a cached teacher holds, in order: none without sequences, all
+    of them unless the teacher records its own ``layers`` (an RT-DETR hybrid encoder: ``proj`` and
+    the last encoder layer)."""
+    if not has_sequences(teacher):
+        return []
+    own = teacher.get("layers")
+    return [name for name in layers if own is None or name in own]
 
 
 def seq_path(teacher: int, layer: str) -> str:
@@ -426,14 +443,17 @@ def validate(h5, path: str | Path, require_complete: bool = True) -> CacheLayout
             heads.append((q, c))
             ds(f"teachers/{k}/logits", (entries, q, c + 1))
             ds(f"teachers/{k}/boxes", (entries, q, 4))
-            if not has_sequences(t):
+            own = teacher_layers(t, layers)
+            if has_sequences(t) and not own:
+                raise KacliError(f"teacher {k} is said to have sequences but holds none of the cached layers", p)
+            if not own:
                 continue
-            for layer in layers:
+            for layer in own:
                 obj = ds(seq_path(k, layer), (total, d))
                 if obj.dtype != np.dtype(DTYPES[dtype]):
                     raise KacliError(f"/{seq_path(k, layer)} is {obj.dtype}, the cache says {dtype}", p)
             if dtype in SCALED:
-                obj = ds(scale_path(k), (total, len(layers)))
+                obj = ds(scale_path(k), (total, len(own)))
                 if obj.dtype not in SCALE_DTYPES:
                     raise KacliError(f"/{scale_path(k)} is {obj.dtype}, expected float16 (or float32)", p)
     except (KeyError, TypeError) as e:
@@ -464,6 +484,7 @@ __all__ = [
     "first_difference",
     "open_h5",
     "has_sequences",
+    "teacher_layers",
     "seq_path",
     "scale_path",
     "SCALED",

@@ -158,12 +158,19 @@ def cache_teachers(
     first = first_kacli_teacher(loaded)  # the settings and views; width, depth and stride are every SA teacher's
     aug = resolve_aug([first], config, log)
     layer_list = layer_names(layers, first.enc_layers)
+    for t in loaded:
+        if t.sequences and not t.gives(layer_list):
+            raise KacliError(f"gives none of the layers to cache ({', '.join(layer_list)}): it gives "
+                             f"{', '.join(t.layer_set or [])} (add them to --layers)", t.path)
     union = manifest.student_label_map()  # a category two tasks share is one class
 
     dist = runtime.init_distributed(device)
     if not dist.is_main:
         log = lambda *_a, **_k: None  # noqa: E731
         progress = False
+    for t in loaded:
+        if t.sa_note:
+            log(f"{t.path.name}: {t.sa_note}")
 
     base = CocoDetection(json_path, image_root, union["ids"], train=False, aug=aug)
     if base.num_images == 0:
@@ -196,7 +203,8 @@ def cache_teachers(
     }
     heads = [(t.num_queries, t.num_classes) for t in loaded]
     n_seq = len(sequence_teachers(loaded))
-    estimate = schema.estimate_bytes(int(tokens.sum()), E, first.d_model, len(layer_list), heads, dtype, n_seq)
+    pairs = sum(len(t.gives(layer_list)) for t in loaded)  # the (teacher, layer) sequences stored
+    estimate = schema.estimate_bytes(int(tokens.sum()), E, first.d_model, len(layer_list), heads, dtype, n_seq, pairs)
     summary = {
         "out": str(out),
         "entries": E,
@@ -210,7 +218,7 @@ def cache_teachers(
         "resumed_from": None,
     }
     if estimate_only:
-        estimates = schema.size_estimates(int(tokens.sum()), E, first.d_model, len(layer_list), heads, n_seq)
+        estimates = schema.size_estimates(int(tokens.sum()), E, first.d_model, len(layer_list), heads, n_seq, pairs)
         free = shutil.disk_usage(_nearest_folder(out.parent)).free
         return summary | {"status": "estimate", "estimates": estimates, "free_bytes": free, "bytes": None,
                           "seconds": 0.0, "entries_per_s": None}
@@ -247,7 +255,7 @@ def cache_teachers(
             sh = mine[0]
             start, end = sh["attrs"]["shard"]["start"], sh["attrs"]["shard"]["end"]
             share = schema.estimate_bytes(int(tokens[start:end].sum()), end - start, first.d_model, len(layer_list), heads,
-                                          dtype, n_seq)
+                                          dtype, n_seq, pairs)
             _check_disk(out.parent, share + (estimate if dist.is_main else 0), f"rank {r}'s shard")
             res = write_range(job, sh["path"], sh["attrs"], start, end, f"cache-teachers rank {r}")
             summary["resumed_from"] = res["resumed_from"]

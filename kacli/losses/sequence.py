@@ -122,6 +122,7 @@ def sa_loss(
     reduction: str = "element",
     eps: float = EPS,
     stats: str = "own",
+    present: Tensor | Sequence[Sequence[bool]] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Sequence-level amalgamation loss, Eq. 2: ``Σ_l (1/N) Σ_k ‖norm(Y_s^{k,l}) − norm(Y_t^{k,l})‖²``.
 
@@ -150,6 +151,10 @@ def sa_loss(
             valid token positions of the batch); ``token`` by V; ``sum`` is Eq. 2 verbatim.
         eps: standardisation epsilon.
         stats: ``own`` or ``teacher`` (see the module docstring).
+        present: ``(N, L)`` bool, whether teacher k gives layer l (None: all do). A term ``(k, l)``
+            whose teacher has no such layer (an RT-DETR hybrid encoder gives ``proj`` and the last
+            layer only) is left out of the sum, not imitated; the 1/N stays, so every other term
+            weighs what it weighs with complete teachers. Extended layout only.
 
     Returns:
         ``(total, {name: layer value})``; all float32 scalars carrying gradients.
@@ -170,6 +175,15 @@ def sa_loss(
     groups: dict[str, list[int]] = {}
     for i, (name, s, t) in enumerate(zip(layer_names, student, teacher)):
         groups.setdefault(_layout(name, s, t, num_parts, index), []).append(i)
+    keep = None
+    if present is not None:
+        keep = torch.as_tensor(present, dtype=torch.bool, device=student[0].device)
+        if tuple(keep.shape) != (num_parts, len(layer_names)):
+            raise ValueError(f"present has shape {tuple(keep.shape)}, expected (N={num_parts}, L={len(layer_names)})")
+        if bool(keep.all()):
+            keep = None
+        elif set(groups) != {"extended"}:
+            raise ValueError("teachers that give only some layers (present) need the extended student")
     frobs: dict[int, Tensor] = {}
     for layout, idxs in groups.items():
         s_dim = 2 if layout == "extended" else 1
@@ -178,7 +192,11 @@ def sa_loss(
         t = torch.stack([teacher[i] for i in idxs], dim=t_dim).detach().float()
         b, n = s.shape[0], s.shape[-2]
         valid = _valid(mask, torch.Size((b, n)), s.device)
-        frob = _stacked_sq_error(layout, s, t, valid, index, normalize, eps, own=stats == "own")  # (L,)
+        if keep is not None:  # per part and layer (N, L'), the absent terms left out
+            err = _stacked_sq_error(layout, s, t, valid, index, normalize, eps, own=stats == "own", per_part=True)
+            frob = (err * keep[:, idxs].to(err.dtype)).sum(0)
+        else:
+            frob = _stacked_sq_error(layout, s, t, valid, index, normalize, eps, own=stats == "own")  # (L,)
         frobs.update(zip(idxs, frob.unbind(0)))
     d = student[0].shape[-1]
     valid = _valid(mask, torch.Size((student[0].shape[0], student[0].shape[-2])), student[0].device)
@@ -208,11 +226,12 @@ def _layout(name: str, s: Tensor, t: Tensor, num_parts: int, index: Tensor | Non
 
 
 def _stacked_sq_error(layout: str, s: Tensor, t: Tensor, valid: Tensor, index: Tensor | None,
-                      normalize: bool, eps: float, own: bool = True) -> Tensor:
+                      normalize: bool, eps: float, own: bool = True, per_part: bool = False) -> Tensor:
     """Per stacked layer, Σ over valid tokens (and parts) and channels of the squared error.
 
     Shapes by layout (L stacked layers): ``extended`` s, t ``(B, N, L, n, d)``; ``compressed`` s
-    ``(B, L, n, d)``, t ``(B, N, L, n, d)``; ``gathered`` s, t ``(B, L, n, d)``. Returns ``(L,)``.
+    ``(B, L, n, d)``, t ``(B, N, L, n, d)``; ``gathered`` s, t ``(B, L, n, d)``. Returns ``(L,)``,
+    or ``(N, L)`` with ``per_part`` (extended only: each part's sum apart).
     ``own``: the student is standardised by its own statistics, else by the teacher's.
 
     With the teacher's map on both sides the means cancel:
@@ -232,7 +251,8 @@ def _stacked_sq_error(layout: str, s: Tensor, t: Tensor, valid: Tensor, index: T
             diff = ((s - mu_s) / sd_s - (t - mu_t) / sd_t) * wt
         else:
             diff = (s - t) * wt / masked_stats(t * wt, wt, dims, eps)[1]
-        return diff.square().sum(dim=tuple(i for i in range(diff.dim()) if i != layer_axis))
+        axes = (1, layer_axis) if per_part and layout == "extended" else (layer_axis,)
+        return diff.square().sum(dim=tuple(i for i in range(diff.dim()) if i not in axes))
     # compressed: teacher k's statistics over its whole sequence; each kept teacher token
     # standardised with the statistics of the part it was taken from
     B, N, L, n, d = t.shape

@@ -42,7 +42,7 @@ def layer_names(spec: str | Sequence[str], enc_layers: int) -> list[str]:
 
 def layer_outputs(out: dict, layers: Sequence[str]) -> list[torch.Tensor]:
     """The model output's tensors for the layer names: ``proj`` → ``enc_proj``, ``encI`` →
-    ``enc_layers[I-1]``.
+    ``enc_layers[I-1]`` (None where a teacher does not give that layer: an RT-DETR hybrid encoder).
 
     A compressed student's ``proj`` is all N projected parts (``proj_parts``, B×N×n×d), not only the
     kept tokens: compression happens after the projection, so the whole extended X_S exists, and at

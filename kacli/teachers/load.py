@@ -97,13 +97,28 @@ class Teacher:
     class_map: list[int] | None = None  # teacher class of each task class (labels.match_classes); None: the same
     kind: str = "kacli"
     info: dict | None = None
+    sa_note: str | None = None  # why a folder that could give sequences teaches through TA only (load_teachers)
 
     @property
     def sequences(self) -> bool:
         """Whether the teacher gives sequences the student is guided by (SA): a kacli teacher does,
-        and so does a transformers folder of a single-scale encoder family
-        (:data:`kacli.teachers.hf.SEQUENCE_FAMILIES`)."""
-        return self.kind == "kacli" or bool((self.info or {}).get("sequence"))
+        and so does a transformers folder of a single-scale encoder family or of RT-DETR's hybrid
+        encoder (:data:`kacli.teachers.hf.SEQUENCE_FAMILIES`, :data:`~kacli.teachers.hf.AIFI_FAMILIES`)
+        whose sequences fit the kacli teachers' (``sa_note`` None)."""
+        return self.kind == "kacli" or (bool((self.info or {}).get("sequence")) and self.sa_note is None)
+
+    @property
+    def layer_set(self) -> list[str] | None:
+        """The layers this teacher gives (``proj``, ``enc1``, …), None: every one of the student's. An
+        RT-DETR hybrid encoder gives two: ``proj`` and the last encoder layer (its AIFI output)."""
+        return None if self.kind == "kacli" else (self.info or {}).get("layers")
+
+    def gives(self, layers: Sequence[str]) -> list[str]:
+        """Those of ``layers`` this teacher gives sequences of, in their order (none: TA only)."""
+        if not self.sequences:
+            return []
+        own = self.layer_set
+        return [name for name in layers if own is None or name in own]
 
     @property
     def num_classes(self) -> int:
@@ -125,9 +140,13 @@ class Teacher:
         return int(self.info["d_model"]) if self.kind != "kacli" else int(self.model.cfg.d_model)
 
     @property
-    def enc_layers(self) -> int:
+    def enc_layers(self) -> int | None:
+        """The encoder's depth; None for an RT-DETR hybrid encoder (its one AIFI output guides the
+        student's last layer, whatever the depth)."""
         self._sequence_attr("encoder sequence")
-        return int(self.info["enc_layers"]) if self.kind != "kacli" else int(self.model.cfg.enc_layers)
+        if self.kind == "kacli":
+            return int(self.model.cfg.enc_layers)
+        return int(self.info["enc_layers"]) if "enc_layers" in self.info else None
 
     @property
     def stride(self) -> int:
@@ -172,6 +191,8 @@ class Teacher:
             out |= {"arch": info.get("model_type"), "classifier": self.model.classifier, "kind": self.kind,
                     "family": info.get("family"), "transformers_version": info.get("transformers_version"),
                     "sequences": self.sequences,
+                    **({"layers": list(self.layer_set)} if self.sequences and self.layer_set is not None else {}),
+                    **({"sa_off": self.sa_note} if self.sa_note else {}),
                     "image_rule": info["rule"].to_dict() if info.get("rule") is not None else None}
         return out | ({"class_map": list(self.class_map)} if self.class_map is not None else {})
 
@@ -247,16 +268,29 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
                          "the student's architecture and the sequences it is guided by; kacli import-checkpoint "
                          "converts DETR and Conditional DETR folders, kacli train-teacher trains one)", teachers[0].path)
     first = first_kacli_teacher(teachers)  # the reference: the student's width, depth and stride
+    k_first = teachers.index(first) + 1
     for t in (t for t in with_seq if t is not first):
         for what in ("d_model", "enc_layers", "stride"):
             a, b = getattr(first, what), getattr(t, what)
-            if a != b:
-                label = {"d_model": "d_model", "enc_layers": "encoder depth", "stride": "backbone stride"}[what]
-                k = teachers.index(first) + 1
-                hint = ("; its encoder's sequences guide the student (SA) only at the kacli teachers' width, depth "
-                        "and stride" if t.kind != "kacli" or first.kind != "kacli" else "")
-                raise KacliError(f"{label} {b} differs from teacher {k}'s ({first.path.name}: {a}); all teachers "
-                                 f"that give sequences must share it{hint}", t.path)
+            if b is None or a == b:  # an RT-DETR hybrid encoder has no depth to match
+                continue
+            label = {"d_model": "d_model", "enc_layers": "encoder depth", "stride": "backbone stride"}[what]
+            if t.kind != "kacli":  # a folder still teaches through TA; its sequences do not fit
+                t.sa_note = (f"teaches through TA only: its encoder's {label} {b} is not teacher {k_first}'s "
+                             f"({first.path.name}: {a})")
+                break
+            raise KacliError(f"{label} {b} differs from teacher {k_first}'s ({first.path.name}: {a}); all teachers "
+                             f"that give sequences must share it", t.path)
+    for t in teachers:
+        if t.kind == "kacli":
+            continue
+        if t.sequences:  # run at the views' own size, its sequences on kacli's grid
+            aifi = t.info["sequence"] == "aifi"
+            if aifi:
+                t.info["layers"] = ["proj", f"enc{first.enc_layers}"]
+            t.model.give_sequences(t.info["stride"], aifi_layer=first.enc_layers if aifi else None)
+        else:  # predictions only, each view by the folder's own rules
+            t.model.give_sequences(None)
     return teachers
 
 
@@ -267,9 +301,7 @@ def _transformers_teacher(raw_path: str | Path, task, renames: Mapping[str, str]
     path = Path(info["path"]).resolve()
     # the model's outputs are its named slots, in label-map order: positions are the class map
     class_map = match_classes(info["label_map"], task.name, task.category_names, renames, path / "config.json")
-    model = info.pop("model")
-    if info["sequence"]:  # a single-scale encoder: run at the views' own size, its sequences on kacli's grid
-        model.give_sequences(info["stride"])
+    model = info.pop("model")  # load_teachers sets what it gives (give_sequences) once the teachers are checked
     return Teacher(path, info["sha256"], task.name, task.label_map(), model, {}, class_map, kind=info["kind"], info=info)
 
 

@@ -33,7 +33,8 @@ class OnlineTeachers(nn.Module):
             task's classes (:func:`kacli.teachers.labels.teacher_logits`), as the cache stores them.
         sequences: per teacher, whether it gives sequences (default all); a transformers folder of a
             multi-scale family (:mod:`kacli.teachers.hf`) does not: it gives predictions only, and
-            ``seqs``' N axis holds the others (N_s of them), as the cache does.
+            ``seqs``' N axis holds the others (N_s of them), as the cache does. A layer a teacher does
+            not give (an RT-DETR hybrid encoder gives ``proj`` and the last layer) stays zero there.
 
     ``forward(images (B,3,H,W), mask (B,H,W) True=pad)`` with H and W multiples of the
     teachers' stride returns ``{"seqs" (B,N_s,L,n,d) float32, "token_mask" (B,n) bool True=pad,
@@ -85,6 +86,8 @@ class OnlineTeachers(nn.Module):
             out = model(images, mask)
             if self.sequences[k]:
                 for j, x in enumerate(layer_outputs(out, self.layers)):
+                    if x is None:  # a layer this teacher does not give (RT-DETR hybrid encoders): zeros, left out of SA
+                        continue
                     if seqs is None:
                         seqs = x.new_zeros((x.shape[0], n_seq, len(self.layers), *x.shape[1:]), dtype=torch.float32)
                     seqs[:, part, j] = x

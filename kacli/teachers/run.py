@@ -33,7 +33,8 @@ def run_teacher(
     valid tokens, row-major, entries in batch order, in the dtype the teacher ran in (none for a
     teacher without sequences: a multi-scale transformers folder teaches through TA only).
 
-    ``layer_index`` picks from ``[enc_proj, enc_layers[0], ...]``. The valid tokens are those the
+    ``layer_index`` picks from ``[enc_proj, enc_layers[0], ...]``, leaving out the layers the teacher
+    does not give (None there: an RT-DETR hybrid encoder gives ``proj`` and the last layer only). The valid tokens are those the
     model's ``enc_mask`` marks; they must form the entry's top-left ``h × w`` grid (``hw`` (B, 2);
     ``first_entry`` numbers the batch's entries in the error).
     """
@@ -53,9 +54,9 @@ def run_teacher(
                 f"top-left {h}x{w} = ceil(view size / stride {teacher.stride})",
                 teacher.path,
             )
-    layers = [out["enc_proj"], *out["enc_layers"]]
+    layers = [out["enc_proj"], *out["enc_layers"]]  # None where the teacher has no such layer (Teacher.gives)
     return {
-        "seqs": [layers[i][valid] for i in layer_index],
+        "seqs": [layers[i][valid] for i in layer_index if layers[i] is not None],
         "logits": logits,
         "boxes": out["pred_boxes"].float(),
     }

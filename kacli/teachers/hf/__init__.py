@@ -26,9 +26,12 @@ eval and predict score beside kacli's models (:func:`load_detector`, :func:`buil
 A folder of a single-scale encoder family (:data:`SEQUENCE_FAMILIES`: DETR, Conditional, DAB-DETR)
 teaches through SA too: :meth:`TransformersDetector.give_sequences` runs it on each view at the
 view's own size and gives its encoder's sequences (transformers' ``encoder_hidden_states``: the
-input projection's output, then every layer's) on kacli's token grid. The others give no sequence
-the student is guided by: they teach through TA only (their part of sequence-level amalgamation is
-off). DETR and Conditional DETR folders can also be converted with ``kacli import-checkpoint``.
+input projection's output, then every layer's) on kacli's token grid. A folder of RT-DETR's hybrid
+encoder (:data:`AIFI_FAMILIES`: RT-DETR, RT-DETRv2, D-FINE, DEIMv2) gives two: its stride-32
+level's input projection and the AIFI output F5, which guide the student's ``proj`` and its last
+encoder layer. The others give no sequence the student is guided by: they teach through TA only
+(their part of sequence-level amalgamation is off). A folder whose sequences do not fit the kacli
+teachers' (width, depth, stride) teaches through TA only too, and says why. DETR and Conditional DETR folders can also be converted with ``kacli import-checkpoint``.
 
 Modules: :mod:`~kacli.teachers.hf.folder` (what a folder is, reading and loading it),
 :mod:`~kacli.teachers.hf.rules` (its image processor's rules), :mod:`~kacli.teachers.hf.detector`
@@ -37,12 +40,12 @@ predict of a folder).
 """
 
 from kacli.teachers.hf.detector import TransformersDetector
-from kacli.teachers.hf.folder import (FAMILIES, INSTALL_HINT, KIND, SEQUENCE_FAMILIES, detection_model_types,
+from kacli.teachers.hf.folder import (AIFI_FAMILIES, FAMILIES, INSTALL_HINT, KIND, SEQUENCE_FAMILIES, detection_model_types,
                                       folder_label_map, folder_sha256, is_transformers_folder, label_slots,
                                       load_transformers_folder, read_folder_config)
 from kacli.teachers.hf.rules import ImageRule
 from kacli.teachers.hf.scoring import build_detector, load_detector, match_categories
 
-__all__ = ["FAMILIES", "INSTALL_HINT", "KIND", "SEQUENCE_FAMILIES", "ImageRule", "TransformersDetector", "build_detector",
+__all__ = ["AIFI_FAMILIES", "FAMILIES", "INSTALL_HINT", "KIND", "SEQUENCE_FAMILIES", "ImageRule", "TransformersDetector", "build_detector",
            "detection_model_types", "folder_label_map", "folder_sha256", "is_transformers_folder", "label_slots",
            "load_detector", "load_transformers_folder", "match_categories", "read_folder_config"]

@@ -40,6 +40,7 @@ class TransformersDetector(nn.Module):
         self.path = path
         self.keep_slots(named)
         self.stride: int | None = None  # give_sequences()
+        self.aifi_layer: int | None = None  # give_sequences(): the kacli layer the AIFI output stands for
         self.register_buffer("in_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("in_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         mean = rule.mean or (0.0, 0.0, 0.0)
@@ -97,7 +98,7 @@ class TransformersDetector(nn.Module):
                 logits[b], boxes[b] = lg[k], bx[k]
             if seq:
                 th, tw = token_grid(h, w, s)
-                states = out.encoder_hidden_states  # (L+1) × (b, n, d): the projection, then each layer
+                states = self._states(out.encoder_hidden_states)
                 if states[0].shape[1] != th * tw:
                     raise KacliError(f"the model's encoder gives {states[0].shape[1]} tokens for a {h}x{w} view, "
                                      f"expected ceil(size / stride {s}) = {th}x{tw}", self.path)
@@ -121,22 +122,38 @@ class TransformersDetector(nn.Module):
                            else pred_logits[..., self.named])
         out = {"pred_logits": pred_logits, "pred_boxes": torch.stack(boxes)}  # type: ignore[arg-type]
         if seq:
-            out |= {"enc_proj": layers[0], "enc_layers": layers[1:], "enc_mask": enc_mask, "enc_hw": (hp, wp)}
+            enc_layers: list[torch.Tensor | None] = list(layers[1:])
+            if self.aifi_layer is not None:  # the AIFI output stands for kacli's layer aifi_layer; the others are absent
+                enc_layers = [None] * (self.aifi_layer - 1) + enc_layers
+            out |= {"enc_proj": layers[0], "enc_layers": enc_layers, "enc_mask": enc_mask, "enc_hw": (hp, wp)}
         return out
 
-    def give_sequences(self, stride: int | None) -> None:
+    def _states(self, states) -> list[torch.Tensor]:
+        """transformers' ``encoder_hidden_states`` → ``[(b, n, d)]``: a single-scale encoder's
+        (L+1) sequences as they are (the projection, then each layer); an RT-DETR hybrid encoder's
+        two stride-32 maps (b, d, h, w) — the level's input projection and the AIFI output —
+        flattened row-major."""
+        return [x.flatten(2).transpose(1, 2) if x.dim() == 4 else x for x in states]
+
+    def give_sequences(self, stride: int | None, aifi_layer: int | None = None) -> None:
         """Run every view at its own size (the folder's resize rule left out, so that its tokens lie on
         kacli's grid) and give the encoder's sequences too, kacli's way: ``enc_proj`` (B,n,d),
         ``enc_layers`` [(B,n,d)] × L, ``enc_mask`` (B,n) True = padding, ``enc_hw`` (hp, wp) with
-        ``hp = ceil(H / stride)``; None: predictions only, each view by the folder's rules."""
+        ``hp = ceil(H / stride)``; None: predictions only, each view by the folder's rules.
+
+        ``aifi_layer``: an RT-DETR hybrid encoder's (:data:`kacli.teachers.hf.AIFI_FAMILIES`) two
+        sequences are ``enc_proj`` (the stride-32 level's input projection) and the AIFI output F5
+        as encoder layer ``aifi_layer`` (the student's last); ``enc_layers`` holds None at the
+        layers before it (the teacher has none there)."""
         self.stride = stride
+        self.aifi_layer = None if stride is None else aifi_layer
 
     def encoder_stride(self) -> int:
         """The stride of the encoder's sequence, measured: the tokens a 64 × 128 image gives."""
         with torch.no_grad():
             out = self.model(pixel_values=torch.zeros(1, 3, 64, 128, dtype=next(self.model.parameters()).dtype),
                              output_hidden_states=True)
-        n = int(out.encoder_hidden_states[0].shape[1])
+        n = int(self._states(out.encoder_hidden_states)[0].shape[1])
         for s in (8, 16, 32, 64):
             th, tw = token_grid(64, 128, s)
             if th * tw == n:

@@ -44,6 +44,12 @@ FAMILIES: dict[str, tuple[str, str]] = {
 #: teaches through SA too, when its width, depth and stride are the kacli teachers'.
 SEQUENCE_FAMILIES = ("detr", "conditional_detr", "dab-detr")
 
+#: Families with RT-DETR's hybrid encoder: one transformer layer set (AIFI) on the stride-32 level
+#: only, then convolutional multi-scale fusion. transformers' ``encoder_hidden_states`` are that
+#: level's input projection and the AIFI output (F5): they guide the student's ``proj`` and its
+#: last encoder layer, when their width and stride are the kacli teachers'.
+AIFI_FAMILIES = ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")
+
 #: Slot names that mean "no class here" (DETR's unused COCO ids).
 UNNAMED = ("N/A", "")
 
@@ -190,7 +196,7 @@ def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[st
     rule = _image_rule(p)
     names = label_slots(cfg, p / CONFIG)
     family, classifier = FAMILIES.get(model_type, (model_type, "sigmoid"))
-    sequence = model_type in SEQUENCE_FAMILIES
+    sequence = "encoder" if model_type in SEQUENCE_FAMILIES else "aifi" if model_type in AIFI_FAMILIES else None
     sizes = rule.eval_sizes()
     info: dict[str, Any] = {
         "kind": KIND, "path": str(p), "sha256": folder_sha256(p), "family": family, "model_type": model_type,
@@ -200,9 +206,11 @@ def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[st
         "config": {"aug": {"eval_size": sizes[0], "max_size": sizes[1]}} if sizes else {}, "task": None,
         "sequence": sequence,
     }
-    if sequence:  # the encoder's width and depth (its stride is measured once the model is built)
+    if sequence == "encoder":  # the encoder's width and depth (its stride is measured once the model is built)
         info["d_model"] = int(cfg.get("d_model") or cfg.get("hidden_size") or 0)
         info["enc_layers"] = int(cfg.get("encoder_layers") or 0)
+    elif sequence == "aifi":  # the AIFI level's width (its stride is measured)
+        info["d_model"] = int(cfg.get("encoder_hidden_dim") or 0)
     if build:
         model = TransformersDetector(_load_model(p, len(names)), rule, classifier, len(names), p, info["label_map"]["ids"])
         info["num_queries"] = _probe(model, p)  # what it gives, whatever its config says (two-stage models differ)
