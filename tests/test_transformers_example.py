@@ -59,9 +59,12 @@ def test_section_commands_run_on_a_trained_folder(cli, tmp_path, monkeypatch):
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert {p.name for p in (tmp_path / "rtdetr" / "best").iterdir()} == {
         "config.json", "model.safetensors", "preprocessor_config.json"}
+    monkeypatch.setenv("COLUMNS", "250")
     for c in section_commands():
         r = cli(*c, *TOY.get(c[0], []))
         assert r.exit_code == 0, (c, r.stdout[-1500:], r.stderr[-1500:])
+        if c[0] == "cache-teachers":  # its summary says what the folder teaches
+            assert "convex (RT-DETR, transformers folder: SA (proj, enc3) + TA)" in r.stdout, r.stdout
     assert (tmp_path / "runs" / "student-rtdetr" / "best.pt").is_file()
     from kacli.cache.schema import read_layout
 

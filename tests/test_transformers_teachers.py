@@ -316,6 +316,7 @@ def test_a_folder_whose_sequences_do_not_fit_teaches_through_ta_only(cli, env, t
     assert r.exit_code == 0, r.stderr
     said = [line for line in r.stdout.splitlines() if "teaches through TA only" in line]
     assert len(said) == 1 and said[0].startswith("other: ") and needle in said[0] and "teacher 2's (t1.pt" in said[0]
+    assert "transformers folder: TA only, no sequences)" in r.stdout
     t0 = TeacherCache(tmp_path / "c.h5").layout.teachers[0]
     assert t0["sequences"] is False and needle in t0["sa_off"] and "layers" not in t0
     with h5py.File(tmp_path / "c.h5") as f:

@@ -32,6 +32,16 @@ def _log(msg: str) -> None:
     console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
 
+def _folder_teaches(teacher: dict, layers: list[str]) -> str:
+    """`` (RT-DETR, transformers folder: SA (proj, enc6) + TA)`` for a folder teacher, "" for a kacli one."""
+    if teacher.get("kind", "kacli") == "kacli":
+        return ""
+    own = [n for n in layers if n in teacher["layers"]] if teacher.get("layers") is not None else layers
+    how = ("TA only, no sequences" if not teacher.get("sequences")
+           else "SA + TA" if own == list(layers) else f"SA ({', '.join(own)}) + TA")
+    return f" ({teacher.get('family')}, {teacher['kind']} folder: {how})"
+
+
 def _rule_text(rule: dict | None) -> str:
     """A transformers folder's image rule in a few words: its resize rule and whether it normalises."""
     if not rule:
@@ -108,10 +118,7 @@ def cache_teachers(
     table.add_column("")
     table.add_row("file", summary["out"])
     table.add_row("entries", f"{summary['entries']} ({summary['images']} images × {summary['views']} views)")
-    table.add_row("teachers", ", ".join(
-        t["task"] + (f" ({t.get('family')}, {t['kind']} folder: "
-                     + ("SA + TA)" if t.get("sequences") else "TA only, no sequences)") if t.get("kind", "kacli") != "kacli"
-                     else "") for t in summary["teachers"]))
+    table.add_row("teachers", ", ".join(t["task"] + _folder_teaches(t, summary["layers"]) for t in summary["teachers"]))
     table.add_row("layers", ", ".join(summary["layers"]) + f" ({summary['dtype']})")
     table.add_row("tokens", str(summary["tokens"]))
     table.add_row("size", f"{human_bytes(summary['bytes'])} (estimated {human_bytes(summary['estimated_bytes'])})")
