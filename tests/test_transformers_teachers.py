@@ -259,6 +259,8 @@ def test_a_folder_with_sequences_guides_its_own_part_of_the_student(cli, env, tm
     assert load_checkpoint(run / "last.pt")["arch"]["num_parts"] == 2
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"loss_seq", "loss_task", "sa_proj", "sa_enc1", "sa_enc2"} <= set(row)
+    info = json.loads(cli("cache-info", folders["cache"], "--json").stdout)["teachers"]
+    assert [t["teaches"] for t in info] == ["SA+TA" if family == "detr" else "SA (proj, enc2)+TA", "SA+TA"]
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -328,6 +330,41 @@ def test_a_folder_whose_sequences_do_not_fit_teaches_through_ta_only(cli, env, t
                 "--out", tmp_path / "online", "--epochs", 1, "--device", "cpu")
         assert r.exit_code == 0 and said[0] in r.stdout, r.stderr
         assert load_checkpoint(tmp_path / "online" / "last.pt")["arch"]["num_parts"] == 1
+
+
+@pytest.mark.parametrize("family, change, needle", [
+    ("deimv2", {"encoder_type": "lite"}, "'lite' encoder has no AIFI layer"),
+    ("rt_detr", {"encoder_layers": 0}, "no AIFI layer (encoder_layers 0)")])
+def test_a_hybrid_encoder_without_one_aifi_level_teaches_through_ta_only(env, tmp_path, family, change, needle):
+    """What the config says decides, not the family's name: a DEIMv2 with its lite encoder, or an
+    RT-DETR without AIFI, has no sequence kacli reads; it still teaches through TA."""
+    from transformers import AutoModelForObjectDetection
+    from hf_tiny import tiny_config
+
+    cfg = tiny_config(family, env["id2label"], side=SIDE, encoder=KACLI_ENCODER)
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    folder = tmp_path / "hybrid"
+    torch.manual_seed(0)
+    AutoModelForObjectDetection.from_config(cfg).save_pretrained(folder)
+    processor(family, SIDE).save_pretrained(folder)
+    said = []
+    summary = cache_teachers(env["manifest"].path, [folder, env["kacli"]], tmp_path / "c.h5", **(QUIET | {"log": said.append}))
+    assert summary["teachers"][0]["sequences"] is False and needle in summary["teachers"][0]["sa_off"]
+    assert [line for line in said if "teaches through TA only" in line] == [f"hybrid: {summary['teachers'][0]['sa_off']}"]
+    assert TeacherCache(tmp_path / "c.h5").layout.seq_teachers == [1]
+
+
+def test_a_folder_that_gives_none_of_the_cached_layers_teaches_through_ta_only(env, tmp_path):
+    """--layers 1 with an RT-DETR (proj and the last layer only): TA only for it, said in one line."""
+    folder, _ = _folder(env, "rt_detr")
+    said = []
+    summary = cache_teachers(env["manifest"].path, [folder, env["kacli"]], tmp_path / "c.h5",
+                             **(QUIET | {"log": said.append, "layers": "1"}))
+    assert summary["teachers"][0]["sequences"] is False
+    assert any(line == "rt_detr: teaches through TA only: it gives proj, enc2, none of the layers cached (enc1)"
+               for line in said), said
+    assert TeacherCache(tmp_path / "c.h5").layer_names == ["enc1"]
 
 
 def test_merge_tasks_takes_a_folder_as_a_teacher_only_task(cli, env, mixed, tmp_path):

@@ -266,13 +266,13 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str],
                  present: Sequence[Sequence[bool]] | None = None) -> None:
     """Refuse configurations that cannot train what they say (one-line KacliError). ``present``
     (N_s, L): which sequence teacher gives which of ``layers`` (None: all of them)."""
-    sequences = cfg.method == "sag" or (cfg.method == "ka" and cfg.sa.enabled and cfg.lambda_seq > 0)
+    sequences = cfg.method in ("ka", "sag") and cfg.sa.enabled and cfg.lambda_seq > 0
     if sequences and present is not None and not all(all(row) for row in present):
         what = "--method sag" if cfg.method == "sag" else f"--compress {cfg.compress}" if cfg.compress != "none" else None
         common = [name for j, name in enumerate(layers) if all(row[j] for row in present)]
         if what is not None:
-            hint = (f"cache only the layers they all give (cache-teachers --layers {','.join(common)})" if common
-                    else "no layer is given by all of them")
+            hint = (f"cache only the layers they all give (cache-teachers --layers {','.join(common)}, then "
+                    "amalgamate --cache)" if common else "no layer is given by all of them")
             raise KacliError(f"{what} needs every teacher's sequence at every cached layer, but a teacher gives only "
                              f"some (an RT-DETR-family folder: proj and the last encoder layer): {hint}")
     if cfg.method == "ka":

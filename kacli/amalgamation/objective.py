@@ -111,9 +111,12 @@ class AmalgamationObjective(nn.Module):
         self.num_teachers = num_teachers
         self.num_parts = num_teachers if num_parts is None else int(num_parts)
         self.layers = list(layers)
-        self.present = None if present is None or all(all(r) for r in present) else [list(map(bool, r)) for r in present]
-        if self.present is not None and cfg.method == "sag":
+        full = present is None or all(all(r) for r in present)
+        if not full and cfg.method == "sag":
             raise ValueError("SAG needs every teacher's sequence at every layer")
+        # (N_s, L) bool, moved with the objective: no host-to-device copy per step
+        self.register_buffer("present", None if full else torch.tensor([list(map(bool, r)) for r in present]),
+                             persistent=False)
         self.class_index = [torch.as_tensor(c, dtype=torch.long) for c in class_index]
         self.criterion = GroundTruthLoss(num_classes, cfg.ground_truth_loss, class_index=self.class_index,
                                          eos_coef=cfg.eos_coef, threshold=cfg.pseudo_threshold,
@@ -210,6 +213,8 @@ class AmalgamationObjective(nn.Module):
         if seqs.shape[3] != n or teacher["token_mask"].shape[1] != n:
             raise ValueError(f"cached token grid has {seqs.shape[3]} tokens, the student's feature map {n} "
                              f"({out['enc_hw'][0]}x{out['enc_hw'][1]})")
+        if self.present is not None and self.present.device != seqs.device:
+            self.present = self.present.to(seqs.device)  # once: the objective itself stays where it was built
         mask = out["enc_mask"] | teacher["token_mask"].to(torch.bool)
         student = layer_outputs(out, self.layers)
         targets = [seqs[:, :, j] for j in range(len(self.layers))]

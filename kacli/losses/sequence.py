@@ -177,13 +177,14 @@ def sa_loss(
         groups.setdefault(_layout(name, s, t, num_parts, index), []).append(i)
     keep = None
     if present is not None:
-        keep = torch.as_tensor(present, dtype=torch.bool, device=student[0].device)
-        if tuple(keep.shape) != (num_parts, len(layer_names)):
-            raise ValueError(f"present has shape {tuple(keep.shape)}, expected (N={num_parts}, L={len(layer_names)})")
-        if bool(keep.all()):
-            keep = None
-        elif set(groups) != {"extended"}:
-            raise ValueError("teachers that give only some layers (present) need the extended student")
+        if not isinstance(present, Tensor):  # a host-side list: all present is the plain loss
+            present = None if all(all(row) for row in present) else torch.tensor(present, dtype=torch.bool)
+        if present is not None:  # a tensor is taken as it is (no device sync per step)
+            keep = present.to(device=student[0].device, dtype=torch.bool)
+            if tuple(keep.shape) != (num_parts, len(layer_names)):
+                raise ValueError(f"present has shape {tuple(keep.shape)}, expected (N={num_parts}, L={len(layer_names)})")
+            if set(groups) != {"extended"}:
+                raise ValueError("teachers that give only some layers (present) need the extended student")
     frobs: dict[int, Tensor] = {}
     for layout, idxs in groups.items():
         s_dim = 2 if layout == "extended" else 1

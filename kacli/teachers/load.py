@@ -302,7 +302,8 @@ def _transformers_teacher(raw_path: str | Path, task, renames: Mapping[str, str]
     # the model's outputs are its named slots, in label-map order: positions are the class map
     class_map = match_classes(info["label_map"], task.name, task.category_names, renames, path / "config.json")
     model = info.pop("model")  # load_teachers sets what it gives (give_sequences) once the teachers are checked
-    return Teacher(path, info["sha256"], task.name, task.label_map(), model, {}, class_map, kind=info["kind"], info=info)
+    return Teacher(path, info["sha256"], task.name, task.label_map(), model, {}, class_map, kind=info["kind"], info=info,
+                   sa_note=info.get("sa_note"))
 
 
 __all__ = ["Teacher", "first_kacli_teacher", "sequence_teachers", "checkpoint_settings", "load_teachers", "recorded_settings", "teacher_file", "teacher_label_map",

@@ -99,6 +99,9 @@ class TransformersDetector(nn.Module):
             if seq:
                 th, tw = token_grid(h, w, s)
                 states = self._states(out.encoder_hidden_states)
+                if self.aifi_layer is not None and len(states) != 2:
+                    raise KacliError(f"the model's hybrid encoder gives {len(states)} sequences, expected 2 (the AIFI "
+                                     "level's projection and output)", self.path)
                 if states[0].shape[1] != th * tw:
                     raise KacliError(f"the model's encoder gives {states[0].shape[1]} tokens for a {h}x{w} view, "
                                      f"expected ceil(size / stride {s}) = {th}x{tw}", self.path)
@@ -148,16 +151,24 @@ class TransformersDetector(nn.Module):
         self.stride = stride
         self.aifi_layer = None if stride is None else aifi_layer
 
-    def encoder_stride(self) -> int:
-        """The stride of the encoder's sequence, measured: the tokens a 64 × 128 image gives."""
+    def encoder_layout(self) -> tuple[int, int, int]:
+        """What the encoder gives, measured on a 64 × 128 image: ``(sequences, stride, width)`` —
+        how many sequences (a single-scale encoder's L+1, a hybrid encoder's 2), the stride of the
+        first (the tokens it has) and its width; stride 0 when they do not share one token grid
+        (or there are none): no sequence kacli reads."""
         with torch.no_grad():
             out = self.model(pixel_values=torch.zeros(1, 3, 64, 128, dtype=next(self.model.parameters()).dtype),
                              output_hidden_states=True)
-        n = int(self._states(out.encoder_hidden_states)[0].shape[1])
+        states = self._states(out.encoder_hidden_states or ())
+        if not states:
+            return 0, 0, 0
+        n, width = int(states[0].shape[1]), int(states[0].shape[-1])
+        if any(tuple(x.shape[1:]) != (n, width) for x in states):
+            return len(states), 0, width
         for s in (8, 16, 32, 64):
             th, tw = token_grid(64, 128, s)
             if th * tw == n:
-                return s
+                return len(states), s, width
         raise KacliError(f"the model's encoder gives {n} tokens for a 64x128 image: no stride of 8, 16, 32 or 64 "
                          "gives that", self.path)
 

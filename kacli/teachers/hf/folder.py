@@ -197,6 +197,9 @@ def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[st
     names = label_slots(cfg, p / CONFIG)
     family, classifier = FAMILIES.get(model_type, (model_type, "sigmoid"))
     sequence = "encoder" if model_type in SEQUENCE_FAMILIES else "aifi" if model_type in AIFI_FAMILIES else None
+    sa_note = _no_aifi(cfg) if sequence == "aifi" else None
+    if sa_note:
+        sequence = None
     sizes = rule.eval_sizes()
     info: dict[str, Any] = {
         "kind": KIND, "path": str(p), "sha256": folder_sha256(p), "family": family, "model_type": model_type,
@@ -204,20 +207,40 @@ def load_transformers_folder(path: str | Path, *, build: bool = True) -> dict[st
         "num_queries": int(cfg.get("num_queries") or cfg.get("num_detection_tokens") or 0), "rule": rule,
         "transformers_version": tf.__version__,
         "config": {"aug": {"eval_size": sizes[0], "max_size": sizes[1]}} if sizes else {}, "task": None,
-        "sequence": sequence,
+        "sequence": sequence, "sa_note": sa_note,
     }
-    if sequence == "encoder":  # the encoder's width and depth (its stride is measured once the model is built)
+    if sequence == "encoder":  # the encoder's width and depth (measured too once the model is built)
         info["d_model"] = int(cfg.get("d_model") or cfg.get("hidden_size") or 0)
         info["enc_layers"] = int(cfg.get("encoder_layers") or 0)
-    elif sequence == "aifi":  # the AIFI level's width (its stride is measured)
+    elif sequence == "aifi":  # the AIFI level's width (measured too once the model is built)
         info["d_model"] = int(cfg.get("encoder_hidden_dim") or 0)
     if build:
         model = TransformersDetector(_load_model(p, len(names)), rule, classifier, len(names), p, info["label_map"]["ids"])
         info["num_queries"] = _probe(model, p)  # what it gives, whatever its config says (two-stage models differ)
-        if sequence:
-            info["stride"] = model.encoder_stride()
+        if sequence:  # what its encoder gives: stride, width and how many sequences
+            count, info["stride"], info["d_model"] = model.encoder_layout()
+            if sequence == "encoder":
+                info["enc_layers"] = count - 1
+            if not info["stride"] or (sequence == "aifi" and count != 2):
+                what = "one AIFI level's projection and output" if sequence == "aifi" else "one token grid"
+                info["sequence"], info["sa_note"] = None, (
+                    f"teaches through TA only: its encoder gives {count} sequences, not {what}")
         info["model"] = model
     return info
+
+
+def _no_aifi(cfg: dict) -> str | None:
+    """Why an RT-DETR-family config has no single AIFI level kacli reads (None: it has one, on the
+    coarsest level, as every released RT-DETR, D-FINE and DEIMv2 has)."""
+    levels = len(cfg.get("encoder_in_channels") or [0, 0, 0])
+    if cfg.get("encoder_type", "hybrid") != "hybrid":
+        return f"teaches through TA only: its {cfg.get('encoder_type')!r} encoder has no AIFI layer"
+    if int(cfg.get("encoder_layers", 1) or 0) < 1:
+        return "teaches through TA only: its hybrid encoder has no AIFI layer (encoder_layers 0)"
+    if list(cfg.get("encode_proj_layers") or [levels - 1]) != [levels - 1]:
+        return (f"teaches through TA only: its AIFI runs on levels {list(cfg['encode_proj_layers'])}; kacli reads one, "
+                "the coarsest")
+    return None
 
 
 #: The resize keys a processor's size may hold (transformers' SizeDict).
