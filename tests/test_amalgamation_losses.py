@@ -39,7 +39,7 @@ def test_sa_loss_equals_eq2_by_hand_without_normalisation():
 
 
 def test_sa_loss_leaves_out_the_layers_a_teacher_does_not_give():
-    """An RT-DETR folder gives proj and the last layer only: its part's other terms are left out,
+    """An RT-DETR folder gives the last layer only: its part's other terms are left out,
     and the 1/N stays. By hand (the layer above, no normalisation, Eq. 2's sum): part 0 gives 4,
     part 1 gives 8 on the proj layer; on the second layer (the student shifted by 1 on each valid
     element: 4 per part) part 1 has no teacher, leaving (1/2)·4 = 2."""

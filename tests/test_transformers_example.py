@@ -64,11 +64,11 @@ def test_section_commands_run_on_a_trained_folder(cli, tmp_path, monkeypatch):
         r = cli(*c, *TOY.get(c[0], []))
         assert r.exit_code == 0, (c, r.stdout[-1500:], r.stderr[-1500:])
         if c[0] == "cache-teachers":  # its summary says what the folder teaches
-            assert "convex (RT-DETR, transformers folder: SA (proj, enc3) + TA)" in r.stdout, r.stdout
+            assert "convex (RT-DETR, transformers folder: SA (enc3) + TA)" in r.stdout, r.stdout
     assert (tmp_path / "runs" / "student-rtdetr" / "best.pt").is_file()
     from kacli.cache.schema import read_layout
 
     rt = read_layout(tmp_path / "cache-rtdetr.h5").teachers[0]
-    assert (rt["kind"], rt["sequences"], rt["layers"]) == ("transformers", True, ["proj", "enc3"])
+    assert (rt["kind"], rt["sequences"], rt["layers"]) == ("transformers", True, ["enc3"])
     assert (tmp_path / "pred-rtdetr" / "predictions.json").is_file()
     assert (tmp_path / "merged" / "tasks.yaml").is_file()

@@ -120,18 +120,18 @@ def test_cached_outputs_are_transformers_own(env, family):
     proc = processor(family, SIDE)
     # what the cache says about the teacher
     t0, t1 = cache.layout.teachers
-    sa = family in SEQUENCE or family in AIFI  # sequences cached too: every layer, or proj and the last (AIFI)
+    sa = family in SEQUENCE or family in AIFI  # sequences cached too: every layer, or the last (the AIFI output)
     assert (t0["kind"], t0["arch"], t0["sequences"]) == ("transformers", family, sa)
     last = f"enc{MODEL['enc_layers']}"
-    assert t0.get("layers") == (["proj", last] if family in AIFI else None)
+    assert t0.get("layers") == ([last] if family in AIFI else None)
     assert t0["classifier"] == ("softmax" if family in ("detr", "yolos") else "sigmoid")
     assert t0["transformers_version"] and t0["family"]
     assert t1.get("kind", "kacli") == "kacli" and cache.layout.seq_teachers == ([0, 1] if sa else [1])
     with h5py.File(out) as f:
         assert ("seq" in f["teachers/0"]) == sa and "seq" in f["teachers/1"]
-        if family in AIFI:  # the AIFI level's projection and output only
-            assert sorted(f["teachers/0/seq"]) == ["enc2", "proj"]
-    assert cache.present == ([[True, False, True], [True, True, True]] if family in AIFI else [[True] * 3] * (1 + sa))
+        if family in AIFI:  # the AIFI output only
+            assert sorted(f["teachers/0/seq"]) == ["enc2"]
+    assert cache.present == ([[False, False, True], [True, True, True]] if family in AIFI else [[True] * 3] * (1 + sa))
     worst = {"box_px": 0.0, "prob": 0.0, "pp_score": 0.0, "pp_box": 0.0, "seq": 0.0}
     compared = 0
     folder_model = load_teachers(env["manifest"], [folder, env["kacli"]])[0].model
@@ -147,12 +147,12 @@ def test_cached_outputs_are_transformers_own(env, family):
             states = torch.stack([x[0] for x in ref.encoder_hidden_states])
             assert entry["seqs"][0].shape == states.shape == (3, (SIDE // 16) ** 2, MODEL["d_model"])
             worst["seq"] = max(worst["seq"], float((entry["seqs"][0] - states).abs().max()))
-        if family in AIFI:  # proj: the AIFI level's input projection; enc2 (the last): the AIFI output F5; enc1: none
+        if family in AIFI:  # enc2 (the last): the AIFI output F5; proj and enc1: none
             level, f5 = (x[0].flatten(1).T for x in ref.encoder_hidden_states)  # (d, h, w) → (h·w, d) row-major
             assert level.shape == f5.shape == ((SIDE // 16) ** 2, MODEL["d_model"])
             got = entry["seqs"][0]
-            assert bool((got[1] == 0).all())  # a layer it does not give
-            worst["seq"] = max(worst["seq"], float((got[0] - level).abs().max()), float((got[2] - f5).abs().max()))
+            assert bool((got[:2] == 0).all())  # layers it does not give
+            worst["seq"] = max(worst["seq"], float((got[2] - f5).abs().max()))
         box = (entry["boxes"][0] - ref.pred_boxes[0]).abs().max() * SIDE
         prob = (entry["logits"][0].softmax(-1) - _rule(ref.logits[0], family, task_slots, named)).abs().max()
         worst["box_px"], worst["prob"] = max(worst["box_px"], float(box)), max(worst["prob"], float(prob))
@@ -251,7 +251,7 @@ def test_cli_cache_info_amalgamate_eval_predict_with_a_folder(cli, env, mixed, t
 @pytest.mark.parametrize("family", ["detr", "rt_detr"])
 def test_a_folder_with_sequences_guides_its_own_part_of_the_student(cli, env, tmp_path, family):
     """A DETR folder of the kacli teacher's width, depth and stride, or an RT-DETR whose AIFI level
-    has its width and stride: two parts, SA on both (the RT-DETR's on proj and the last layer)."""
+    has its width and stride: two parts, SA on both (the RT-DETR's on the last layer)."""
     folders = _mixed(env, family)
     run = tmp_path / "student"
     r = cli("amalgamate", "--cache", folders["cache"], "--out", run, "--epochs", 1, "--device", "cpu")
@@ -260,7 +260,7 @@ def test_a_folder_with_sequences_guides_its_own_part_of_the_student(cli, env, tm
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"loss_seq", "loss_task", "sa_proj", "sa_enc1", "sa_enc2"} <= set(row)
     info = json.loads(cli("cache-info", folders["cache"], "--json").stdout)["teachers"]
-    assert [t["teaches"] for t in info] == ["SA+TA" if family == "detr" else "SA (proj, enc2)+TA", "SA+TA"]
+    assert [t["teaches"] for t in info] == ["SA+TA" if family == "detr" else "SA (enc2)+TA", "SA+TA"]
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -273,7 +273,7 @@ def test_an_int8_cache_of_a_teacher_with_some_layers_reads_like_the_float_one(en
     folders = _mixed(env, "rt_detr")
     out = tmp_path / "int8.h5"
     cache_teachers(env["manifest"].path, [folders["folder"], env["kacli"]], out, **(QUIET | {"dtype": "int8"}))
-    for layers, present in (("all", [True, False, True]), ("proj,2", [True, True]), ("1,2", [False, True])):
+    for layers, present in (("all", [False, False, True]), ("proj,2", [False, True]), ("1,2", [False, True])):
         q = TeacherCache(out, layers=layers, in_memory=in_memory)
         ref = TeacherCache(folders["cache"], layers=layers)
         assert q.present == ref.present == [present, [True] * len(present)]
@@ -293,12 +293,12 @@ def test_an_int8_cache_of_a_teacher_with_some_layers_reads_like_the_float_one(en
 @pytest.mark.parametrize("method", [["--method", "sag"], ["--compress", "redundancy"]])
 def test_sag_and_compression_refuse_a_teacher_with_some_layers_only(cli, env, tmp_path, method):
     """SAG's mean over teachers and a compressed student's kept tokens need every teacher at every
-    layer: with an RT-DETR folder (proj and the last layer only) they are refused, naming the
+    layer: with an RT-DETR folder (the last layer only) they are refused, naming the
     layers all teachers give."""
     folders = _mixed(env, "rt_detr")
     r = cli("amalgamate", "--cache", folders["cache"], "--out", tmp_path / "s", "--epochs", 1, "--device", "cpu",
             *method)
-    assert_one_line_error(r, "needs every teacher's sequence at every cached layer", "--layers proj,enc2")
+    assert_one_line_error(r, "needs every teacher's sequence at every cached layer", "--layers enc2")
     assert not (tmp_path / "s").exists()
 
 
@@ -356,13 +356,13 @@ def test_a_hybrid_encoder_without_one_aifi_level_teaches_through_ta_only(env, tm
 
 
 def test_a_folder_that_gives_none_of_the_cached_layers_teaches_through_ta_only(env, tmp_path):
-    """--layers 1 with an RT-DETR (proj and the last layer only): TA only for it, said in one line."""
+    """--layers 1 with an RT-DETR (the last layer only): TA only for it, said in one line."""
     folder, _ = _folder(env, "rt_detr")
     said = []
     summary = cache_teachers(env["manifest"].path, [folder, env["kacli"]], tmp_path / "c.h5",
                              **(QUIET | {"log": said.append, "layers": "1"}))
     assert summary["teachers"][0]["sequences"] is False
-    assert any(line == "rt_detr: teaches through TA only: it gives proj, enc2, none of the layers cached (enc1)"
+    assert any(line == "rt_detr: teaches through TA only: it gives enc2, none of the layers cached (enc1)"
                for line in said), said
     assert TeacherCache(tmp_path / "c.h5").layer_names == ["enc1"]
 

@@ -274,7 +274,7 @@ def check_method(cfg: AmalgamateConfig, num_teachers: int, layers: list[str],
             hint = (f"cache only the layers they all give (cache-teachers --layers {','.join(common)}, then "
                     "amalgamate --cache)" if common else "no layer is given by all of them")
             raise KacliError(f"{what} needs every teacher's sequence at every cached layer, but a teacher gives only "
-                             f"some (an RT-DETR-family folder: proj and the last encoder layer): {hint}")
+                             f"some (an RT-DETR-family folder: the last encoder layer): {hint}")
     if cfg.method == "ka":
         seq = cfg.sa.enabled and cfg.lambda_seq > 0
         task = cfg.ta.enabled and cfg.lambda_task > 0

@@ -35,7 +35,7 @@ def cache_summary(path: str | Path) -> dict:
         teachers = []
         for k, t in enumerate(a["teachers"]):
             has_seq = schema.has_sequences(t)
-            own = schema.teacher_layers(t, layout.layers)  # an RT-DETR hybrid encoder: proj and the last layer
+            own = schema.teacher_layers(t, layout.layers)  # an RT-DETR hybrid encoder: the last layer
             seq = sum(f[schema.seq_path(k, n)].id.get_storage_size() for n in own)
             if layout.dtype in schema.SCALED and has_seq:
                 seq += f[schema.scale_path(k)].id.get_storage_size()

@@ -73,7 +73,7 @@ def create_file(job: CacheJob, path: Path, attrs: dict, start: int, end: int) ->
             tg.attrs["task"] = t.task
             tg.attrs["checkpoint"] = str(t.path)
             tg.attrs["sha256"] = t.sha256
-            own = t.gives(layers)  # a TA-only teacher: none; an RT-DETR hybrid encoder: proj and the last layer
+            own = t.gives(layers)  # a TA-only teacher: none; an RT-DETR hybrid encoder: the last layer
             for layer in own:
                 tg.create_dataset(
                     f"seq/{layer}", shape=(T, d), dtype=schema.DTYPES[dtype], chunks=(max(1, min(chunk, T)), d)

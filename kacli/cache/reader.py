@@ -129,7 +129,7 @@ class TeacherCache(Dataset):
             if missing:
                 raise KacliError(f"layers {', '.join(missing)} are not in the cache (it has {', '.join(cached)})", self.path)
             self.layer_names = wanted
-        # (N_s, L): whether sequence teacher k holds layer j (an RT-DETR hybrid encoder: proj and the last
+        # (N_s, L): whether sequence teacher k holds layer j (an RT-DETR hybrid encoder: the last
         # layer only); an absent layer reads as zeros and the SA loss leaves it out (Objective's present)
         self.present = layout.present(self.layer_names)
         own = [schema.teacher_layers(layout.teachers[k], cached) for k in self.seq_teachers]

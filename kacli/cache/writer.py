@@ -159,7 +159,7 @@ def cache_teachers(
     aug = resolve_aug([first], config, log)
     layer_list = layer_names(layers, first.enc_layers)
     for t in loaded:
-        if t.sequences and not t.gives(layer_list):  # an RT-DETR hybrid encoder gives proj and the last layer only
+        if t.sequences and not t.gives(layer_list):  # an RT-DETR hybrid encoder gives the last layer only
             t.sa_note = (f"teaches through TA only: it gives {', '.join(t.layer_set or [])}, none of the layers cached "
                          f"({', '.join(layer_list)})")
             t.model.give_sequences(None)

@@ -33,7 +33,7 @@ def _log(msg: str) -> None:
 
 
 def _folder_teaches(teacher: dict, layers: list[str]) -> str:
-    """`` (RT-DETR, transformers folder: SA (proj, enc6) + TA)`` for a folder teacher, "" for a kacli one."""
+    """`` (RT-DETR, transformers folder: SA (enc6) + TA)`` for a folder teacher, "" for a kacli one."""
     if teacher.get("kind", "kacli") == "kacli":
         return ""
     own = [n for n in layers if n in teacher["layers"]] if teacher.get("layers") is not None else layers

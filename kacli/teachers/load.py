@@ -110,7 +110,7 @@ class Teacher:
     @property
     def layer_set(self) -> list[str] | None:
         """The layers this teacher gives (``proj``, ``enc1``, …), None: every one of the student's. An
-        RT-DETR hybrid encoder gives two: ``proj`` and the last encoder layer (its AIFI output)."""
+        RT-DETR hybrid encoder gives one: the last encoder layer (its AIFI output)."""
         return None if self.kind == "kacli" else (self.info or {}).get("layers")
 
     def gives(self, layers: Sequence[str]) -> list[str]:
@@ -287,7 +287,7 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
         if t.sequences:  # run at the views' own size, its sequences on kacli's grid
             aifi = t.info["sequence"] == "aifi"
             if aifi:
-                t.info["layers"] = ["proj", f"enc{first.enc_layers}"]
+                t.info["layers"] = [f"enc{first.enc_layers}"]  # the AIFI output F5 → the student's last layer
             t.model.give_sequences(t.info["stride"], aifi_layer=first.enc_layers if aifi else None)
         else:  # predictions only, each view by the folder's own rules
             t.model.give_sequences(None)

@@ -34,7 +34,7 @@ def run_teacher(
     teacher without sequences: a multi-scale transformers folder teaches through TA only).
 
     ``layer_index`` picks from ``[enc_proj, enc_layers[0], ...]``, leaving out the layers the teacher
-    does not give (None there: an RT-DETR hybrid encoder gives ``proj`` and the last layer only). The valid tokens are those the
+    does not give (None there: an RT-DETR hybrid encoder gives the last layer only). The valid tokens are those the
     model's ``enc_mask`` marks; they must form the entry's top-left ``h × w`` grid (``hw`` (B, 2);
     ``first_entry`` numbers the batch's entries in the error).
     """

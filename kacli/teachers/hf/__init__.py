@@ -27,9 +27,8 @@ A folder of a single-scale encoder family (:data:`SEQUENCE_FAMILIES`: DETR, Cond
 teaches through SA too: :meth:`TransformersDetector.give_sequences` runs it on each view at the
 view's own size and gives its encoder's sequences (transformers' ``encoder_hidden_states``: the
 input projection's output, then every layer's) on kacli's token grid. A folder of RT-DETR's hybrid
-encoder (:data:`AIFI_FAMILIES`: RT-DETR, RT-DETRv2, D-FINE, DEIMv2) gives two: its stride-32
-level's input projection and the AIFI output F5, which guide the student's ``proj`` and its last
-encoder layer. The others give no sequence the student is guided by: they teach through TA only
+encoder (:data:`AIFI_FAMILIES`: RT-DETR, RT-DETRv2, D-FINE, DEIMv2) gives one: its AIFI output
+F5, which guides the student's last encoder layer. The others give no sequence the student is guided by: they teach through TA only
 (their part of sequence-level amalgamation is off). A folder whose sequences do not fit the kacli
 teachers' (width, depth, stride) teaches through TA only too, and says why. DETR and Conditional DETR folders can also be converted with ``kacli import-checkpoint``.
 

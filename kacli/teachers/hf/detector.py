@@ -126,9 +126,10 @@ class TransformersDetector(nn.Module):
         out = {"pred_logits": pred_logits, "pred_boxes": torch.stack(boxes)}  # type: ignore[arg-type]
         if seq:
             enc_layers: list[torch.Tensor | None] = list(layers[1:])
+            proj: torch.Tensor | None = layers[0]
             if self.aifi_layer is not None:  # the AIFI output stands for kacli's layer aifi_layer; the others are absent
-                enc_layers = [None] * (self.aifi_layer - 1) + enc_layers
-            out |= {"enc_proj": layers[0], "enc_layers": enc_layers, "enc_mask": enc_mask, "enc_hw": (hp, wp)}
+                proj, enc_layers = None, [None] * (self.aifi_layer - 1) + enc_layers
+            out |= {"enc_proj": proj, "enc_layers": enc_layers, "enc_mask": enc_mask, "enc_hw": (hp, wp)}
         return out
 
     def _states(self, states) -> list[torch.Tensor]:
@@ -144,10 +145,10 @@ class TransformersDetector(nn.Module):
         ``enc_layers`` [(B,n,d)] × L, ``enc_mask`` (B,n) True = padding, ``enc_hw`` (hp, wp) with
         ``hp = ceil(H / stride)``; None: predictions only, each view by the folder's rules.
 
-        ``aifi_layer``: an RT-DETR hybrid encoder's (:data:`kacli.teachers.hf.AIFI_FAMILIES`) two
-        sequences are ``enc_proj`` (the stride-32 level's input projection) and the AIFI output F5
-        as encoder layer ``aifi_layer`` (the student's last); ``enc_layers`` holds None at the
-        layers before it (the teacher has none there)."""
+        ``aifi_layer``: an RT-DETR hybrid encoder (:data:`kacli.teachers.hf.AIFI_FAMILIES`) gives its
+        AIFI output F5 as encoder layer ``aifi_layer`` (the student's last); ``enc_proj`` is None and
+        ``enc_layers`` holds None before it (the teacher has nothing kacli maps there: its level's
+        input projection guiding the student's ``proj`` cost AP when measured, BENCHMARKS.md)."""
         self.stride = stride
         self.aifi_layer = None if stride is None else aifi_layer
 

@@ -46,8 +46,8 @@ SEQUENCE_FAMILIES = ("detr", "conditional_detr", "dab-detr")
 
 #: Families with RT-DETR's hybrid encoder: one transformer layer set (AIFI) on the stride-32 level
 #: only, then convolutional multi-scale fusion. transformers' ``encoder_hidden_states`` are that
-#: level's input projection and the AIFI output (F5): they guide the student's ``proj`` and its
-#: last encoder layer, when their width and stride are the kacli teachers'.
+#: level's input projection and the AIFI output (F5): F5 guides the student's last encoder layer,
+#: when its width and stride are the kacli teachers'.
 AIFI_FAMILIES = ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")
 
 #: Slot names that mean "no class here" (DETR's unused COCO ids).
