@@ -75,26 +75,31 @@ def open_cache(cache_path: str | Path, tasks_path: str | Path | None, allow_val:
     return open_cache_file(cache_path, tasks_path, allow_val)
 
 
-def open_teachers(teachers: Sequence[str | Path], tasks_path: str | Path | None) -> TeacherSource:
+def open_teachers(teachers: Sequence[str | Path], tasks_path: str | Path | None,
+                  ta_only: Sequence[str] = ()) -> TeacherSource:
     """Load the teachers (checkpoints or run folders, in ``tasks_path``'s task order) and check
     that they fit the manifest and each other (:func:`kacli.teachers.load.load_teachers`)."""
     if tasks_path is None:
         raise KacliError("--teacher needs --tasks: the tasks.yaml whose tasks the teachers detect, in its order")
     manifest = TaskManifest(tasks_path)
-    return TeacherSource(load_teachers(manifest, list(teachers)), manifest)
+    return TeacherSource(load_teachers(manifest, list(teachers), ta_only), manifest)
 
 
 def open_source(cache_path: str | Path | None, teachers: Sequence[str | Path] | None,
-                tasks_path: str | Path | None, allow_val: bool = False) -> CacheSource | TeacherSource:
+                tasks_path: str | Path | None, allow_val: bool = False,
+                ta_only: Sequence[str] = ()) -> CacheSource | TeacherSource:
     """The cache (``cache_path``; of the train split unless ``allow_val``) or the teachers to run
     online (``teachers``; they always train on the train split): exactly one."""
     if cache_path is not None and teachers:
         raise KacliError("give either --cache (train from the teacher cache) or --teacher (run the teachers "
                          "online), not both")
     if cache_path is not None:
+        if ta_only:
+            raise KacliError("--ta-only chooses what the teachers give: pass it to cache-teachers (the cache holds "
+                             "what they gave), or use it with --teacher")
         return open_cache(cache_path, tasks_path, allow_val)
     if teachers:
-        return open_teachers(teachers, tasks_path)
+        return open_teachers(teachers, tasks_path, ta_only)
     raise KacliError("give --cache FILE (a teacher cache) or one --teacher per task of --tasks (teachers run online)")
 
 
@@ -194,6 +199,7 @@ def amalgamate(
     force: bool = False,
     allow_val: bool = False,
     log: Callable[[str], None] = print,
+    ta_only: Sequence[str] = (),
 ) -> dict:
     """Train a student from the teacher cache, or with the teachers run in the training loop;
     writes ``out_dir/{best,last}.pt``, ``metrics.jsonl`` and ``config.yaml``.
@@ -224,7 +230,7 @@ def amalgamate(
         the teachers'; compression with one teacher. Nothing is written then.
     """
 
-    source = open_source(cache_path, teachers, tasks_path, allow_val)
+    source = open_source(cache_path, teachers, tasks_path, allow_val, ta_only)
     for t in getattr(source, "teachers", None) or []:  # online: a folder whose sequences do not fit says so
         if getattr(t, "sa_note", None):
             log(f"{t.path.name}: {t.sa_note}")

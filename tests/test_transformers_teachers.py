@@ -367,6 +367,30 @@ def test_a_folder_that_gives_none_of_the_cached_layers_teaches_through_ta_only(e
     assert TeacherCache(tmp_path / "c.h5").layer_names == ["enc1"]
 
 
+def test_ta_only_makes_a_fitting_folder_teach_through_ta_only(cli, env, tmp_path, monkeypatch):
+    """--ta-only TASK: a folder whose AIFI output fits teaches through TA only on request (on the demo's
+    data that was the better student, BENCHMARKS.md); naming a kacli teacher's task or no task is refused."""
+    monkeypatch.setenv("COLUMNS", "250")
+    folder, _ = _folder(env, "rt_detr")
+    task = env["manifest"].tasks[0].name
+    args = ["--tasks", env["manifest"].path, "--teacher", folder, "--teacher", env["kacli"]]
+    r = cli("cache-teachers", *args, "--ta-only", task, "--out", tmp_path / "c.h5", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    assert "rt_detr: teaches through TA only (--ta-only)" in r.stdout and "TA only, no sequences)" in r.stdout
+    t0 = TeacherCache(tmp_path / "c.h5").layout.teachers[0]
+    assert t0["sequences"] is False and t0["sa_off"] == "teaches through TA only (--ta-only)"
+    r = cli("amalgamate", *args, "--ta-only", task, "--out", tmp_path / "online", "--epochs", 1, "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    assert load_checkpoint(tmp_path / "online" / "last.pt")["arch"]["num_parts"] == 1
+    other = env["manifest"].tasks[1].name
+    for extra, needles in ((["--ta-only", other], ["kacli checkpoint", "t1.pt"]), (["--ta-only", "nosuch"], ["no such task"])):
+        r = cli("cache-teachers", *args, *extra, "--out", tmp_path / "bad.h5", "--device", "cpu")
+        assert_one_line_error(r, *needles)
+        assert not (tmp_path / "bad.h5").exists()
+    r = cli("amalgamate", "--cache", tmp_path / "c.h5", "--ta-only", task, "--out", tmp_path / "s", "--epochs", 1)
+    assert_one_line_error(r, "pass it to cache-teachers")
+
+
 def test_merge_tasks_takes_a_folder_as_a_teacher_only_task(cli, env, mixed, tmp_path):
     data = env["root"] / "data"
     out = tmp_path / "merged"

@@ -127,8 +127,10 @@ def cache_teachers(
     estimate_only: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    ta_only: Sequence[str] = (),
 ) -> dict:
     """Run the teachers over ``views`` views of every image of ``split`` and write ``out`` (HDF5).
+    ``ta_only``: tasks whose transformers-folder teacher teaches through TA only (no sequences cached).
 
     Returns a summary: ``{"out", "status" ("written" | "up to date"), "entries", "images", "views",
     "tokens", "layers", "teachers", "dtype", "estimated_bytes", "bytes", "seconds", "entries_per_s",
@@ -154,7 +156,7 @@ def cache_teachers(
     manifest = TaskManifest(tasks)
     json_path = manifest.split_json(split)
     image_root = manifest.image_root(split)
-    loaded = load_teachers(manifest, teachers)
+    loaded = load_teachers(manifest, teachers, ta_only)
     first = first_kacli_teacher(loaded)  # the settings and views; width, depth and stride are every SA teacher's
     aug = resolve_aug([first], config, log)
     layer_list = layer_names(layers, first.enc_layers)

@@ -63,6 +63,11 @@ def amalgamate_cmd(
         "other categories leave the softmax) | marginal (as mask, and a query matched to no object may also be "
         "one of those categories) | pseudo-gt (the teachers' confident predictions added) | none.",
     ),
+    ta_only: Optional[List[str]] = typer.Option(
+        None, "--ta-only", metavar="TASK",
+        help="With --teacher: a task whose transformers-folder teacher teaches through TA only, even when its "
+        "sequences fit (repeat; for a cache, give it to cache-teachers).",
+    ),
     allow_val: bool = typer.Option(
         False, "--allow-val", help="Train on a cache of a split other than train (e.g. val); refused otherwise.",
     ),
@@ -110,7 +115,7 @@ def amalgamate_cmd(
     result = amalgamate(
         cache, tasks, None, out, resume=resume, backbone_weights=backbone_weights, device=device,
         teachers=teacher or None, config=config, overrides=overrides, force=force, allow_val=allow_val,
-        log=console.print,
+        log=console.print, ta_only=ta_only or (),
     )
     from kacli.progress import is_main_process
 

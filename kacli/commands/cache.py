@@ -85,6 +85,10 @@ def cache_teachers(
     estimate: bool = typer.Option(
         False, "--estimate", help="Print the bytes the cache would take (per --dtype) and the free disk; write nothing.",
     ),
+    ta_only: Optional[List[str]] = typer.Option(
+        None, "--ta-only", metavar="TASK",
+        help="A task whose transformers-folder teacher teaches through TA only, even when its sequences fit (repeat).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):  # fmt: skip
     """Run the teachers once over every view of a split; store their sequences and predictions (HDF5).
@@ -99,7 +103,7 @@ def cache_teachers(
         summary = run(
             tasks, teacher, out, split=split, views=views, layers=layers, dtype=dtype, batch_size=batch_size,
             device=device, workers=workers, seed=seed, config=config, force=force, estimate_only=estimate,
-            log=(lambda m: None) if as_json else _log, progress=not as_json,
+            log=(lambda m: None) if as_json else _log, progress=not as_json, ta_only=ta_only or (),
         )
     finally:
         cleanup()

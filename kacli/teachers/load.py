@@ -208,7 +208,7 @@ def first_kacli_teacher(teachers: Sequence[Teacher]) -> Teacher:
     return next(t for t in teachers if t.kind == "kacli")
 
 
-def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[Teacher]:
+def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path], ta_only: Sequence[str] = ()) -> list[Teacher]:
     """Load one teacher per task, in the manifest's task order, and check that they fit.
 
     A teacher's classes are matched to its task's by name (:func:`kacli.teachers.labels.match_classes`,
@@ -224,6 +224,10 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
     its task's categories (naming the task it does fit, if any: teachers given in the wrong order),
     a teacher's d_model, encoder depth or backbone stride differs from the first kacli teacher's,
     or no teacher is a kacli checkpoint.
+
+    ``ta_only``: tasks whose teacher (a transformers folder) teaches through TA only, whatever its
+    sequences (``--ta-only``); naming a task that does not exist, or one whose teacher is a kacli
+    checkpoint, is refused.
     """
 
     names = manifest.task_names
@@ -262,6 +266,15 @@ def load_teachers(manifest: TaskManifest, paths: Sequence[str | Path]) -> list[T
         teachers.append(
             Teacher(path.resolve(), sha, task.name, label_map, model, ckpt.get("config") or {}, class_map)
         )
+    for name in ta_only:
+        t = next((t for t in teachers if t.task == name), None)
+        if t is None:
+            raise KacliError(f"--ta-only {name!r}: no such task (tasks: {', '.join(names)})", manifest.path)
+        if t.kind == "kacli":
+            raise KacliError(f"--ta-only {name!r}: its teacher is a kacli checkpoint, whose sequences the student is "
+                             "built on; --ta-only takes tasks taught by a transformers folder", t.path)
+        if t.sa_note is None:
+            t.sa_note = "teaches through TA only (--ta-only)"
     with_seq = sequence_teachers(teachers)
     if not any(t.kind == "kacli" for t in teachers):
         raise KacliError("every teacher is a transformers folder: at least one must be a kacli checkpoint (it gives "
