@@ -231,9 +231,10 @@ def amalgamate(
     """
 
     source = open_source(cache_path, teachers, tasks_path, allow_val, ta_only)
-    for t in getattr(source, "teachers", None) or []:  # online: a folder whose sequences do not fit says so
-        if getattr(t, "sa_note", None):
-            log(f"{t.path.name}: {t.sa_note}")
+    if isinstance(source, TeacherSource):  # online: a folder that teaches through TA only says why
+        for t in source.teachers:
+            if t.sa_note:
+                log(f"{t.path.name}: {t.sa_note}")
     cfg = resolve_config(source, cfg, config, overrides, device)
     training.seed_model(cfg.train.seed)
     model = build_student(cfg, len(source.label_map["ids"]), source.num_parts)

@@ -93,7 +93,7 @@ class AmalgamationObjective(nn.Module):
         num_parts: N_s, the teachers with sequences (the student's parts, ``seqs``' N axis; a
             transformers folder of a multi-scale family teaches through TA only); default N.
         present: ``(N_s, L)`` bool, whether sequence teacher k gives layer j (an RT-DETR hybrid
-            encoder gives ``proj`` and the last layer); the SA terms of the others are left out.
+            encoder gives the last layer only); the SA terms of the others are left out.
             None: all of them.
     """
 

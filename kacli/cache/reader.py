@@ -136,6 +136,8 @@ class TeacherCache(Dataset):
         # per sequence teacher, the columns of /teachers/<k>/scale of the selected layers it holds
         self._scale_cols = [[own[i].index(n) for n, has in zip(self.layer_names, row) if has]
                             for i, row in enumerate(self.present)]
+        self._held = [np.asarray(row, dtype=bool) for row in self.present]  # per entry: the layers to fill
+        self._complete = all(all(row) for row in self.present)
         self.label_map = layout.label_map
         self.teacher_label_maps = layout.teacher_label_maps
         self.class_index = layout.class_index()
@@ -222,8 +224,7 @@ class TeacherCache(Dataset):
             raise IndexError(e)
         a, b = int(self.offsets[e]), int(self.offsets[e + 1])
         L, N = len(self.layer_names), len(self.seq_teachers)
-        full = all(all(row) for row in self.present)
-        alloc = np.empty if full else np.zeros  # a layer a teacher does not hold stays zero
+        alloc = np.empty if self._complete else np.zeros  # a layer a teacher does not hold stays zero
         seqs = alloc((N, L, b - a, self.d_model), dtype=np.dtype(schema.DTYPES[self.storage]))
         scale = alloc((N, L, b - a), dtype=np.float32) if self.scaled else None
         if self._mem is not None:
@@ -233,7 +234,7 @@ class TeacherCache(Dataset):
                     if d is not None:
                         seqs[k, j] = d[a:b]
                 if scale is not None:
-                    scale[k, np.asarray(self.present[k], dtype=bool)] = ds["scale"][k][a:b].T
+                    scale[k, self._held[k]] = ds["scale"][k][a:b].T
         else:
             ds = self._open()
             for k in range(N):
@@ -241,7 +242,7 @@ class TeacherCache(Dataset):
                     if b > a and d is not None:
                         d.read_direct(seqs, np.s_[a:b], np.s_[k, j])
                 if scale is not None:
-                    scale[k, np.asarray(self.present[k], dtype=bool)] = ds["scale"][k][a:b][:, self._scale_cols[k]].T
+                    scale[k, self._held[k]] = ds["scale"][k][a:b][:, self._scale_cols[k]].T
         h, w = (int(v) for v in self.hw[e])
         logits = [np.array(d[e]) for d in ds["logits"]]
         boxes = [np.array(d[e]) for d in ds["boxes"]]

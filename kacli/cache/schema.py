@@ -264,7 +264,7 @@ class CacheLayout:
 
     def present(self, layers: Sequence[str]) -> list[list[bool]]:
         """``(N_s, L)``: whether sequence teacher k holds layer j of ``layers`` (an RT-DETR hybrid
-        encoder holds ``proj`` and the last layer only, :func:`teacher_layers`)."""
+        encoder holds the last layer only, :func:`teacher_layers`)."""
         return [[name in teacher_layers(self.teachers[k], self.layers) for name in layers] for k in self.seq_teachers]
 
     @property
@@ -351,8 +351,8 @@ def has_sequences(teacher: dict) -> bool:
 
 def teacher_layers(teacher: dict, layers: Sequence[str]) -> list[str]:
     """Those of the cache's ``layers`` a cached teacher holds, in order: none without sequences, all
-    of them unless the teacher records its own ``layers`` (an RT-DETR hybrid encoder: ``proj`` and
-    the last encoder layer)."""
+    of them unless the teacher records its own ``layers`` (an RT-DETR hybrid encoder: the last
+    encoder layer)."""
     if not has_sequences(teacher):
         return []
     own = teacher.get("layers")

@@ -162,9 +162,8 @@ def cache_teachers(
     layer_list = layer_names(layers, first.enc_layers)
     for t in loaded:
         if t.sequences and not t.gives(layer_list):  # an RT-DETR hybrid encoder gives the last layer only
-            t.sa_note = (f"teaches through TA only: it gives {', '.join(t.layer_set or [])}, none of the layers cached "
-                         f"({', '.join(layer_list)})")
-            t.model.give_sequences(None)
+            t.teach_ta_only(f"teaches through TA only: it gives {', '.join(t.layer_set or [])}, none of the layers "
+                            f"cached ({', '.join(layer_list)})")
     union = manifest.student_label_map()  # a category two tasks share is one class
 
     dist = runtime.init_distributed(device)

@@ -152,8 +152,8 @@ def sa_loss(
         eps: standardisation epsilon.
         stats: ``own`` or ``teacher`` (see the module docstring).
         present: ``(N, L)`` bool, whether teacher k gives layer l (None: all do). A term ``(k, l)``
-            whose teacher has no such layer (an RT-DETR hybrid encoder gives ``proj`` and the last
-            layer only) is left out of the sum, not imitated; the 1/N stays, so every other term
+            whose teacher has no such layer (an RT-DETR hybrid encoder gives the last layer
+            only) is left out of the sum, not imitated; the 1/N stays, so every other term
             weighs what it weighs with complete teachers. Extended layout only.
 
     Returns:

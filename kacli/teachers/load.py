@@ -113,6 +113,12 @@ class Teacher:
         RT-DETR hybrid encoder gives one: the last encoder layer (its AIFI output)."""
         return None if self.kind == "kacli" else (self.info or {}).get("layers")
 
+    def teach_ta_only(self, why: str) -> None:
+        """From now on teach through TA only (a transformers folder), each view by the folder's own
+        rules; ``why`` is what cache-teachers says and the cache records (``sa_off``)."""
+        self.sa_note = why
+        self.model.give_sequences(None)
+
     def gives(self, layers: Sequence[str]) -> list[str]:
         """Those of ``layers`` this teacher gives sequences of, in their order (none: TA only)."""
         if not self.sequences:

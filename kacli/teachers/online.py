@@ -34,7 +34,7 @@ class OnlineTeachers(nn.Module):
         sequences: per teacher, whether it gives sequences (default all); a transformers folder of a
             multi-scale family (:mod:`kacli.teachers.hf`) does not: it gives predictions only, and
             ``seqs``' N axis holds the others (N_s of them), as the cache does. A layer a teacher does
-            not give (an RT-DETR hybrid encoder gives ``proj`` and the last layer) stays zero there.
+            not give (an RT-DETR hybrid encoder gives the last layer only) stays zero there.
 
     ``forward(images (B,3,H,W), mask (B,H,W) True=pad)`` with H and W multiples of the
     teachers' stride returns ``{"seqs" (B,N_s,L,n,d) float32, "token_mask" (B,n) bool True=pad,

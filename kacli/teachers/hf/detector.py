@@ -99,9 +99,11 @@ class TransformersDetector(nn.Module):
             if seq:
                 th, tw = token_grid(h, w, s)
                 states = self._states(out.encoder_hidden_states)
-                if self.aifi_layer is not None and len(states) != 2:
-                    raise KacliError(f"the model's hybrid encoder gives {len(states)} sequences, expected 2 (the AIFI "
-                                     "level's projection and output)", self.path)
+                if self.aifi_layer is not None:  # the AIFI output only: the level's projection guides nothing
+                    if len(states) != 2:
+                        raise KacliError(f"the model's hybrid encoder gives {len(states)} sequences, expected 2 (the "
+                                         "AIFI level's projection and output)", self.path)
+                    states = states[1:]
                 if states[0].shape[1] != th * tw:
                     raise KacliError(f"the model's encoder gives {states[0].shape[1]} tokens for a {h}x{w} view, "
                                      f"expected ceil(size / stride {s}) = {th}x{tw}", self.path)
@@ -125,10 +127,10 @@ class TransformersDetector(nn.Module):
                            else pred_logits[..., self.named])
         out = {"pred_logits": pred_logits, "pred_boxes": torch.stack(boxes)}  # type: ignore[arg-type]
         if seq:
-            enc_layers: list[torch.Tensor | None] = list(layers[1:])
-            proj: torch.Tensor | None = layers[0]
             if self.aifi_layer is not None:  # the AIFI output stands for kacli's layer aifi_layer; the others are absent
-                proj, enc_layers = None, [None] * (self.aifi_layer - 1) + enc_layers
+                proj, enc_layers = None, [None] * (self.aifi_layer - 1) + layers
+            else:
+                proj, enc_layers = layers[0], layers[1:]
             out |= {"enc_proj": proj, "enc_layers": enc_layers, "enc_mask": enc_mask, "enc_hw": (hp, wp)}
         return out
 
