@@ -389,6 +389,7 @@ def test_ta_only_makes_a_fitting_folder_teach_through_ta_only(cli, env, tmp_path
         assert not (tmp_path / "bad.h5").exists()
     r = cli("amalgamate", "--cache", tmp_path / "c.h5", "--ta-only", task, "--out", tmp_path / "s", "--epochs", 1)
     assert_one_line_error(r, "pass it to cache-teachers")
+    assert not (tmp_path / "s").exists()
 
 
 def test_merge_tasks_takes_a_folder_as_a_teacher_only_task(cli, env, mixed, tmp_path):
